@@ -1,0 +1,140 @@
+"""The job builder: one recipe per algorithm from one set of settings, run in FLARE's simulator or exported.
+
+Everything a researcher tunes lives in ``JobSettings``; the trainer's settings travel as its command-line
+arguments in the job config, the server's as the controller's constructor arguments, so both are visible
+and editable in an exported job folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+from dataclasses import asdict, dataclass, field
+
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.recipe.sim_env import SimEnv
+from nvflare.recipe.utils import add_cross_site_evaluation
+
+from fedseg.controller import FedRefController, RecordingFedAvg
+from fedseg.network import FedSegUNet
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
+CLIENT_SCRIPT = os.path.join(CUSTOM_DIR, "client.py")
+PACKAGE_DIR = os.path.join(CUSTOM_DIR, "fedseg")
+ALGORITHMS = {"fedref": FedRefController, "fedavg": RecordingFedAvg}
+
+
+@dataclass
+class JobSettings:
+    """What a run is: algorithm, federation, local training and server step."""
+
+    algorithm: str = "fedref"
+    sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
+    num_rounds: int = 10
+    min_clients: int | None = None
+    # site training (see fedseg.trainer.parse_args)
+    data_root: str | None = None
+    local_epochs: int = 2
+    lr: float = 3e-3
+    batch_size: int = 2
+    crop: tuple[int, int, int] = (48, 48, 48)
+    samples_per_case: int = 2
+    loss: str = "dice_ce"
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    seed: int = 0
+    threads: int = 0
+    # FedRef server step (see fedseg.fedref)
+    buffer_size: int = 3
+    lambda1: float = 0.1
+    lambda2: float = 0.1
+    reference_weighting: str = "uniform"
+    cross_site_eval: bool = True
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        if not self.sites:
+            raise ValueError("a federation needs at least one site")
+        if self.num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+
+    @property
+    def job_name(self) -> str:
+        return self.name or f"fedseg_{self.algorithm}"
+
+    def train_args(self) -> str:
+        """The trainer's command line, as it appears in the job config."""
+        args = [
+            "--local_epochs", self.local_epochs, "--lr", self.lr, "--batch_size", self.batch_size,
+            "--crop", *self.crop, "--samples_per_case", self.samples_per_case, "--loss", self.loss,
+            "--channels", *self.channels, "--seed", self.seed, "--threads", self.threads,
+        ]
+        if self.data_root:
+            args += ["--data_root", os.path.abspath(self.data_root)]
+        return " ".join(shlex.quote(str(a)) for a in args)
+
+    def network(self) -> FedSegUNet:
+        return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+class FedSegRecipe(FedAvgRecipe):
+    """NVFlare's PyTorch FedAvg recipe with our server controller (FedAvg that records, or FedRef)."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        super().__init__(
+            name=settings.job_name,
+            model=settings.network(),
+            min_clients=settings.min_clients or len(settings.sites),
+            num_rounds=settings.num_rounds,
+            train_script=CLIENT_SCRIPT,
+            train_args=settings.train_args(),
+            key_metric="dice_mean",
+        )
+
+    def _create_controller(self, persistor_id, model_params, model_aggregator):
+        controller_class = ALGORITHMS[self.settings.algorithm]
+        extra = {}
+        if controller_class is FedRefController:
+            s = self.settings
+            extra = dict(
+                buffer_size=s.buffer_size, lambda1=s.lambda1, lambda2=s.lambda2, reference_weighting=s.reference_weighting
+            )
+        return controller_class(
+            num_clients=self.min_clients,
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name="train",
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            **extra,
+        )
+
+
+def build_recipe(settings: JobSettings) -> FedSegRecipe:
+    """The job for these settings: trainer + fedseg package on every site, controller on the server."""
+    recipe = FedSegRecipe(settings)
+    recipe.add_client_file(PACKAGE_DIR)
+    recipe.add_server_file(PACKAGE_DIR)
+    if settings.cross_site_eval:
+        add_cross_site_evaluation(recipe)
+    return recipe
+
+
+def run_simulation(settings: JobSettings, workspace_root: str) -> str:
+    """Run the job in FLARE's simulator (one process per site); returns the job's workspace folder."""
+    recipe = build_recipe(settings)
+    env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=os.path.abspath(workspace_root))
+    run = recipe.run(env)
+    return run.get_result() if hasattr(run, "get_result") else env.get_job_result(settings.job_name)
