@@ -24,6 +24,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from fedseg.fedref import FedRefUpdater
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
+CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
 REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
 
 
@@ -52,7 +53,7 @@ class RecordingFedAvg(FedAvg):
 
     # -- per-round bookkeeping -------------------------------------------------------------------
     def _aggregate_one_result(self, result: FLModel) -> bool:
-        site = (result.meta or {}).get(FLMetaKey.CLIENT_NAME, AppConstants.CLIENT_UNKNOWN)
+        site = (result.meta or {}).get(CLIENT_NAME_KEY, AppConstants.CLIENT_UNKNOWN)
         record = {k: _plain(v) for k, v in (result.metrics or {}).items()}
         record["num_steps"] = _plain((result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
         self._site_records[site] = record

@@ -123,7 +123,7 @@ class SiteTrainer:
 def main(argv: Sequence[str] | None = None) -> None:
     """The Client API loop; run by FLARE's ScriptRunner on every site."""
     import nvflare.client as flare
-    from nvflare.app_common.app_constant import AppConstants
+    from nvflare.apis.fl_constant import FLMetaKey
 
     args = parse_args(argv)
     if args.threads > 0:
@@ -164,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 params=difference,
                 params_type="DIFF",
                 metrics=metrics,
-                meta={AppConstants.NUM_STEPS_CURRENT_ROUND: result["num_steps"]},
+                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result["num_steps"]},
             )
         )
         del global_state

@@ -1,0 +1,32 @@
+# FedRef-Seg: two commands do all set-up -- `make demo` and `make test`.
+# The virtualenv is (re)built only when pyproject.toml changes, so repeat runs start at once.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+DEMO_DIR ?= demo_output
+
+.PHONY: demo test test-fast install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install --quiet --upgrade pip
+	@# torch first and pinned: the CPU wheel; anything else would pull a multi-GB CUDA build
+	@$(PY) -m pip install --quiet torch==2.13.0
+	@$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m app demo --out $(DEMO_DIR)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache
