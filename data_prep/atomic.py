@@ -19,6 +19,7 @@ def atomic_path(path: str) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be read by others
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -44,6 +45,7 @@ def atomic_directory(path: str) -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
     try:
         yield tmp
+        os.chmod(tmp, 0o755)
         if os.path.exists(path):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".old", dir=parent)
             os.replace(path, os.path.join(old, "x"))

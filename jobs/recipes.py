@@ -7,15 +7,19 @@ and editable in an exported job folder.
 
 from __future__ import annotations
 
+import glob
 import os
 import shlex
+import shutil
+import time
 from dataclasses import asdict, dataclass, field
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation
 
-from fedseg.controller import FedRefController, RecordingFedAvg
+from data_prep.atomic import write_json
+from fedseg.controller import ROUND_METRICS_FILE, FedRefController, RecordingFedAvg
 from fedseg.network import FedSegUNet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,6 +27,7 @@ CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
 CLIENT_SCRIPT = os.path.join(CUSTOM_DIR, "client.py")
 PACKAGE_DIR = os.path.join(CUSTOM_DIR, "fedseg")
 ALGORITHMS = {"fedref": FedRefController, "fedavg": RecordingFedAvg}
+RUN_INFO_FILE = "run.json"
 
 
 @dataclass
@@ -132,9 +137,48 @@ def build_recipe(settings: JobSettings) -> FedSegRecipe:
     return recipe
 
 
-def run_simulation(settings: JobSettings, workspace_root: str) -> str:
-    """Run the job in FLARE's simulator (one process per site); returns the job's workspace folder."""
+class SimulationError(RuntimeError):
+    """The simulator ended without completing every round."""
+
+
+def run_simulation(settings: JobSettings, workspace_root: str, data_source: str | None = None) -> str:
+    """Run the job in FLARE's simulator; returns the run folder (``<workspace_root>/<job name>``).
+
+    The simulator can return normally although a site failed, so completion is judged from the
+    artifacts: the server must have written one ``round_metrics.jsonl`` line per round. ``run.json``
+    in the run folder records the settings, the data source and the wall time for the report.
+    """
+    workspace_root = os.path.abspath(workspace_root)
+    run_folder = os.path.join(workspace_root, settings.job_name)
+    if os.path.isdir(run_folder):
+        shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     recipe = build_recipe(settings)
-    env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=os.path.abspath(workspace_root))
-    run = recipe.run(env)
-    return run.get_result() if hasattr(run, "get_result") else env.get_job_result(settings.job_name)
+    env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=workspace_root)
+    started = time.time()
+    failure = None
+    try:
+        recipe.run(env)
+    except Exception as exc:  # the simulator raises for a failed job; we still report what it left
+        failure = exc
+    wall = time.time() - started
+    completed = _completed_rounds(run_folder)
+    write_json(
+        os.path.join(run_folder, RUN_INFO_FILE),
+        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall,
+         "completed_rounds": completed, "mode": "simulator"},
+    )
+    if failure is not None or completed < settings.num_rounds:
+        reason = f"{failure.__class__.__name__}: {failure}" if failure else "no error raised"
+        raise SimulationError(
+            f"simulation of {settings.job_name} completed {completed} of {settings.num_rounds} rounds ({reason}); "
+            f"logs: {run_folder}/<site>/log.txt"
+        ) from failure
+    return run_folder
+
+
+def _completed_rounds(run_folder: str) -> int:
+    paths = glob.glob(os.path.join(run_folder, "**", ROUND_METRICS_FILE), recursive=True)
+    if not paths:
+        return 0
+    with open(sorted(paths, key=len)[0], encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())

@@ -1,0 +1,103 @@
+"""What a finished run left behind, found and read the same way for simulator, POC and provisioned runs.
+
+A run folder is any folder that holds, somewhere below it, the server's ``round_metrics.jsonl`` (written by
+``fedseg.controller``); next to it FLARE leaves the global model and, with cross-site evaluation,
+``cross_site_val/cross_val_results.json``. ``run.json`` at the top records how the run was started.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from dataclasses import dataclass, field
+
+from fedseg.controller import REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE
+from jobs.recipes import RUN_INFO_FILE
+
+GLOBAL_MODEL_FILE = "FL_global_model.pt"
+CROSS_SITE_FILE = os.path.join("cross_site_val", "cross_val_results.json")
+SERVER_MODEL_KEY = "SRV_FL_global_model.pt"
+
+
+class RunArtifactsError(RuntimeError):
+    """A run folder lacks what a report needs."""
+
+
+@dataclass
+class RunArtifacts:
+    folder: str
+    server_dir: str
+    rounds: list[dict]
+    run_info: dict = field(default_factory=dict)
+    cross_site: dict | None = None
+    global_model: str | None = None
+    reference_buffer: str | None = None
+
+    @property
+    def algorithm(self) -> str:
+        return self.run_info.get("settings", {}).get("algorithm") or (self.rounds[-1].get("algorithm") if self.rounds else "?")
+
+    @property
+    def sites(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for record in self.rounds:
+            for site in record.get("sites", {}):
+                seen.setdefault(site, None)
+        return sorted(seen)
+
+
+def _find_one(root: str, name: str) -> str | None:
+    hits = sorted(glob.glob(os.path.join(root, "**", name), recursive=True), key=len)
+    return hits[0] if hits else None
+
+
+def read_round_metrics(path: str) -> list[dict]:
+    """The round records, in round order; a last line cut off by a crash is skipped, others must parse."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if number == len(lines):
+                break
+            raise RunArtifactsError(f"{path}:{number}: not a JSON record ({exc.msg})") from exc
+    return sorted(records, key=lambda r: r["round"])
+
+
+def load_run(folder: str) -> RunArtifacts:
+    """Collect the artifacts of the run under ``folder``."""
+    folder = os.path.abspath(folder)
+    if not os.path.isdir(folder):
+        raise RunArtifactsError(f"{folder}: no such run folder")
+    metrics_path = _find_one(folder, ROUND_METRICS_FILE)
+    if metrics_path is None:
+        raise RunArtifactsError(f"{folder}: no {ROUND_METRICS_FILE} below it; did the server run any round?")
+    server_dir = os.path.dirname(metrics_path)
+    rounds = read_round_metrics(metrics_path)
+    if not rounds:
+        raise RunArtifactsError(f"{metrics_path}: holds no completed round")
+    info_path = os.path.join(folder, RUN_INFO_FILE)
+    run_info = {}
+    if os.path.isfile(info_path):
+        with open(info_path, encoding="utf-8") as f:
+            run_info = json.load(f)
+    cross_site = None
+    cross_path = os.path.join(server_dir, CROSS_SITE_FILE)
+    if os.path.isfile(cross_path):
+        with open(cross_path, encoding="utf-8") as f:
+            cross_site = json.load(f)
+    buffer_path = os.path.join(server_dir, REFERENCE_BUFFER_FILE)
+    return RunArtifacts(
+        folder=folder,
+        server_dir=server_dir,
+        rounds=rounds,
+        run_info=run_info,
+        cross_site=cross_site,
+        global_model=_find_one(server_dir, GLOBAL_MODEL_FILE),
+        reference_buffer=buffer_path if os.path.isfile(buffer_path) else None,
+    )

@@ -1,0 +1,250 @@
+"""The run report: ``index.html`` (self-contained, plots inline), ``metrics.csv`` and ``summary.json``.
+
+Numbers come only from the run's artifacts (``app.artifacts``):
+- learning curves: round r's record holds each site's validation of the global model it received at
+  round r, i.e. the model after r aggregations (r = 0 is the initial model);
+- final scores: cross-site evaluation of the final global model on each site's validation split (the
+  model after the last round); without it, the last round's validation, and the report says so.
+Overall scores weigh each site by its number of validation cases (a mean over all cases).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import math
+import os
+import time
+
+from app.artifacts import SERVER_MODEL_KEY, RunArtifacts
+from data_prep.atomic import atomic_directory, write_json
+from fedseg.metrics import DICE_KEYS, HD95_KEYS
+
+SCORE_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS
+REGION_NAMES = {"tc": "tumour core", "wt": "whole tumour", "et": "enhancing tumour"}
+CSV_COLUMNS = ("round", "site", "source") + SCORE_KEYS + ("n_cases", "train_loss")
+DISCLAIMER = "FedRef-Seg is a research tool. Its segmentations and scores are not for diagnosis or treatment."
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def pooled(site_scores: dict[str, dict]) -> dict:
+    """Case-weighted mean of each score over sites (sites without cases or a score are left out)."""
+    overall: dict = {}
+    total_cases = 0
+    for key in SCORE_KEYS:
+        weighted, weight = 0.0, 0.0
+        for scores in site_scores.values():
+            value, n = _number(scores.get(key)), _number(scores.get("n_cases")) or 0.0
+            if value is not None and n > 0:
+                weighted += value * n
+                weight += n
+        overall[key] = weighted / weight if weight else None
+    for scores in site_scores.values():
+        total_cases += int(_number(scores.get("n_cases")) or 0)
+    overall["n_cases"] = total_cases
+    return overall
+
+
+def _pick(scores: dict) -> dict:
+    out = {k: _number(scores.get(k)) for k in SCORE_KEYS}
+    out["n_cases"] = int(_number(scores.get("n_cases")) or 0)
+    return out
+
+
+def final_scores(run: RunArtifacts) -> tuple[str, dict[str, dict]]:
+    """(source, per-site scores) of the final global model."""
+    if run.cross_site:
+        sites = {
+            site: _pick(models[SERVER_MODEL_KEY])
+            for site, models in sorted(run.cross_site.items())
+            if isinstance(models, dict) and SERVER_MODEL_KEY in models
+        }
+        if sites:
+            return "cross_site_eval", sites
+    last = run.rounds[-1]
+    return "last_round_validation", {site: _pick(m) for site, m in sorted(last.get("sites", {}).items())}
+
+
+def curves(run: RunArtifacts, final_source: str, final_sites: dict[str, dict]) -> list[dict]:
+    """One row per (round, site) and per round for ``overall``; the final model is the last round + 1."""
+    rows = []
+    for record in run.rounds:
+        sites = {site: _pick(m) for site, m in sorted(record.get("sites", {}).items())}
+        for site, scores in sites.items():
+            rows.append({"round": record["round"], "site": site, "source": "round_validation", **scores,
+                         "train_loss": _number(record["sites"][site].get("train_loss"))})
+        if sites:
+            rows.append({"round": record["round"], "site": "overall", "source": "round_validation",
+                         **pooled(sites), "train_loss": None})
+    if final_source == "cross_site_eval":
+        final_round = run.rounds[-1]["round"] + 1
+        for site, scores in final_sites.items():
+            rows.append({"round": final_round, "site": site, "source": final_source, **scores, "train_loss": None})
+        rows.append({"round": final_round, "site": "overall", "source": final_source, **pooled(final_sites),
+                     "train_loss": None})
+    return rows
+
+
+def cross_site_matrix(run: RunArtifacts) -> dict[str, dict[str, float | None]]:
+    """model -> site -> mean Dice: every site's local model and the global models on every site."""
+    matrix: dict[str, dict[str, float | None]] = {}
+    for site, models in sorted((run.cross_site or {}).items()):
+        for model, scores in sorted(models.items()):
+            if isinstance(scores, dict):
+                matrix.setdefault(model, {})[site] = _number(scores.get("dice_mean"))
+    return matrix
+
+
+def build_summary(run: RunArtifacts) -> dict:
+    """The ``summary.json`` contract: algorithm, rounds, final overall and per-site Dice (+ what else we know)."""
+    source, sites = final_scores(run)
+    overall = pooled(sites)
+    info = run.run_info
+    return {
+        "algorithm": run.algorithm,
+        "rounds": len(run.rounds),
+        "sites": run.sites,
+        "final": {"source": source, "overall": overall, "sites": sites},
+        "settings": info.get("settings", {}),
+        "wall_seconds": info.get("wall_seconds"),
+        "data_source": info.get("data_source"),
+        "cross_site": cross_site_matrix(run),
+        "global_model": run.global_model,
+        "run_folder": run.folder,
+        "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def learning_curve_png(rows: list[dict], sites: list[str]) -> bytes:
+    """Dice per region over rounds: one panel per region, one line per site and the pooled overall."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean")]
+    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
+    for ax, (key, title) in zip(axes, panels):
+        for site in sites + ["overall"]:
+            points = [(r["round"], r[key]) for r in rows if r["site"] == site and r[key] is not None]
+            if not points:
+                continue
+            x, y = zip(*points)
+            style = dict(color="black", linewidth=2.2) if site == "overall" else dict(linewidth=1.2, alpha=0.8)
+            ax.plot(x, y, marker="o", markersize=3, label=site, **style)
+        ax.set_title(f"Dice {title}")
+        ax.set_xlabel("aggregation rounds")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice of the global model")
+    axes[-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def reading(summary: dict) -> list[str]:
+    """A few plain sentences on the numbers: weakest region, lagging site."""
+    overall, sites = summary["final"]["overall"], summary["final"]["sites"]
+    lines = []
+    regions = [(overall.get(f"dice_{r}"), r) for r in ("tc", "wt", "et") if overall.get(f"dice_{r}") is not None]
+    if regions:
+        low, region = min(regions)
+        lines.append(f"The weakest region is the {REGION_NAMES[region]} ({region.upper()}), mean Dice {low:.3f}.")
+    ranked = sorted((s["dice_mean"], name) for name, s in sites.items() if s.get("dice_mean") is not None)
+    if len(ranked) > 1:
+        (low, site), (high, best) = ranked[0], ranked[-1]
+        lines.append(f"{site} lags with mean Dice {low:.3f}; {best} leads with {high:.3f}.")
+    if summary["final"]["source"] != "cross_site_eval":
+        lines.append("Final scores are the last round's validation (no cross-site evaluation was run).")
+    return lines
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "&ndash;" if value is None else f"{value:.{digits}f}"
+
+
+def render_html(summary: dict, plot_png: bytes) -> str:
+    final = summary["final"]
+    header = "".join(f"<th>{h}</th>" for h in ("site", "cases", "Dice TC", "Dice WT", "Dice ET", "Dice mean",
+                                                 "HD95 TC (mm)", "HD95 WT (mm)", "HD95 ET (mm)"))
+
+    def row(name: str, s: dict, strong: bool = False) -> str:
+        cells = [html.escape(name), str(s.get("n_cases", ""))]
+        cells += [_fmt(s.get(k)) for k in DICE_KEYS + ("dice_mean",)] + [_fmt(s.get(k), 1) for k in HD95_KEYS]
+        tag = "th" if strong else "td"
+        return "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>"
+
+    rows = "".join(row(site, s) for site, s in final["sites"].items()) + row("overall", final["overall"], True)
+    matrix = summary.get("cross_site") or {}
+    cross = ""
+    if matrix:
+        sites = summary["sites"]
+        cross = "<h2>Cross-site validation (mean Dice)</h2><table><tr><th>model \\ data of</th>" + "".join(
+            f"<th>{html.escape(s)}</th>" for s in sites) + "</tr>" + "".join(
+            f"<tr><td>{html.escape(model)}</td>" + "".join(f"<td>{_fmt(v.get(s))}</td>" for s in sites) + "</tr>"
+            for model, v in matrix.items()) + "</table>"
+    settings = summary.get("settings") or {}
+    settings_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
+                            for k, v in settings.items())
+    wall = summary.get("wall_seconds")
+    notes = "".join(f"<li>{html.escape(line)}</li>" for line in reading(summary))
+    image = base64.b64encode(plot_png).decode("ascii")
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>FedRef-Seg report: {html.escape(summary['algorithm'])}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.note {{ background: #fff4e0; border-left: 4px solid #e69a00; padding: 0.5em 1em; }}
+img {{ max-width: 100%; }}
+</style></head><body>
+<h1>FedRef-Seg run report</h1>
+<p class="note">{html.escape(DISCLAIMER)}</p>
+<p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds, sites:
+{html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
+Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.</p>
+<h2>Final global model</h2>
+<p>Scores of the final global model on each site's validation split
+({'cross-site evaluation' if final['source'] == 'cross_site_eval' else "last round's validation"});
+overall is the mean over all validation cases.</p>
+<table><tr>{header}</tr>{rows}</table>
+<h2>What the numbers say</h2><ul>{notes}</ul>
+<h2>Learning curves</h2>
+<img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
+{cross}
+<h2>Settings</h2><table>{settings_rows}</table>
+<p>Generated {html.escape(summary['generated'])} from {html.escape(summary['run_folder'])}.</p>
+</body></html>
+"""
+
+
+def write_report(run: RunArtifacts, out_dir: str) -> str:
+    """Write the report folder atomically; returns the path of ``index.html``."""
+    summary = build_summary(run)
+    rows = curves(run, summary["final"]["source"], summary["final"]["sites"])
+    summary["curves"] = [r for r in rows if r["site"] == "overall"]
+    plot = learning_curve_png(rows, summary["sites"])
+    with atomic_directory(out_dir) as tmp:
+        write_json(os.path.join(tmp, "summary.json"), summary)
+        with open(os.path.join(tmp, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+        with open(os.path.join(tmp, "learning_curves.png"), "wb") as f:
+            f.write(plot)
+        with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
+            f.write(render_html(summary, plot))
+    return os.path.join(os.path.abspath(out_dir), "index.html")
