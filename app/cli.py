@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-DEMO_ROUNDS = 8
+DEMO_ROUNDS = 20
 
 
 def _progress(label: str):

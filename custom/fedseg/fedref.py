@@ -125,7 +125,7 @@ def map_step(
     for name, mean in averaged.items():
         if is_float_tensor(mean) and name in previous_global and name in reference:
             value = (mean + lambda1 * previous_global[name] + lambda2 * reference[name]) / denominator
-            updated[name] = value.astype(mean.dtype, copy=False) if isinstance(value, np.ndarray) else value.to(mean.dtype)
+            updated[name] = value.to(mean.dtype) if hasattr(value, "to") else np.asarray(value, dtype=mean.dtype)
         else:
             updated[name] = mean
     return updated

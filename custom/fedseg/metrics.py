@@ -33,9 +33,13 @@ def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence
     pred = prediction.detach().float().cpu()[None]
     true = label.detach().float().cpu()[None]
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, true)[0]
-    hd95 = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
-        pred, true, spacing=spacing
-    )[0]
+    present = [i for i in range(len(REGIONS)) if bool(pred[0, i].any()) and bool(true[0, i].any())]
+    hd95 = {}
+    if present:  # distances are defined only where both masks have voxels; empties follow BraTS below
+        distances = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            pred[:, present], true[:, present], spacing=spacing
+        )[0]
+        hd95 = {i: float(d) for i, d in zip(present, distances)}
     diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(prediction.shape[1:], spacing)))
     scores = {}
     for i, region in enumerate(REGIONS):
@@ -45,7 +49,7 @@ def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence
         elif not has_pred or not has_true:
             d, h = 0.0, diagonal
         else:
-            d, h = float(dice[i]), float(hd95[i])
+            d, h = float(dice[i]), hd95[i]
         scores[f"dice_{region.lower()}"] = d
         scores[f"hd95_{region.lower()}"] = h
     scores["dice_mean"] = float(np.mean([scores[k] for k in DICE_KEYS]))
