@@ -110,8 +110,10 @@ def make_loaders(
         raise ValueError(f"{folder}: the datalist has no training cases")
     augment = train_transforms(crop_size, samples_per_case)
     augment.set_random_state(seed=seed)
-    train_ds = CacheDataset(training, augment, cache_rate=cache_rate, num_workers=num_workers or None, progress=False)
-    val_ds = CacheDataset(validation, validation_transforms(), cache_rate=cache_rate, progress=False)
+    # Caching runs in one thread: MONAI's LoadImaged shares its reader between threads, and with several
+    # threads a four-file image now and then comes back with one channel (seen with monai 1.6.1).
+    train_ds = CacheDataset(training, augment, cache_rate=cache_rate, num_workers=1, progress=False)
+    val_ds = CacheDataset(validation, validation_transforms(), cache_rate=cache_rate, num_workers=1, progress=False)
     train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers)
     val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=num_workers)
     return train_loader, val_loader

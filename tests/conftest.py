@@ -1,0 +1,36 @@
+"""Shared fixtures: one tiny synthetic FeTS2022 dataset per test session, and the official CSVs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from data_prep.synthetic import Institution, SyntheticConfig, generate
+
+FETS_CSV_DIR = os.path.join(os.path.dirname(__file__), "data", "fets2022")
+TINY_SHAPE = (32, 32, 24)
+
+
+def tiny_config(seed: int = 0) -> SyntheticConfig:
+    """Three small institutions that differ as the demo's do, on a 32x32x24 grid (seconds to train)."""
+    return SyntheticConfig(
+        shape=TINY_SHAPE,
+        seed=seed,
+        institutions=[
+            Institution(subjects=4, intensity_scale=1000.0, bias_strength=0.10, noise=0.03, tumour_radius_mm=(24, 34)),
+            Institution(subjects=3, intensity_scale=400.0, bias_strength=0.25, noise=0.05, tumour_radius_mm=(20, 30)),
+            Institution(subjects=3, intensity_scale=2500.0, bias_strength=0.15, noise=0.04, tumour_radius_mm=(28, 38)),
+        ],
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_fets(tmp_path_factory) -> str:
+    """Path of a tiny MICCAI_FeTS2022_TrainingData folder (read-only by convention: copy before changing)."""
+    return generate(str(tmp_path_factory.mktemp("synthetic")), tiny_config())
+
+
+@pytest.fixture
+def official_csv():
+    return lambda name: os.path.join(FETS_CSV_DIR, name)
