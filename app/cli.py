@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-DEMO_ROUNDS = 20
+DEMO_ROUNDS = 15
 
 
 def _progress(label: str):
@@ -114,7 +114,7 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--algorithm", choices=["fedref", "fedavg"], default="fedref")
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=1e-2)
     p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48])
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--threads", type=int, default=1, help="torch threads per site (sites run in parallel)")

@@ -41,7 +41,7 @@ class JobSettings:
     # site training (see fedseg.trainer.parse_args)
     data_root: str | None = None
     local_epochs: int = 2
-    lr: float = 3e-3
+    lr: float = 1e-2
     batch_size: int = 2
     crop: tuple[int, int, int] = (48, 48, 48)
     samples_per_case: int = 2

@@ -1,0 +1,84 @@
+"""The report from hand-made artifacts: every number checked against a computation done here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import pytest
+
+from app.artifacts import RunArtifactsError, load_run
+from app.report import write_report
+
+
+def scores(dice: float, n: int) -> dict:
+    return {"dice_tc": dice - 0.1, "dice_wt": dice + 0.1, "dice_et": dice - 0.2, "dice_mean": dice - 0.0667,
+            "hd95_tc": 10.0, "hd95_wt": 8.0, "hd95_et": 12.0, "n_cases": n}
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    server = tmp_path / "run" / "server" / "simulate_job"
+    os.makedirs(server / "cross_site_val")
+    records = [
+        {"round": r, "algorithm": "fedref", "sites": {"site-1": {**scores(0.3 + 0.2 * r, 3), "train_loss": 0.9},
+                                                     "site-2": {**scores(0.5 + 0.1 * r, 1), "train_loss": 0.8}}}
+        for r in range(2)
+    ]
+    with open(server / "round_metrics.jsonl", "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    cross = {"site-1": {"SRV_FL_global_model.pt": scores(0.8, 3), "site-1": scores(0.7, 3)},
+             "site-2": {"SRV_FL_global_model.pt": scores(0.6, 1), "site-1": scores(0.4, 1)}}
+    with open(server / "cross_site_val" / "cross_val_results.json", "w") as f:
+        json.dump(cross, f)
+    return tmp_path / "run"
+
+
+def test_summary_contract_and_case_weighted_overall(run_folder, tmp_path):
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    with open(tmp_path / "report" / "summary.json") as f:
+        summary = json.load(f)
+    final = summary["final"]
+    assert summary["algorithm"] == "fedref" and summary["rounds"] == 2
+    assert final["sites"]["site-1"]["dice_wt"] == pytest.approx(0.9)
+    assert final["overall"]["dice_wt"] == pytest.approx((0.9 * 3 + 0.7 * 1) / 4)
+    assert final["overall"]["n_cases"] == 4
+    assert summary["cross_site"]["site-1"] == {"site-1": pytest.approx(0.7 - 0.0667), "site-2": pytest.approx(0.4 - 0.0667)}
+    page = open(index, encoding="utf-8").read()
+    assert "0.850" in page  # overall WT, three decimals
+    assert "weakest region is the enhancing tumour" in page
+
+
+def test_metrics_csv_has_rounds_sites_and_final(run_folder, tmp_path):
+    write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    with open(tmp_path / "report" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keyed = {(r["round"], r["site"]): r for r in rows}
+    assert set(keyed) == {(str(r), s) for r in range(3) for s in ("site-1", "site-2", "overall")}
+    assert float(keyed[("1", "overall")]["dice_tc"]) == pytest.approx((0.4 * 3 + 0.5 * 1) / 4)
+    assert keyed[("2", "site-2")]["source"] == "cross_site_eval"
+
+
+def test_without_cross_site_eval_the_last_round_is_used_and_said(run_folder, tmp_path):
+    os.remove(run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json")
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary["final"]["source"] == "last_round_validation"
+    assert summary["final"]["sites"]["site-2"]["dice_mean"] == pytest.approx(0.6 - 0.0667)
+    assert "no cross-site evaluation" in open(index, encoding="utf-8").read()
+
+
+def test_truncated_last_line_is_skipped_but_corruption_inside_is_an_error(run_folder):
+    path = run_folder / "server" / "simulate_job" / "round_metrics.jsonl"
+    text = path.read_text()
+    path.write_text(text + '{"round": 2, "sit')
+    assert len(load_run(str(run_folder)).rounds) == 2
+    path.write_text('{"round": 0, "sit\n' + text)
+    with pytest.raises(RunArtifactsError, match=r"round_metrics.jsonl:1: not a JSON record"):
+        load_run(str(run_folder))
+
+
+def test_a_folder_without_rounds_is_a_clear_error(tmp_path):
+    with pytest.raises(RunArtifactsError, match="no round_metrics.jsonl"):
+        load_run(str(tmp_path))
