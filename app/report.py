@@ -130,6 +130,7 @@ def learning_curve_png(rows: list[dict], sites: list[str]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     panels = [("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean")]
     fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
@@ -143,6 +144,7 @@ def learning_curve_png(rows: list[dict], sites: list[str]) -> bytes:
             ax.plot(x, y, marker="o", markersize=3, label=site, **style)
         ax.set_title(f"Dice {title}")
         ax.set_xlabel("aggregation rounds")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Dice of the global model")
