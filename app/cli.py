@@ -15,6 +15,8 @@ import sys
 import time
 from collections.abc import Sequence
 
+from data_prep.cli import add_fets2022_arguments
+
 DEMO_ROUNDS = 15
 
 
@@ -36,17 +38,9 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data_prep.fets2022 import prepare_sites
+    from data_prep.cli import run_fets2022
 
-    results = prepare_sites(
-        args.data, args.out, csv_path=args.csv, partitions=args.partitions or None,
-        validation_fraction=args.val_fraction, seed=args.seed, name_template=args.name_template,
-    )
-    for r in results:
-        missing = f", {len(r.missing)} listed but missing" if r.missing else ""
-        print(f"{r.site}: partition {r.partition}, {r.training} training / {r.validation} validation{missing}")
-    print(f"prepared {len(results)} sites in {os.path.abspath(args.out)}")
-    return 0
+    return run_fets2022(args)
 
 
 def _settings(args: argparse.Namespace):
@@ -136,14 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
 
-    p = sub.add_parser("prepare", help="FeTS2022 folder + partitioning CSV -> per-site folders")
-    p.add_argument("--data", required=True, help="the MICCAI_FeTS2022_TrainingData folder")
-    p.add_argument("--out", required=True)
-    p.add_argument("--csv", default=None, help="partitioning CSV (default: partitioning_1.csv in --data)")
-    p.add_argument("--partitions", type=int, nargs="*", help="partition ids to prepare (default: all)")
-    p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--name-template", default="site-{n}", help="site folder names: {n} index, {partition} id")
+    p = sub.add_parser("prepare", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")
+    add_fets2022_arguments(p)
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("simulate", help="run a federation in FLARE's simulator")

@@ -1,0 +1,140 @@
+"""Every check a FeTS2022 subject must pass before it is prepared, one file at a time in bounded memory.
+
+A subject passes when its five files exist and decode completely, the four modalities and the seg share
+shape and affine, the seg holds only labels {0, 1, 2, 4}, the images hold only finite values, and no
+modality is empty. Each failure is one ``Problem`` naming the file and the reason. Reading the files is
+the expensive part; ``signature`` (size and mtime of each file) lets a later run skip unchanged subjects.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+
+import nibabel as nib
+import numpy as np
+
+from data_prep.layout import MODALITIES, SEG, subject_file
+from fedseg.regions import VALID_LABELS
+
+KINDS = (*MODALITIES, SEG)
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class Problem:
+    subject: str
+    file: str
+    kind: str  # short category, for counting: missing, unreadable, geometry, labels, non-finite, empty
+    reason: str
+
+    def line(self) -> str:
+        return f"{self.subject}: {self.file or '-'}: {self.reason}"
+
+
+@dataclass
+class SubjectCheck:
+    """What reading a subject found: its problems, geometry and brain bounding box (for cropping)."""
+
+    subject: str
+    signature: list
+    problems: list[Problem] = field(default_factory=list)
+    shape: list[int] | None = None
+    affine: list[list[float]] | None = None
+    dtypes: dict[str, str] = field(default_factory=dict)
+    brain_box: list[list[int]] | None = None  # [[start, stop] per axis] of the union of nonzero voxels
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SubjectCheck:
+        data = dict(data)
+        data["problems"] = [Problem(**p) for p in data.get("problems", [])]
+        return cls(**data)
+
+
+def signature(folder: str, sid: str) -> list:
+    """(file name, size, mtime_ns) of each expected file; None for a missing one."""
+    out = []
+    for kind in KINDS:
+        path = subject_file(folder, sid, kind)
+        try:
+            st = os.stat(path)
+            out.append([os.path.basename(path), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([os.path.basename(path), None, None])
+    return out
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{exc.__class__.__name__}: {text}"[:200] if text else exc.__class__.__name__
+
+
+def check_subject(folder: str, sid: str) -> SubjectCheck:
+    """Read and check one subject of a FeTS2022 training folder (``folder/sid/sid_<kind>.nii.gz``)."""
+    result = SubjectCheck(sid, signature(folder, sid))
+    if not os.path.isdir(os.path.join(folder, sid)):
+        result.problems.append(Problem(sid, "", "missing", f"no subject folder {sid} in {folder}"))
+        return result
+    reference: tuple[str, tuple, np.ndarray] | None = None
+    box_lo: np.ndarray | None = None
+    box_hi: np.ndarray | None = None
+    for kind in KINDS:
+        path = subject_file(folder, sid, kind)
+        name = os.path.basename(path)
+        if not os.path.isfile(path):
+            result.problems.append(Problem(sid, name, "missing", "file missing"))
+            continue
+        try:
+            image = nib.load(path)
+            data = np.asarray(image.dataobj)  # decodes the whole file: a truncated .gz fails here
+        except Exception as exc:  # nibabel, gzip and zlib raise many kinds for a damaged file
+            result.problems.append(Problem(sid, name, "unreadable", f"unreadable ({_short(exc)})"))
+            continue
+        result.dtypes[kind] = str(image.get_data_dtype())
+        if data.ndim != 3:
+            result.problems.append(Problem(sid, name, "geometry", f"expected a 3D volume, found shape {data.shape}"))
+            continue
+        if reference is None:
+            reference = (name, data.shape, image.affine)
+            result.shape, result.affine = list(data.shape), image.affine.tolist()
+        else:
+            ref_name, ref_shape, ref_affine = reference
+            if data.shape != ref_shape:
+                result.problems.append(Problem(sid, name, "geometry", f"shape {data.shape} differs from {ref_name} {ref_shape}"))
+                continue
+            gap = float(np.max(np.abs(image.affine - ref_affine)))
+            if gap > AFFINE_TOLERANCE_MM:
+                result.problems.append(Problem(sid, name, "geometry", f"affine differs from {ref_name} by up to {gap:.4g} mm"))
+                continue
+        finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
+        if finite is not None and not finite.all():
+            bad = int(data.size - np.count_nonzero(finite))
+            result.problems.append(Problem(sid, name, "non-finite", f"{bad} non-finite voxels (NaN or Inf)"))
+            continue
+        if kind == SEG:
+            values = np.unique(data)
+            wrong = [v.item() for v in values if v not in VALID_LABELS]
+            if wrong:
+                shown = ", ".join(f"{v:g}" for v in wrong[:6]) + (" ..." if len(wrong) > 6 else "")
+                result.problems.append(Problem(sid, name, "labels", f"labels {shown} not in {{0, 1, 2, 4}}"))
+            continue
+        nonzero = data != 0
+        if not nonzero.any():
+            result.problems.append(Problem(sid, name, "empty", "image is empty (every voxel is 0): no brain"))
+            continue
+        coords = [np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+        lo = np.array([c[0] for c in coords])
+        hi = np.array([c[-1] + 1 for c in coords])
+        box_lo = lo if box_lo is None else np.minimum(box_lo, lo)
+        box_hi = hi if box_hi is None else np.maximum(box_hi, hi)
+        del data, nonzero
+    if box_lo is not None and not result.problems:
+        result.brain_box = [[int(a), int(b)] for a, b in zip(box_lo, box_hi)]
+    return result

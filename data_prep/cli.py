@@ -1,0 +1,72 @@
+"""``python -m data_prep``: FeTS2022 preparation and synthetic data (also reachable as ``fedseg prepare``).
+
+Exit status: 0 when at least one site was prepared (rejections are reported, not fatal); 1 when the CSV
+is unusable, no site has data, or ``--strict`` met a rejection; 2 for wrong arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from data_prep.materialise import MODES
+
+
+def add_fets2022_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", help="the MICCAI_FeTS2022_TrainingData folder (read only, never written)")
+    p.add_argument("--out", required=True, help="output folder: one folder per site, rejected.csv, prep_summary.json")
+    p.add_argument("--csv", default=None, help="partitioning CSV (default: partitioning_1.csv inside the data folder)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--partitions", type=int, nargs="+", help="partition ids that become sites (default: all)")
+    which.add_argument("--largest", type=int, metavar="N", help="the N partitions with the most subjects")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of each site's subjects for validation")
+    p.add_argument("--seed", type=int, default=0, help="seed of the training/validation split")
+    p.add_argument("--name-template", default="site-{n}",
+                   help="site folder = FLARE client name; {n}: 1-based index of the site, {partition}: partition id")
+    p.add_argument("--mode", choices=MODES, default="link",
+                   help="link: symlinks (default); copy: copies; preprocess: crop to the brain, store compactly")
+    p.add_argument("--workers", type=int, default=None, help="processes reading subjects (default: all cores)")
+    p.add_argument("--strict", action="store_true", help="fail (and change no site folder) on any rejection")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def run_fets2022(args: argparse.Namespace) -> int:
+    from data_prep.fets2022 import PartitionCsvError, PrepError, format_summary, prepare
+
+    try:
+        result = prepare(
+            args.data, args.out, csv_path=args.csv, partitions=args.partitions, largest=args.largest,
+            validation_fraction=args.val_fraction, seed=args.seed, name_template=args.name_template,
+            mode=args.mode, workers=args.workers, strict=args.strict, show_progress=not args.quiet,
+        )
+    except (PrepError, PartitionCsvError, ValueError) as exc:
+        print(f"prepare: {exc}", file=sys.stderr)
+        return 1
+    print(format_summary(result))
+    print(f"sites in {os.path.abspath(args.out)}")
+    return 0
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    from data_prep.synthetic import SyntheticConfig, generate
+
+    print(generate(args.out, SyntheticConfig(shape=tuple(args.shape), seed=args.seed)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("fets2022", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")
+    add_fets2022_arguments(p)
+    p.set_defaults(func=run_fets2022)
+    p = sub.add_parser("synth", help="synthetic data in the FeTS2022 layout")
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run_synth)
+    args = parser.parse_args(argv)
+    return args.func(args)
