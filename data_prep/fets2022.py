@@ -39,7 +39,7 @@ CACHE_VERSION = 1
 DEFAULT_CSV = "partitioning_1.csv"
 
 
-class PrepError(RuntimeError):
+class PrepError(ValueError):
     """The run cannot produce any usable site (bad arguments, unusable CSV, no data)."""
 
 

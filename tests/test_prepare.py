@@ -26,8 +26,8 @@ def test_official_csvs(official_csv):
     [
         ("Partition,Subject\n1,FeTS2022_00001\n", "header must be exactly Partition_ID,Subject_ID"),
         ("Partition_ID,Subject_ID\n1,FeTS2022_00001\n2,FeTS2022_00001\n", "listed twice"),
-        ("Partition_ID,Subject_ID\nx,FeTS2022_00001\n", "is not an integer"),
-        ("Partition_ID,Subject_ID\n1,FeTS2022_00001,extra\n", "expected 2 columns"),
+        ("Partition_ID,Subject_ID\n1,FeTS2022_00002\nx,FeTS2022_00001\n", "is not an integer"),
+        ("Partition_ID,Subject_ID\n1,FeTS2022_00002\n1,FeTS2022_00001,extra\n", "expected 2 columns"),
         ("Partition_ID,Subject_ID\n", "no subjects"),
         ("", "header must be exactly"),
     ],
@@ -75,5 +75,5 @@ def test_prepare_reports_missing_subjects_and_unknown_partitions(tmp_path, tiny_
     results = prepare_sites(tiny_fets, str(tmp_path / "sites"), csv_path=str(csv_path), name_template="inst-{partition}")
     assert results[0].site == "inst-7" and results[0].missing == ["FeTS2022_09999"]
     assert results[0].training + results[0].validation == 2
-    with pytest.raises(ValueError, match=r"partitions \[8\] are not in the CSV"):
+    with pytest.raises(ValueError, match=r"partitions \[8\] are not in"):
         prepare_sites(tiny_fets, str(tmp_path / "x"), csv_path=str(csv_path), partitions=[8])
