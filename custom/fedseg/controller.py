@@ -95,8 +95,8 @@ class RoundRecorder:
         return self.engine.get_workspace().get_run_dir(self.fl_ctx.get_job_id())
 
     # -- sending: remember what went out, and do not wait forever for a silent site ----------------
-    def send_model(self, data, task_name=AppConstants.TASK_TRAIN, targets=None, min_responses=None, timeout=0,
-                   wait_time_after_min_received=0, blocking=True, callback=None):
+    def broadcast_model(self, data=None, task_name=AppConstants.TASK_TRAIN, targets=None, min_responses=None,
+                        timeout=0, wait_time_after_min_received=0, blocking=True, callback=None):
         if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel):
             self._targets = [getattr(t, "name", t) for t in (targets or [])]
             self._reference_params = data.params or {}
@@ -105,9 +105,20 @@ class RoundRecorder:
             if min_responses is None and self.min_clients and self._targets:
                 min_responses = min(self.min_clients, len(self._targets))
                 wait_time_after_min_received = wait_time_after_min_received or self.wait_after_min_seconds
-        return super().send_model(data, task_name=task_name, targets=targets, min_responses=min_responses,
-                                  timeout=timeout, wait_time_after_min_received=wait_time_after_min_received,
-                                  blocking=blocking, callback=callback)
+        return super().broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                       timeout=timeout, wait_time_after_min_received=wait_time_after_min_received,
+                                       blocking=blocking, callback=callback)
+
+    def send_model(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0,
+                   callback=None):
+        # ModelController.send_model calls its base class directly; route through broadcast_model above
+        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                    timeout=timeout, blocking=False, callback=callback)
+
+    def send_model_and_wait(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None,
+                            timeout=0):
+        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                    timeout=timeout, blocking=True)
 
     # -- receiving: check and record every update --------------------------------------------------
     def accept_update(self, result: FLModel) -> bool:
