@@ -19,14 +19,24 @@ from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation
 
 from data_prep.atomic import write_json
-from fedseg.controller import ROUND_METRICS_FILE, FedRefController, RecordingFedAvg
+from fedseg.controller import (
+    ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
+)
 from fedseg.network import FedSegUNet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
 CLIENT_SCRIPT = os.path.join(CUSTOM_DIR, "client.py")
 PACKAGE_DIR = os.path.join(CUSTOM_DIR, "fedseg")
-ALGORITHMS = {"fedref": FedRefController, "fedavg": RecordingFedAvg}
+ALGORITHMS = {
+    "fedref": FedRefController,
+    "fedavg": RecordingFedAvg,
+    "fedprox": RecordingFedAvg,
+    "fedadam": RecordingFedOpt,
+    "fedavgm": RecordingFedOpt,
+    "scaffold": RecordingScaffold,
+}
+FEDOPT_MODEL_ID = "fedopt_model"
 RUN_INFO_FILE = "run.json"
 
 
@@ -54,12 +64,25 @@ class JobSettings:
     lambda1: float = 0.1
     lambda2: float = 0.1
     reference_weighting: str = "uniform"
+    lambda2_factor: float = 1.0
+    lambda2_every: int = 0
+    lambda2_max: float | None = None
+    # baselines
+    fedprox_mu: float = 0.01
+    server_lr: float | None = None  # FedAdam: 0.03, FedAvgM: 1.0
+    server_momentum: float = 0.9
+    # resilience: accepted updates needed to change the global model (default: a majority of the sites),
+    # and how long a round waits for the others once that many have answered
+    wait_after_min_seconds: int = 60
+    faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (tests only)
     cross_site_eval: bool = True
     name: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
+        if self.min_clients is None:
+            self.min_clients = len(self.sites) // 2 + 1
         if not self.sites:
             raise ValueError("a federation needs at least one site")
         if self.num_rounds < 1:
@@ -78,6 +101,8 @@ class JobSettings:
         ]
         if self.data_root:
             args += ["--data_root", os.path.abspath(self.data_root)]
+        for fault in self.faults:
+            args += ["--fault", fault]
         return " ".join(shlex.quote(str(a)) for a in args)
 
     def network(self) -> FedSegUNet:
@@ -88,43 +113,52 @@ class JobSettings:
 
 
 class FedSegRecipe(FedAvgRecipe):
-    """NVFlare's PyTorch FedAvg recipe with our server controller (FedAvg that records, or FedRef)."""
+    """NVFlare's PyTorch FedAvg recipe (job layout, persistor, Client API runner) with our controllers."""
 
     def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
         super().__init__(
             name=settings.job_name,
             model=settings.network(),
-            min_clients=settings.min_clients or len(settings.sites),
+            min_clients=len(settings.sites),  # every site is asked every round
             num_rounds=settings.num_rounds,
             train_script=CLIENT_SCRIPT,
             train_args=settings.train_args(),
             key_metric="dice_mean",
         )
+        if settings.algorithm in ("fedadam", "fedavgm"):
+            self._job.to_server(settings.network(), id=FEDOPT_MODEL_ID)  # FedOpt's server-side optimiser target
 
     def _create_controller(self, persistor_id, model_params, model_aggregator):
-        controller_class = ALGORITHMS[self.settings.algorithm]
-        extra = {}
-        if controller_class is FedRefController:
-            s = self.settings
-            extra = dict(
-                buffer_size=s.buffer_size, lambda1=s.lambda1, lambda2=s.lambda2, reference_weighting=s.reference_weighting
+        s = self.settings
+        common = dict(num_clients=len(s.sites), num_rounds=self.num_rounds, persistor_id=persistor_id,
+                      min_clients=s.min_clients, wait_after_min_seconds=s.wait_after_min_seconds,
+                      memory_gc_rounds=self.server_memory_gc_rounds)
+        if s.algorithm == "scaffold":
+            return RecordingScaffold(**common)
+        fedavg = dict(common, model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
+                      stop_cond=self.stop_cond, patience=self.patience, task_name="train",
+                      exclude_vars=self.exclude_vars, aggregation_weights=self.aggregation_weights)
+        if s.algorithm == "fedref":
+            return FedRefController(
+                buffer_size=s.buffer_size, lambda1=s.lambda1, lambda2=s.lambda2,
+                reference_weighting=s.reference_weighting, lambda2_factor=s.lambda2_factor,
+                lambda2_every=s.lambda2_every, lambda2_max=s.lambda2_max, **fedavg,
             )
-        return controller_class(
-            num_clients=self.min_clients,
-            num_rounds=self.num_rounds,
-            persistor_id=persistor_id,
-            model=model_params,
-            save_filename=self.save_filename,
-            aggregator=model_aggregator,
-            stop_cond=self.stop_cond,
-            patience=self.patience,
-            task_name="train",
-            exclude_vars=self.exclude_vars,
-            aggregation_weights=self.aggregation_weights,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            **extra,
-        )
+        if s.algorithm == "fedprox":
+            return RecordingFedAvg(fedprox_mu=s.fedprox_mu, algorithm_name="fedprox", **fedavg)
+        if s.algorithm == "fedadam":
+            optimizer = {"path": "torch.optim.Adam", "config_type": "dict",
+                         "args": {"lr": s.server_lr or 0.03, "betas": [0.9, 0.99], "eps": 1e-3}}
+        elif s.algorithm == "fedavgm":
+            optimizer = {"path": "torch.optim.SGD", "config_type": "dict", "args": {"lr": s.server_lr or 1.0, "momentum": s.server_momentum}}
+        else:
+            return RecordingFedAvg(**fedavg)
+        # "config_type": "dict" keeps FLARE's config loader from building these before FedOpt has a model
+        constant = {"path": "torch.optim.lr_scheduler.ConstantLR", "config_type": "dict",
+                    "args": {"factor": 1.0, "total_iters": 1}}
+        return RecordingFedOpt(source_model=FEDOPT_MODEL_ID, optimizer_args=optimizer, lr_scheduler_args=constant,
+                               algorithm_name=s.algorithm, **fedavg)
 
 
 def build_recipe(settings: JobSettings) -> FedSegRecipe:

@@ -27,6 +27,8 @@ from nvflare.app_common.abstract.fl_model import FLModel
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
+from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.fedref import FedRefUpdater, ReferenceBuffer
 
@@ -198,6 +200,11 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
         if applied:
             model = super().update_model(model, aggr_result)
             model = self.refine_global_model(model, previous_global)
+            # Republish: the persistor and the best-model logic read the global model from the FL context
+            # (FedOpt's update does not set it, and FedRef changes it after aggregation).
+            self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL,
+                                 make_model_learnable(weights=model.params, meta_props=model.meta),
+                                 private=True, sticky=True)
         else:
             self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
                        "the global model is kept unchanged")
@@ -273,13 +280,6 @@ class FedRefController(RecordingFedAvg):
         self.updater.lambda2 = self.lambda2_at(self.current_round)
         self.updater.start(previous_global)
         model.params, self._applied = self.updater.update(model.params, previous_global)
-        # Republish: the persistor and the best-model logic read the global model from the FL context.
-        self.fl_ctx.set_prop(
-            AppConstants.GLOBAL_MODEL,
-            make_model_learnable(weights=model.params, meta_props=model.meta),
-            private=True,
-            sticky=True,
-        )
         return model
 
     def save_model(self, model: FLModel) -> None:
@@ -308,3 +308,49 @@ class FedRefController(RecordingFedAvg):
         state["round"] = self.current_round
         torch.save(state, tmp)
         os.replace(tmp, path)
+
+
+class RecordingFedOpt(RecordingFedAvg, _FedOpt):
+    """NVFlare's FedOpt (server-side optimiser on the averaged update: FedAdam, FedAvgM) with our records."""
+
+    algorithm = "fedopt"
+
+    def __init__(self, *args, device: str | None = None, **kwargs) -> None:
+        super().__init__(*args, device=device, **kwargs)
+        self.device = device  # chosen at run time: a torch.device here would not survive job export
+
+    def run(self) -> None:
+        import torch
+
+        self.device = torch.device(self.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        super().run()
+
+
+class RecordingScaffold(RoundRecorder, _Scaffold):
+    """NVFlare's Scaffold controller (control variates) with update checks and round records."""
+
+    algorithm = "scaffold"
+
+    def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
+                 metrics_filename: str = ROUND_METRICS_FILE, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        self.task_name = AppConstants.TASK_TRAIN
+
+    def aggregate(self, results, aggregate_fn=None):
+        accepted = [r for r in results if self.accept_update(r)]
+        if not self.enough_updates():
+            from nvflare.app_common.app_constant import AlgorithmConstants
+
+            return FLModel(params={}, meta={"nr_aggregated": 0, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {}})
+        return super().aggregate(accepted, aggregate_fn=aggregate_fn)
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        applied = self.enough_updates()
+        if applied:
+            model = super().update_model(model, aggr_result)
+        else:
+            self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
+                       "the global model is kept unchanged")
+        self.write_round_record(aggr_result.metrics, (aggr_result.meta or {}).get("nr_aggregated"), applied)
+        return model

@@ -12,6 +12,7 @@ nothing from sites.
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from fedseg.network import FedSegUNet
 logger = logging.getLogger("fedseg.trainer")
 
 LOSSES = ("dice_ce", "dice_focal")
+FAULTS = ("nan", "shape", "die")
 
 
 def build_loss(name: str) -> torch.nn.Module:
@@ -51,6 +53,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--fault", action="append", default=[], metavar="SITE:KIND:ROUND",
+                   help="resilience drill: at ROUND, SITE sends an update with NaN (nan), a wrong shape (shape), "
+                        "or stops (die). For testing the server's defences only.")
     return p.parse_args(argv)
 
 
@@ -78,8 +83,12 @@ class SiteTrainer:
     def state(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def train(self, epochs: int, fedprox_mu: float = 0.0) -> dict:
-        """E local epochs; returns the number of optimiser steps and the mean training loss."""
+    def train(self, epochs: int, fedprox_mu: float = 0.0, after_step=None) -> dict:
+        """E local epochs; returns the number of optimiser steps and the mean training loss.
+
+        ``fedprox_mu`` adds FedProx's proximal term to the loaded (global) weights; ``after_step`` is
+        called after every optimiser step (Scaffold's control correction).
+        """
         global_params = [p.detach().clone() for p in self.model.parameters()] if fedprox_mu > 0 else None
         self.model.train()
         steps, total = 0, 0.0
@@ -98,6 +107,8 @@ class SiteTrainer:
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
+                if after_step is not None:
+                    after_step()
                 steps += 1
                 total += float(loss.detach())
         return {"num_steps": steps, "train_loss": total / max(steps, 1), "train_seconds": time.perf_counter() - started}
@@ -120,17 +131,73 @@ class SiteTrainer:
         return summary
 
 
+def parse_faults(specs: Sequence[str]) -> dict[tuple[str, int], str]:
+    """``SITE:KIND:ROUND`` drills -> {(site, round): kind}."""
+    faults = {}
+    for spec in specs:
+        try:
+            site, kind, round_no = spec.rsplit(":", 2)
+            if kind not in FAULTS:
+                raise ValueError
+            faults[(site, int(round_no))] = kind
+        except ValueError:
+            raise SystemExit(f"--fault {spec!r}: expected SITE:KIND:ROUND with KIND one of {FAULTS}") from None
+    return faults
+
+
+def poison(update: dict, kind: str) -> dict:
+    """A drill's bad update: NaN in the first tensor, or the first tensor cut to a wrong shape."""
+    first = next(iter(update))
+    poisoned = dict(update)
+    if kind == "nan":
+        poisoned[first] = update[first].clone().fill_(float("nan"))
+    elif kind == "shape":
+        poisoned[first] = update[first].reshape(-1)[:1].clone()
+    return poisoned
+
+
+class ScaffoldState:
+    """The site's side of Scaffold (NVFlare's PTScaffoldHelper): corrected steps and control deltas."""
+
+    def __init__(self, trainer: SiteTrainer) -> None:
+        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+        self.trainer = trainer
+        self.helper = PTScaffoldHelper()
+        self.helper.init(trainer.model)
+
+    def train(self, global_controls: dict, epochs: int) -> tuple[dict, dict]:
+        from nvflare.app_opt.pt.scaffold import get_lr_values
+
+        self.helper.load_global_controls(global_controls)
+        c_global, c_local = self.helper.get_params()
+        global_model = copy.deepcopy(self.trainer.model)
+        lr = get_lr_values(self.trainer.optimizer)[0]
+
+        def correct() -> None:
+            self.helper.model_update(self.trainer.model, lr, c_global, c_local)
+
+        result = self.trainer.train(epochs, after_step=correct)
+        self.helper.terms_update(self.trainer.model, lr, c_global, c_local, global_model)
+        return result, self.helper.get_delta_controls()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The Client API loop; run by FLARE's ScriptRunner on every site."""
     import nvflare.client as flare
     from nvflare.apis.fl_constant import FLMetaKey
+    from nvflare.app_common.app_constant import AlgorithmConstants
+    from nvflare.client.tracking import SummaryWriter
 
     args = parse_args(argv)
+    faults = parse_faults(args.fault)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
     trainer = SiteTrainer(site_folder(site, args.data_root), args)
+    writer = SummaryWriter()  # streamed to the server's TensorBoard
+    scaffold: ScaffoldState | None = None
     local_model: dict | None = None
     logger.info("%s: %d training batches, %d validation cases", site, len(trainer.train_loader), len(trainer.val_loader))
 
@@ -148,25 +215,35 @@ def main(argv: Sequence[str] | None = None) -> None:
             flare.send(flare.FLModel(metrics=metrics))
             continue
 
+        round_no = received.current_round
+        fault = faults.get((site, int(round_no or 0)))
+        if fault == "die":
+            logger.error("%s round %s: resilience drill, this site stops now", site, round_no)
+            raise SystemExit(f"{site}: stopped by --fault drill at round {round_no}")
         global_state = trainer.state()
-        mu = float((received.meta or {}).get("fedprox_mu") or 0.0)
-        result = trainer.train(args.local_epochs, fedprox_mu=mu)
+        meta = received.meta or {}
+        mu = float(meta.get("fedprox_mu") or 0.0)
+        out_meta = {}
+        if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta:
+            scaffold = scaffold or ScaffoldState(trainer)
+            result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], args.local_epochs)
+            out_meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = deltas
+        else:
+            result = trainer.train(args.local_epochs, fedprox_mu=mu)
         local_model = trainer.state()
         difference = {k: local_model[k] - global_state[k] for k in local_model}
+        if fault in ("nan", "shape"):
+            logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
+            difference = poison(difference, fault)
         metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"]})
-        round_no = received.current_round
+        for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
+            writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
         logger.info(
             "%s round %s: global model dice_mean %.3f on %d cases, local train loss %.4f (%d steps)",
             site, round_no, metrics["dice_mean"], metrics["n_cases"], result["train_loss"], result["num_steps"],
         )
-        flare.send(
-            flare.FLModel(
-                params=difference,
-                params_type="DIFF",
-                metrics=metrics,
-                meta={FLMetaKey.NUM_STEPS_CURRENT_ROUND: result["num_steps"]},
-            )
-        )
+        out_meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = result["num_steps"]
+        flare.send(flare.FLModel(params=difference, params_type="DIFF", metrics=metrics, meta=out_meta))
         del global_state
 
 
