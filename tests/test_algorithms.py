@@ -1,0 +1,69 @@
+"""Every algorithm through the same trainer and job builder, and the server's defences, in FLARE's simulator."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.artifacts import load_run
+from data_prep.fets2022 import prepare_sites
+from fedseg.checkpoint import load_network
+from jobs.recipes import JobSettings, run_simulation
+
+pytestmark = pytest.mark.integration
+
+TINY = dict(sites=["site-1", "site-2"], num_rounds=2, local_epochs=1, crop=(32, 32, 24), channels=(8, 16, 32),
+            threads=1, cross_site_eval=False)
+
+
+@pytest.fixture(scope="module")
+def sites(tmp_path_factory, tiny_fets):
+    root = tmp_path_factory.mktemp("sites")
+    prepare_sites(tiny_fets, str(root), partitions=[1, 2], validation_fraction=0.34)
+    return str(root)
+
+
+def simulate(sites: str, workspace, **settings):
+    options = dict(TINY, data_root=sites)
+    options.update(settings)
+    job = JobSettings(**options)
+    return job, load_run(run_simulation(job, str(workspace)))
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "fedadam", "fedavgm", "scaffold"])
+def test_each_baseline_completes_two_rounds(sites, tmp_path, algorithm):
+    job, run = simulate(sites, tmp_path, algorithm=algorithm)
+    assert [r["round"] for r in run.rounds] == [0, 1]
+    for record in run.rounds:
+        assert record["algorithm"] == algorithm
+        assert sorted(record["sites"]) == ["site-1", "site-2"] and record["global_updated"]
+        for site in record["sites"].values():
+            assert site["num_steps"] > 0
+            assert site["fedprox_mu"] == (0.01 if algorithm == "fedprox" else 0.0)  # FedProx reaches the sites
+            assert site["scaffold"] == (1.0 if algorithm == "scaffold" else 0.0)  # so do Scaffold's controls
+            assert site["bytes_sent_by_site"] == record["bytes_sent_per_site"] > 0
+    load_network(run.global_model, job.network().config())
+
+
+def test_poisoned_updates_are_rejected_and_rounds_complete(sites, tmp_path):
+    _, run = simulate(sites, tmp_path, algorithm="fedref", min_clients=1,
+                      faults=["site-2:nan:0", "site-2:shape:1"])
+    first, second = run.rounds
+    assert first["rejected"] == {"site-2": "non-finite values (NaN or Inf) in unet.model.0.conv.unit0.conv.weight"}
+    assert second["rejected"]["site-2"].startswith("shape of unet.model.0.conv.unit0.conv.weight is (1,)")
+    assert first["global_updated"] and second["global_updated"]  # site-1 alone carried both rounds
+    assert first["nr_aggregated"] == second["nr_aggregated"] == 1
+
+
+def test_too_few_good_updates_keep_the_global_model(sites, tmp_path):
+    _, run = simulate(sites, tmp_path, algorithm="fedavg", min_clients=2, num_rounds=1, faults=["site-1:nan:0"])
+    assert run.rounds[0]["global_updated"] is False
+    assert "site-1" in run.rounds[0]["rejected"]
+
+
+def test_a_site_that_dies_leaves_a_finished_job_that_says_so(sites, tmp_path):
+    _, run = simulate(sites, tmp_path, algorithm="fedref", num_rounds=3, min_clients=1, wait_after_min_seconds=3,
+                      faults=["site-2:die:1"])
+    assert [r["round"] for r in run.rounds] == [0, 1, 2]
+    assert [r["missing"] for r in run.rounds] == [[], ["site-2"], ["site-2"]]
+    assert all(r["global_updated"] for r in run.rounds)
+    assert run.global_model is not None
