@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from data_prep.cli import add_fets2022_arguments
 
 DEMO_ROUNDS = 15
+ALGORITHM_NAMES = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
 
 
 def _progress(label: str):
@@ -71,6 +72,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run each algorithm on the same data and settings (or take finished runs), then compare them."""
+    from app.compare import write_comparison
+    from jobs.recipes import SimulationError, run_simulation
+
+    folders = list(args.runs or [])
+    failed = []
+    if not folders:
+        if not args.data_root:
+            raise ValueError("give --data-root (to run the algorithms) or --runs (finished run folders)")
+        for number, algorithm in enumerate(args.algorithms, start=1):
+            args.algorithm = algorithm
+            settings = _settings(args)
+            print(f"[{number}/{len(args.algorithms)}] {algorithm}: {settings.num_rounds} rounds on {', '.join(settings.sites)}",
+                  flush=True)
+            try:
+                folders.append(run_simulation(settings, args.workspace, data_source=os.path.abspath(args.data_root)))
+            except SimulationError as exc:
+                print(f"  {algorithm} failed: {exc}", file=sys.stderr)
+                failed.append(algorithm)
+    index = write_comparison(folders, args.out, target=args.target)
+    print(f"comparison: {index}")
+    return 1 if failed else 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
     from app.artifacts import load_run
@@ -105,7 +131,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
-    p.add_argument("--algorithm", choices=["fedref", "fedavg"], default="fedref")
+    p.add_argument("--algorithm", choices=ALGORITHM_NAMES, default="fedref")
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--local-epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-2)
@@ -140,6 +166,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace")
     _add_training_options(p, rounds=10)
     p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("compare", help="run several algorithms on the same data and compare them")
+    p.add_argument("--data-root", help="folder of prepared site folders (runs every algorithm)")
+    p.add_argument("--runs", nargs="+", help="finished run folders to compare instead of running")
+    p.add_argument("--algorithms", nargs="+", default=list(ALGORITHM_NAMES), choices=ALGORITHM_NAMES)
+    p.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
+    p.add_argument("--workspace", default="workspace_compare")
+    p.add_argument("--out", default="comparison")
+    p.add_argument("--target", type=float, default=0.8, help="mean Dice whose first reaching is counted")
+    _add_training_options(p, rounds=DEMO_ROUNDS)
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("report", help="write the report of a finished run")
     p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
-from nvflare.recipe.utils import add_cross_site_evaluation
+from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
 from data_prep.atomic import write_json
 from fedseg.controller import (
@@ -166,6 +166,7 @@ def build_recipe(settings: JobSettings) -> FedSegRecipe:
     recipe = FedSegRecipe(settings)
     recipe.add_client_file(PACKAGE_DIR)
     recipe.add_server_file(PACKAGE_DIR)
+    add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
     if settings.cross_site_eval:
         add_cross_site_evaluation(recipe)
     return recipe

@@ -32,6 +32,7 @@ def simulate(sites: str, workspace, **settings):
 @pytest.mark.parametrize("algorithm", ["fedavg", "fedprox", "fedadam", "fedavgm", "scaffold"])
 def test_each_baseline_completes_two_rounds(sites, tmp_path, algorithm):
     job, run = simulate(sites, tmp_path, algorithm=algorithm)
+    model_bytes = sum(t.numel() * t.element_size() for t in job.network().state_dict().values())
     assert [r["round"] for r in run.rounds] == [0, 1]
     for record in run.rounds:
         assert record["algorithm"] == algorithm
@@ -40,7 +41,9 @@ def test_each_baseline_completes_two_rounds(sites, tmp_path, algorithm):
             assert site["num_steps"] > 0
             assert site["fedprox_mu"] == (0.01 if algorithm == "fedprox" else 0.0)  # FedProx reaches the sites
             assert site["scaffold"] == (1.0 if algorithm == "scaffold" else 0.0)  # so do Scaffold's controls
-            assert site["bytes_sent_by_site"] == record["bytes_sent_per_site"] > 0
+            # the weights each way; Scaffold's control variates travel with them (twice the bytes)
+            expected = model_bytes * (2 if algorithm == "scaffold" else 1)
+            assert site["bytes_sent_by_site"] == record["bytes_sent_per_site"] == expected
     load_network(run.global_model, job.network().config())
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -46,6 +47,9 @@ def test_one_metrics_line_per_round_with_every_site(fedref_run):
     # p = 2: round 0 is warm-up (plain FedAvg), round 1 applies the MAP step
     assert [r["fedref"]["applied"] for r in run.rounds] == [False, True]
     assert run.rounds[-1]["fedref"]["buffer"] == 2
+    # the same per-round scalars are streamed to the server's TensorBoard, one folder per site
+    for site in ("site-1", "site-2"):
+        assert glob.glob(os.path.join(folder, "**", "tb_events", site, "events.out.tfevents.*"), recursive=True)
 
 
 def test_saved_global_model_is_the_fedref_model_and_loads_into_the_network(fedref_run):

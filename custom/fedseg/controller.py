@@ -57,6 +57,14 @@ def payload_bytes(params: dict | None) -> int:
     return total
 
 
+def message_bytes(model: FLModel | None) -> int:
+    """Bytes of a message's tensors: its parameters and any tensor dicts in its meta (Scaffold's controls)."""
+    if model is None:
+        return 0
+    extra = sum(payload_bytes(v) for v in (model.meta or {}).values() if isinstance(v, dict))
+    return payload_bytes(model.params) + extra
+
+
 def update_problem(update: dict | None, reference: dict) -> str | None:
     """Why an update cannot be aggregated (None when it can): keys, shapes and finiteness against the global."""
     if not update:
@@ -102,7 +110,7 @@ class RoundRecorder:
         if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel):
             self._targets = [getattr(t, "name", t) for t in (targets or [])]
             self._reference_params = data.params or {}
-            self._sent_bytes = payload_bytes(data.params)
+            self._sent_bytes = message_bytes(data)
             self._round_started = time.time()
             if min_responses is None and self.min_clients and self._targets:
                 min_responses = min(self.min_clients, len(self._targets))
@@ -130,7 +138,7 @@ class RoundRecorder:
         record = {k: _plain(v) for k, v in (result.metrics or {}).items()}
         record["num_steps"] = _plain(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
         record["bytes_received_by_site"] = getattr(self, "_sent_bytes", None)
-        record["bytes_sent_by_site"] = payload_bytes(result.params)
+        record["bytes_sent_by_site"] = message_bytes(result)
         reason = update_problem(result.params, self._reference_params) if self._reference_params else None
         if reason:
             record["rejected"] = reason
