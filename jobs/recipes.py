@@ -20,7 +20,7 @@ from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_track
 
 from data_prep.atomic import write_json
 from fedseg.controller import (
-    ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
+    REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )
 from fedseg.network import FedSegUNet
 
@@ -77,6 +77,8 @@ class JobSettings:
     faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (tests only)
     cross_site_eval: bool = True
     name: str | None = None
+    # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
+    resume_from: str | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
@@ -105,6 +107,21 @@ class JobSettings:
             args += ["--fault", fault]
         return " ".join(shlex.quote(str(a)) for a in args)
 
+    def resume_files(self) -> tuple[str, str, int] | None:
+        """(global model checkpoint, reference buffer, next round) of the run to continue, if any."""
+        if not self.resume_from:
+            return None
+        import torch
+
+        found = {}
+        for name in ("FL_global_model.pt", REFERENCE_BUFFER_FILE):
+            hits = sorted(glob.glob(os.path.join(self.resume_from, "**", name), recursive=True), key=len)
+            if not hits:
+                raise FileNotFoundError(f"{self.resume_from}: no {name} to resume from")
+            found[name] = os.path.abspath(hits[0])
+        buffer = torch.load(found[REFERENCE_BUFFER_FILE], map_location="cpu", weights_only=False)
+        return found["FL_global_model.pt"], found[REFERENCE_BUFFER_FILE], int(buffer.get("round", -1)) + 1
+
     def network(self) -> FedSegUNet:
         return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
 
@@ -117,7 +134,9 @@ class FedSegRecipe(FedAvgRecipe):
 
     def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
+        self.resume = settings.resume_files()
         super().__init__(
+            initial_ckpt=self.resume[0] if self.resume else None,
             name=settings.job_name,
             model=settings.network(),
             min_clients=len(settings.sites),  # every site is asked every round
@@ -133,7 +152,7 @@ class FedSegRecipe(FedAvgRecipe):
         s = self.settings
         common = dict(num_clients=len(s.sites), num_rounds=self.num_rounds, persistor_id=persistor_id,
                       min_clients=s.min_clients, wait_after_min_seconds=s.wait_after_min_seconds,
-                      memory_gc_rounds=self.server_memory_gc_rounds)
+                      memory_gc_rounds=self.server_memory_gc_rounds, start_round=self.resume[2] if self.resume else 0)
         if s.algorithm == "scaffold":
             return RecordingScaffold(**common)
         fedavg = dict(common, model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
@@ -143,7 +162,8 @@ class FedSegRecipe(FedAvgRecipe):
             return FedRefController(
                 buffer_size=s.buffer_size, lambda1=s.lambda1, lambda2=s.lambda2,
                 reference_weighting=s.reference_weighting, lambda2_factor=s.lambda2_factor,
-                lambda2_every=s.lambda2_every, lambda2_max=s.lambda2_max, **fedavg,
+                lambda2_every=s.lambda2_every, lambda2_max=s.lambda2_max,
+                resume_buffer=self.resume[1] if self.resume else None, **fedavg,
             )
         if s.algorithm == "fedprox":
             return RecordingFedAvg(fedprox_mu=s.fedprox_mu, algorithm_name="fedprox", **fedavg)
@@ -185,6 +205,9 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     """
     workspace_root = os.path.abspath(workspace_root)
     run_folder = os.path.join(workspace_root, settings.job_name)
+    if settings.resume_from and os.path.realpath(settings.resume_from).startswith(os.path.realpath(run_folder)):
+        raise ValueError(f"resume from {settings.resume_from} into another workspace or job name: "
+                         f"{run_folder} is cleared before a run")
     if os.path.isdir(run_folder):
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     recipe = build_recipe(settings)

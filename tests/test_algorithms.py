@@ -70,3 +70,17 @@ def test_a_site_that_dies_leaves_a_finished_job_that_says_so(sites, tmp_path):
     assert [r["missing"] for r in run.rounds] == [[], ["site-2"], ["site-2"]]
     assert all(r["global_updated"] for r in run.rounds)
     assert run.global_model is not None
+
+
+def test_a_stopped_fedref_run_resumes_with_its_buffer_and_global_model(sites, tmp_path):
+    first_job, first = simulate(sites, tmp_path / "first", algorithm="fedref", buffer_size=2, cross_site_eval=True)
+    assert first.rounds[-1]["fedref"]["buffer"] == 2
+    _, resumed = simulate(sites, tmp_path / "resumed", algorithm="fedref", buffer_size=2, num_rounds=1,
+                          resume_from=first.folder)
+    (record,) = resumed.rounds
+    assert record["round"] == 2
+    assert record["fedref"]["applied"]  # a fresh server would still be warming up: the buffer came back
+    # the sites received the first run's final global model: their validation equals its cross-site scores
+    for site in ("site-1", "site-2"):
+        final = first.cross_site[site]["SRV_FL_global_model.pt"]
+        assert record["sites"][site]["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
