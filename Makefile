@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test test-fast install clean
+.PHONY: demo test test-fast install clean jobs
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
+
+jobs: $(STAMP)
+	$(PY) -m jobs.export
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

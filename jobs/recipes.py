@@ -7,6 +7,7 @@ and editable in an exported job folder.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import shlex
@@ -26,7 +27,7 @@ from fedseg.network import FedSegUNet
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
-CLIENT_SCRIPT = os.path.join(CUSTOM_DIR, "client.py")
+CLIENT_SCRIPT_NAME = "client.py"  # found in the job's custom folder at run time: no path of this machine
 PACKAGE_DIR = os.path.join(CUSTOM_DIR, "fedseg")
 ALGORITHMS = {
     "fedref": FedRefController,
@@ -141,7 +142,7 @@ class FedSegRecipe(FedAvgRecipe):
             model=settings.network(),
             min_clients=len(settings.sites),  # every site is asked every round
             num_rounds=settings.num_rounds,
-            train_script=CLIENT_SCRIPT,
+            train_script=CLIENT_SCRIPT_NAME,
             train_args=settings.train_args(),
             key_metric="dice_mean",
         )
@@ -183,12 +184,14 @@ class FedSegRecipe(FedAvgRecipe):
 
 def build_recipe(settings: JobSettings) -> FedSegRecipe:
     """The job for these settings: trainer + fedseg package on every site, controller on the server."""
-    recipe = FedSegRecipe(settings)
-    recipe.add_client_file(PACKAGE_DIR)
-    recipe.add_server_file(PACKAGE_DIR)
-    add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
-    if settings.cross_site_eval:
-        add_cross_site_evaluation(recipe)
+    with contextlib.chdir(CUSTOM_DIR):  # the client script is named relative to custom/, as it runs
+        recipe = FedSegRecipe(settings)
+        # custom/ holds client.py and the fedseg package: both travel with the job, as they are
+        recipe.add_client_file(CUSTOM_DIR)
+        recipe.add_server_file(CUSTOM_DIR)
+        add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
+        if settings.cross_site_eval:
+            add_cross_site_evaluation(recipe)
     return recipe
 
 
@@ -215,7 +218,8 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     started = time.time()
     failure = None
     try:
-        recipe.run(env)
+        with contextlib.chdir(CUSTOM_DIR):  # where the recipe finds client.py when it deploys the job
+            recipe.run(env)
     except Exception as exc:  # the simulator raises for a failed job; we still report what it left
         failure = exc
     wall = time.time() - started

@@ -1,0 +1,97 @@
+"""Export one job folder per algorithm (``make jobs``), ready for ``submit_job`` / ``nvflare job submit``.
+
+Each folder is self-contained: the site script and the ``fedseg`` package travel in its ``custom``
+folders, and it names no path of the machine that exported it. Each site finds its prepared data through
+its own ``FEDSEG_DATA_ROOT`` environment variable (see the README's operator guide). Every
+hyperparameter is written out in the configs, defaults included, so that it can be read and edited there.
+
+    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+
+from jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
+
+JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
+FEDREF_ARGS = ("buffer_size", "lambda1", "lambda2", "reference_weighting", "lambda2_factor", "lambda2_every",
+               "lambda2_max")
+
+
+def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
+    """Write every controller setting into the server config (the exporter leaves out default values)."""
+    for path in _config_files(job_dir, "config_fed_server.json"):
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+        for workflow in config.get("workflows", []):
+            if workflow.get("id") != "controller":
+                continue
+            args = workflow.setdefault("args", {})
+            args["min_clients"] = settings.min_clients
+            args["wait_after_min_seconds"] = settings.wait_after_min_seconds
+            if settings.algorithm == "fedref":
+                for name in FEDREF_ARGS:
+                    args[name] = getattr(settings, name)
+            workflow["args"] = dict(sorted(args.items()))
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=4)
+            f.write("\n")
+
+
+def _config_files(job_dir: str, name: str) -> list[str]:
+    return sorted(os.path.join(d, name) for d, _, files in os.walk(job_dir) if name in files)
+
+
+def _clean(job_dir: str) -> None:
+    for folder, dirs, files in os.walk(job_dir, topdown=False):
+        for d in dirs:
+            if d == "__pycache__":
+                shutil.rmtree(os.path.join(folder, d))
+        for f in files:
+            if f.endswith(".pyc"):
+                os.remove(os.path.join(folder, f))
+
+
+def export_job(settings: JobSettings, out_dir: str) -> str:
+    """Export one job into ``out_dir/<algorithm>`` (replaced atomically); returns its path."""
+    target = os.path.join(out_dir, settings.algorithm)
+    recipe = build_recipe(settings)
+    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+        with contextlib.chdir(CUSTOM_DIR):
+            recipe.export(tmp)
+        exported = os.path.join(tmp, settings.job_name)
+        _explicit_server_args(exported, settings)
+        _clean(exported)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(exported, target)
+    return target
+
+
+def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3")) -> JobSettings:
+    """The committed jobs: the demo's training settings, no data path (each site sets FEDSEG_DATA_ROOT)."""
+    return JobSettings(algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None, threads=0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=JOBS_DIR)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
+    parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    args = parser.parse_args(argv)
+    os.makedirs(args.out, exist_ok=True)
+    for algorithm in args.algorithms:
+        print(export_job(default_settings(algorithm, args.rounds, args.sites), args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

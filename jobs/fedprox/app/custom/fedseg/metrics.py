@@ -1,0 +1,74 @@
+"""Dice and HD95 per tumour region (TC, WT, ET), computed with MONAI's metrics.
+
+Conventions for empty masks follow the BraTS evaluation: a region absent from both the ground truth and
+the prediction scores Dice 1 and HD95 0; absent from only one of them, Dice 0 and HD95 equal to the image
+diagonal in mm (the largest distance possible, BraTS's 373.13 mm for a 240x240x155 1 mm volume).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.metrics import DiceMetric, HausdorffDistanceMetric
+
+from fedseg.regions import REGIONS
+
+DICE_KEYS = tuple(f"dice_{r.lower()}" for r in REGIONS)
+HD95_KEYS = tuple(f"hd95_{r.lower()}" for r in REGIONS)
+METRIC_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS
+
+
+def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> dict:
+    """Dice and HD95 per region for one case.
+
+    prediction, label: boolean/0-1 tensors of shape (3, X, Y, Z), channels in REGIONS order.
+    spacing: voxel size in mm (defaults to 1 mm isotropic).
+    """
+    if prediction.shape != label.shape or prediction.shape[0] != len(REGIONS):
+        raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} must both be (3, X, Y, Z)")
+    spacing = [float(s) for s in (spacing if spacing is not None else (1.0,) * (prediction.ndim - 1))]
+    pred = prediction.detach().float().cpu()[None]
+    true = label.detach().float().cpu()[None]
+    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(pred, true)[0]
+    present = [i for i in range(len(REGIONS)) if bool(pred[0, i].any()) and bool(true[0, i].any())]
+    hd95 = {}
+    if present:  # distances are defined only where both masks have voxels; empties follow BraTS below
+        distances = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")(
+            pred[:, present], true[:, present], spacing=spacing
+        )[0]
+        hd95 = {i: float(d) for i, d in zip(present, distances)}
+    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(prediction.shape[1:], spacing)))
+    scores = {}
+    for i, region in enumerate(REGIONS):
+        has_pred, has_true = bool(pred[0, i].any()), bool(true[0, i].any())
+        if not has_pred and not has_true:
+            d, h = 1.0, 0.0
+        elif not has_pred or not has_true:
+            d, h = 0.0, diagonal
+        else:
+            d, h = float(dice[i]), hd95[i]
+        scores[f"dice_{region.lower()}"] = d
+        scores[f"hd95_{region.lower()}"] = h
+    scores["dice_mean"] = float(np.mean([scores[k] for k in DICE_KEYS]))
+    return scores
+
+
+class RegionMetrics:
+    """Accumulates per-case scores over a validation set and summarises them."""
+
+    def __init__(self) -> None:
+        self.cases: list[dict] = []
+
+    def add(self, prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> dict:
+        scores = case_scores(prediction, label, spacing)
+        self.cases.append(scores)
+        return scores
+
+    def summary(self) -> dict:
+        """Mean of every metric over cases, plus ``n_cases``; NaN means when there were no cases."""
+        out = {k: float(np.mean([c[k] for c in self.cases])) if self.cases else float("nan") for k in METRIC_KEYS}
+        out["n_cases"] = len(self.cases)
+        return out

@@ -1,0 +1,252 @@
+"""The site executor: a FLARE Client API loop around a MONAI training and validation routine.
+
+Each task from the server brings a model:
+- train: validate the received global model on the local validation split, train E local epochs, send
+  back the weight difference with the number of steps and the validation metrics;
+- validate (cross-site evaluation): score the received model on the local validation split;
+- submit_model (cross-site evaluation, sent without params): return this site's latest local model.
+FedProx arrives as ``fedprox_mu`` in the model's meta and adds the proximal term here; FedRef needs
+nothing from sites.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss, DiceFocalLoss
+
+from fedseg.data import make_loaders, site_folder
+from fedseg.metrics import RegionMetrics
+from fedseg.network import FedSegUNet
+
+logger = logging.getLogger("fedseg.trainer")
+
+LOSSES = ("dice_ce", "dice_focal")
+FAULTS = ("nan", "shape", "die")
+
+
+def build_loss(name: str) -> torch.nn.Module:
+    if name == "dice_ce":
+        return DiceCELoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    if name == "dice_focal":
+        return DiceFocalLoss(sigmoid=True, smooth_nr=1e-5, smooth_dr=1e-5)
+    raise ValueError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="FedRef-Seg site trainer (FLARE Client API)")
+    p.add_argument("--data_root", default=None, help="folder holding one prepared folder per site "
+                   "(default: the site's FEDSEG_DATA_ROOT environment variable)")
+    p.add_argument("--local_epochs", type=int, default=1)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48], help="training crop size (voxels)")
+    p.add_argument("--samples_per_case", type=int, default=2)
+    p.add_argument("--loss", choices=LOSSES, default="dice_ce")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--fault", action="append", default=[], metavar="SITE:KIND:ROUND",
+                   help="resilience drill: at ROUND, SITE sends an update with NaN (nan), a wrong shape (shape), "
+                        "or stops (die). For testing the server's defences only.")
+    return p.parse_args(argv)
+
+
+class SiteTrainer:
+    """Local training and validation on one site's prepared data; knows nothing of FLARE."""
+
+    def __init__(self, folder: str, args: argparse.Namespace, device: torch.device | None = None) -> None:
+        self.args = args
+        self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(args.seed)
+        self.model = FedSegUNet(channels=args.channels, strides=[2] * (len(args.channels) - 1)).to(self.device)
+        self.crop = list(args.crop)
+        self.train_loader, self.val_loader = make_loaders(
+            folder, self.crop, args.batch_size, args.samples_per_case, args.num_workers, seed=args.seed
+        )
+        self.loss_fn = build_loss(args.loss)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=1e-5)
+        self.use_amp = self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    def load_params(self, params: dict) -> None:
+        state = {k: torch.as_tensor(v) for k, v in params.items()}
+        self.model.load_state_dict(state, strict=True)
+
+    def state(self) -> dict:
+        return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+
+    def train(self, epochs: int, fedprox_mu: float = 0.0, after_step=None) -> dict:
+        """E local epochs; returns the number of optimiser steps and the mean training loss.
+
+        ``fedprox_mu`` adds FedProx's proximal term to the loaded (global) weights; ``after_step`` is
+        called after every optimiser step (Scaffold's control correction).
+        """
+        global_params = [p.detach().clone() for p in self.model.parameters()] if fedprox_mu > 0 else None
+        self.model.train()
+        steps, total = 0, 0.0
+        started = time.perf_counter()
+        for _ in range(epochs):
+            for batch in self.train_loader:
+                image = batch["image"].to(self.device)
+                label = batch["label"].to(self.device)
+                self.optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(self.device.type, enabled=self.use_amp):
+                    loss = self.loss_fn(self.model(image), label.float())
+                if global_params is not None:
+                    loss = loss + 0.5 * fedprox_mu * sum(
+                        torch.sum((p - g) ** 2) for p, g in zip(self.model.parameters(), global_params)
+                    )
+                self.scaler.scale(loss).backward()
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+                if after_step is not None:
+                    after_step()
+                steps += 1
+                total += float(loss.detach())
+        return {"num_steps": steps, "train_loss": total / max(steps, 1), "train_seconds": time.perf_counter() - started}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Dice/HD95 per region of the current model on the local validation split."""
+        self.model.eval()
+        metrics = RegionMetrics()
+        started = time.perf_counter()
+        for batch in self.val_loader:
+            image = batch["image"].to(self.device)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                logits = sliding_window_inference(image, self.crop, sw_batch_size=4, predictor=self.model, overlap=0.25)
+            prediction = torch.sigmoid(logits.float()) > 0.5
+            spacing = [float(s) for s in batch["image"].pixdim[0]] if hasattr(batch["image"], "pixdim") else None
+            metrics.add(prediction[0], batch["label"][0].to(prediction.device), spacing)
+        summary = metrics.summary()
+        summary["val_seconds"] = time.perf_counter() - started
+        return summary
+
+
+def parse_faults(specs: Sequence[str]) -> dict[tuple[str, int], str]:
+    """``SITE:KIND:ROUND`` drills -> {(site, round): kind}."""
+    faults = {}
+    for spec in specs:
+        try:
+            site, kind, round_no = spec.rsplit(":", 2)
+            if kind not in FAULTS:
+                raise ValueError
+            faults[(site, int(round_no))] = kind
+        except ValueError:
+            raise SystemExit(f"--fault {spec!r}: expected SITE:KIND:ROUND with KIND one of {FAULTS}") from None
+    return faults
+
+
+def poison(update: dict, kind: str) -> dict:
+    """A drill's bad update: NaN in the first tensor, or the first tensor cut to a wrong shape."""
+    first = next(iter(update))
+    poisoned = dict(update)
+    if kind == "nan":
+        poisoned[first] = update[first].clone().fill_(float("nan"))
+    elif kind == "shape":
+        poisoned[first] = update[first].reshape(-1)[:1].clone()
+    return poisoned
+
+
+class ScaffoldState:
+    """The site's side of Scaffold (NVFlare's PTScaffoldHelper): corrected steps and control deltas."""
+
+    def __init__(self, trainer: SiteTrainer) -> None:
+        from nvflare.app_opt.pt.scaffold import PTScaffoldHelper
+
+        self.trainer = trainer
+        self.helper = PTScaffoldHelper()
+        self.helper.init(trainer.model)
+
+    def train(self, global_controls: dict, epochs: int) -> tuple[dict, dict]:
+        from nvflare.app_opt.pt.scaffold import get_lr_values
+
+        self.helper.load_global_controls(global_controls)
+        c_global, c_local = self.helper.get_params()
+        global_model = copy.deepcopy(self.trainer.model)
+        lr = get_lr_values(self.trainer.optimizer)[0]
+
+        def correct() -> None:
+            self.helper.model_update(self.trainer.model, lr, c_global, c_local)
+
+        result = self.trainer.train(epochs, after_step=correct)
+        self.helper.terms_update(self.trainer.model, lr, c_global, c_local, global_model)
+        return result, self.helper.get_delta_controls()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The Client API loop; run by FLARE's ScriptRunner on every site."""
+    import nvflare.client as flare
+    from nvflare.apis.fl_constant import FLMetaKey
+    from nvflare.app_common.app_constant import AlgorithmConstants
+    from nvflare.client.tracking import SummaryWriter
+
+    args = parse_args(argv)
+    faults = parse_faults(args.fault)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    flare.init()
+    site = flare.get_site_name()
+    trainer = SiteTrainer(site_folder(site, args.data_root), args)
+    writer = SummaryWriter()  # streamed to the server's TensorBoard
+    scaffold: ScaffoldState | None = None
+    local_model: dict | None = None
+    logger.info("%s: %d training batches, %d validation cases", site, len(trainer.train_loader), len(trainer.val_loader))
+
+    while flare.is_running():
+        received = flare.receive()
+        if received is None:
+            break
+        if flare.is_submit_model():
+            flare.send(flare.FLModel(params=local_model if local_model is not None else trainer.state()))
+            continue
+
+        trainer.load_params(received.params)
+        metrics = trainer.validate()
+        if flare.is_evaluate():
+            flare.send(flare.FLModel(metrics=metrics))
+            continue
+
+        round_no = received.current_round
+        fault = faults.get((site, int(round_no or 0)))
+        if fault == "die":
+            logger.error("%s round %s: resilience drill, this site stops now", site, round_no)
+            raise SystemExit(f"{site}: stopped by --fault drill at round {round_no}")
+        global_state = trainer.state()
+        meta = received.meta or {}
+        mu = float(meta.get("fedprox_mu") or 0.0)
+        out_meta = {}
+        if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta:
+            scaffold = scaffold or ScaffoldState(trainer)
+            result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], args.local_epochs)
+            out_meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = deltas
+        else:
+            result = trainer.train(args.local_epochs, fedprox_mu=mu)
+        local_model = trainer.state()
+        difference = {k: local_model[k] - global_state[k] for k in local_model}
+        if fault in ("nan", "shape"):
+            logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
+            difference = poison(difference, fault)
+        metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"],
+                        "fedprox_mu": mu, "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
+        for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
+            writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
+        logger.info(
+            "%s round %s: global model dice_mean %.3f on %d cases, local train loss %.4f (%d steps)",
+            site, round_no, metrics["dice_mean"], metrics["n_cases"], result["train_loss"], result["num_steps"],
+        )
+        out_meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = result["num_steps"]
+        flare.send(flare.FLModel(params=difference, params_type="DIFF", metrics=metrics, meta=out_meta))
+        del global_state
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Server controllers: every algorithm records its rounds the same way and rejects bad updates the same way.
+
+``RoundRecorder`` is mixed into NVFlare's workflows (FedAvg, FedOpt, Scaffold) and adds:
+- a check of every site update before aggregation: NaN/Inf values, missing or extra keys and wrong
+  shapes are rejected with the site's name and the reason, and the round goes on with the others; with
+  fewer than ``min_clients`` accepted updates the global model is kept unchanged for that round;
+- ``round_metrics.jsonl`` in the job's run folder: one JSON line per round with each site's metrics
+  (validation of the global model it received, training loss and seconds, bytes each way), the sites
+  that were rejected or missing, and the aggregate;
+- tolerance of a site that stops answering: a round waits for ``min_clients`` results and then
+  ``wait_after_min_seconds`` for the rest.
+``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
+buffer with every global checkpoint; a restarted server resumes from that file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+from nvflare.apis.fl_constant import FLMetaKey
+from nvflare.app_common.abstract.fl_model import FLModel
+from nvflare.app_common.abstract.model import make_model_learnable
+from nvflare.app_common.app_constant import AppConstants
+from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
+from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
+
+from fedseg.fedref import FedRefUpdater, ReferenceBuffer
+
+ROUND_METRICS_FILE = "round_metrics.jsonl"
+REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
+CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe scalar (NaN/Inf become None so that the file stays valid JSON)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value if isinstance(value, (str, bool)) or value is None else str(value)
+    return number if math.isfinite(number) else None
+
+
+def payload_bytes(params: dict | None) -> int:
+    """Bytes of the tensors in a model or update (what crosses the wire, before serialisation overhead)."""
+    total = 0
+    for value in (params or {}).values():
+        nbytes = getattr(value, "nbytes", None)
+        if nbytes is None and hasattr(value, "element_size"):
+            nbytes = value.element_size() * value.nelement()
+        total += int(nbytes or 0)
+    return total
+
+
+def message_bytes(model: FLModel | None) -> int:
+    """Bytes of a message's tensors: its parameters and any tensor dicts in its meta (Scaffold's controls)."""
+    if model is None:
+        return 0
+    extra = sum(payload_bytes(v) for v in (model.meta or {}).values() if isinstance(v, dict))
+    return payload_bytes(model.params) + extra
+
+
+def update_problem(update: dict | None, reference: dict) -> str | None:
+    """Why an update cannot be aggregated (None when it can): keys, shapes and finiteness against the global."""
+    if not update:
+        return "empty update (no parameters)"
+    missing = [k for k in reference if k not in update]
+    if missing:
+        return f"{len(missing)} missing key(s), e.g. {missing[0]}"
+    extra = [k for k in update if k not in reference]
+    if extra:
+        return f"{len(extra)} unexpected key(s), e.g. {extra[0]}"
+    for name, value in update.items():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        expected = tuple(np.shape(reference[name]))
+        if tuple(array.shape) != expected:
+            return f"shape of {name} is {tuple(array.shape)}, expected {expected}"
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            return f"non-finite values (NaN or Inf) in {name}"
+    return None
+
+
+class RoundRecorder:
+    """Mixin for NVFlare model controllers: update checks, round records, tolerance of silent sites."""
+
+    algorithm = "?"
+
+    def _init_recorder(self, min_clients: int, wait_after_min_seconds: int, metrics_filename: str) -> None:
+        self.min_clients = int(min_clients)
+        self.wait_after_min_seconds = int(wait_after_min_seconds)
+        self.metrics_filename = metrics_filename
+        self._site_records: dict[str, dict] = {}
+        self._rejected: dict[str, str] = {}
+        self._targets: list[str] = []
+        self._reference_params: dict = {}
+        self._round_started = time.time()
+
+    # -- where files go --------------------------------------------------------------------------
+    def run_dir(self) -> str:
+        return self.engine.get_workspace().get_run_dir(self.fl_ctx.get_job_id())
+
+    # -- sending: remember what went out, and do not wait forever for a silent site ----------------
+    def broadcast_model(self, data=None, task_name=AppConstants.TASK_TRAIN, targets=None, min_responses=None,
+                        timeout=0, wait_time_after_min_received=0, blocking=True, callback=None):
+        if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel):
+            self._targets = [getattr(t, "name", t) for t in (targets or [])]
+            self._reference_params = data.params or {}
+            self._sent_bytes = message_bytes(data)
+            self._round_started = time.time()
+            if min_responses is None and self.min_clients and self._targets:
+                min_responses = min(self.min_clients, len(self._targets))
+                wait_time_after_min_received = wait_time_after_min_received or self.wait_after_min_seconds
+        return super().broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                       timeout=timeout, wait_time_after_min_received=wait_time_after_min_received,
+                                       blocking=blocking, callback=callback)
+
+    def send_model(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0,
+                   callback=None):
+        # ModelController.send_model calls its base class directly; route through broadcast_model above
+        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                    timeout=timeout, blocking=False, callback=callback)
+
+    def send_model_and_wait(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None,
+                            timeout=0):
+        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+                                    timeout=timeout, blocking=True)
+
+    # -- receiving: check and record every update --------------------------------------------------
+    def accept_update(self, result: FLModel) -> bool:
+        """Record the site's metrics; False (with a logged reason) when its update must not be aggregated."""
+        meta = result.meta or {}
+        site = meta.get(CLIENT_NAME_KEY, AppConstants.CLIENT_UNKNOWN)
+        record = {k: _plain(v) for k, v in (result.metrics or {}).items()}
+        record["num_steps"] = _plain(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
+        record["bytes_received_by_site"] = getattr(self, "_sent_bytes", None)
+        record["bytes_sent_by_site"] = message_bytes(result)
+        reason = update_problem(result.params, self._reference_params) if self._reference_params else None
+        if reason:
+            record["rejected"] = reason
+            self._rejected[site] = reason
+            self.error(f"round {self.current_round}: update from {site} rejected: {reason}")
+        self._site_records[site] = record
+        return reason is None
+
+    def enough_updates(self) -> bool:
+        accepted = [s for s in self._site_records if s not in self._rejected]
+        return len(accepted) >= max(1, self.min_clients)
+
+    def write_round_record(self, aggregate_metrics: dict | None, nr_aggregated, applied_update: bool) -> None:
+        missing = sorted(set(self._targets) - set(self._site_records))
+        record = {
+            "round": self.current_round,
+            "algorithm": self.algorithm,
+            "time": time.time(),
+            "seconds": time.time() - self._round_started,
+            "sites": dict(sorted(self._site_records.items())),
+            "rejected": dict(sorted(self._rejected.items())),
+            "missing": missing,
+            "aggregate": {k: _plain(v) for k, v in (aggregate_metrics or {}).items()},
+            "nr_aggregated": nr_aggregated,
+            "global_updated": applied_update,
+            "bytes_sent_per_site": getattr(self, "_sent_bytes", None),
+        }
+        record.update(self.round_extra())
+        path = os.path.join(self.run_dir(), self.metrics_filename)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if missing:
+            self.warning(f"round {self.current_round}: no result from {', '.join(missing)}")
+        self._site_records, self._rejected = {}, {}
+        self.info(f"round {self.current_round}: metrics of {len(record['sites'])} sites written to {path}")
+
+    def round_extra(self) -> dict:
+        """Algorithm-specific fields of the round record."""
+        return {}
+
+
+class RecordingFedAvg(RoundRecorder, FedAvg):
+    """NVFlare's FedAvg (and FedProx, through ``fedprox_mu``) with update checks and round records."""
+
+    algorithm = "fedavg"
+
+    def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
+                 metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        self.wait_after_min_seconds = wait_after_min_seconds
+        self.metrics_filename = metrics_filename
+        self.algorithm_name = algorithm_name
+        if algorithm_name:
+            self.algorithm = algorithm_name
+
+    def _aggregate_one_result(self, result: FLModel) -> bool:
+        if not self.accept_update(result):
+            return False
+        return super()._aggregate_one_result(result)
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        previous_global = dict(model.params)  # FedAvg replaces the values, it does not mutate them
+        applied = self.enough_updates()
+        if applied:
+            model = super().update_model(model, aggr_result)
+            model = self.refine_global_model(model, previous_global)
+            # Republish: the persistor and the best-model logic read the global model from the FL context
+            # (FedOpt's update does not set it, and FedRef changes it after aggregation).
+            self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL,
+                                 make_model_learnable(weights=model.params, meta_props=model.meta),
+                                 private=True, sticky=True)
+        else:
+            self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
+                       "the global model is kept unchanged")
+        self.write_round_record((aggr_result.metrics if aggr_result else None),
+                                (aggr_result.meta or {}).get("nr_aggregated") if aggr_result else 0, applied)
+        return model
+
+    def _get_aggregated_result(self) -> FLModel:
+        if not self.enough_updates() and not self.aggregator:
+            return FLModel(params={}, meta={"nr_aggregated": 0})
+        return super()._get_aggregated_result()
+
+    def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
+        """Server-side step after aggregation (none for FedAvg)."""
+        return model
+
+
+class FedRefController(RecordingFedAvg):
+    """FedAvg followed by FedRef's MAP step toward a reference model of the last p global models.
+
+    Args:
+        buffer_size: p, the number of recent global models in the reference buffer.
+        lambda1: weight of the proximal term to the last global model.
+        lambda2: weight of the prior centred on the reference model.
+        reference_weighting: ``uniform`` or ``linear`` (newer global models weigh more).
+        lambda2_factor, lambda2_every, lambda2_max: optional schedule, lambda2 is multiplied by
+            ``lambda2_factor`` every ``lambda2_every`` rounds, capped at ``lambda2_max`` (off by default).
+        resume_buffer: a ``fedref_reference_buffer.pt`` saved by an earlier run, to continue it.
+    """
+
+    algorithm = "fedref"
+
+    def __init__(
+        self,
+        *args,
+        buffer_size: int = 3,
+        lambda1: float = 0.1,
+        lambda2: float = 0.1,
+        reference_weighting: str = "uniform",
+        lambda2_factor: float = 1.0,
+        lambda2_every: int = 0,
+        lambda2_max: float | None = None,
+        resume_buffer: str | None = None,
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.buffer_size = buffer_size
+        self.lambda1 = lambda1
+        self.lambda2 = lambda2
+        self.reference_weighting = reference_weighting
+        self.lambda2_factor = lambda2_factor
+        self.lambda2_every = lambda2_every
+        self.lambda2_max = lambda2_max
+        self.resume_buffer = resume_buffer
+        self.updater = FedRefUpdater(buffer_size, lambda1, lambda2, reference_weighting)
+        self._applied = False
+        if resume_buffer:
+            import torch
+
+            state = torch.load(resume_buffer, map_location="cpu", weights_only=False)
+            self.updater.buffer = ReferenceBuffer.from_state(state)
+            if self.updater.buffer.capacity != buffer_size:
+                raise ValueError(f"{resume_buffer}: buffer of size {self.updater.buffer.capacity}, job asks for p={buffer_size}")
+
+    def lambda2_at(self, round_number: int) -> float:
+        """lambda2 of this round under the optional schedule."""
+        if not self.lambda2_every or self.lambda2_factor == 1.0:
+            return self.lambda2
+        value = self.lambda2 * self.lambda2_factor ** (round_number // self.lambda2_every)
+        return min(value, self.lambda2_max) if self.lambda2_max is not None else value
+
+    def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
+        self.updater.lambda2 = self.lambda2_at(self.current_round)
+        self.updater.start(previous_global)
+        model.params, self._applied = self.updater.update(model.params, previous_global)
+        return model
+
+    def save_model(self, model: FLModel) -> None:
+        super().save_model(model)
+        self.save_reference_buffer()
+
+    def round_extra(self) -> dict:
+        return {
+            "fedref": {
+                "applied": self._applied,
+                "buffer": len(self.updater.buffer),
+                "p": self.buffer_size,
+                "lambda1": self.lambda1,
+                "lambda2": self.updater.lambda2,
+                "reference_weighting": self.reference_weighting,
+            }
+        }
+
+    def save_reference_buffer(self) -> None:
+        """Write the buffer atomically next to the run's checkpoints (a restart can resume from it)."""
+        import torch
+
+        path = os.path.join(self.run_dir(), REFERENCE_BUFFER_FILE)
+        tmp = path + ".tmp"
+        state = self.updater.buffer.state()
+        state["round"] = self.current_round
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+
+class RecordingFedOpt(RecordingFedAvg, _FedOpt):
+    """NVFlare's FedOpt (server-side optimiser on the averaged update: FedAdam, FedAvgM) with our records."""
+
+    algorithm = "fedopt"
+
+    def __init__(self, *args, device: str | None = None, **kwargs) -> None:
+        super().__init__(*args, device=device, **kwargs)
+        self.device = device  # chosen at run time: a torch.device here would not survive job export
+
+    def run(self) -> None:
+        import torch
+
+        self.device = torch.device(self.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        super().run()
+
+
+class RecordingScaffold(RoundRecorder, _Scaffold):
+    """NVFlare's Scaffold controller (control variates) with update checks and round records."""
+
+    algorithm = "scaffold"
+
+    def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
+                 metrics_filename: str = ROUND_METRICS_FILE, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        self.task_name = AppConstants.TASK_TRAIN
+
+    def aggregate(self, results, aggregate_fn=None):
+        accepted = [r for r in results if self.accept_update(r)]
+        if not self.enough_updates():
+            from nvflare.app_common.app_constant import AlgorithmConstants
+
+            return FLModel(params={}, meta={"nr_aggregated": 0, AlgorithmConstants.SCAFFOLD_CTRL_DIFF: {}})
+        return super().aggregate(accepted, aggregate_fn=aggregate_fn)
+
+    def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
+        applied = self.enough_updates()
+        if applied:
+            model = super().update_model(model, aggr_result)
+        else:
+            self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
+                       "the global model is kept unchanged")
+        self.write_round_record(aggr_result.metrics, (aggr_result.meta or {}).get("nr_aggregated"), applied)
+        return model

@@ -1,0 +1,64 @@
+"""The segmentation network: MONAI's 3D U-Net, wrapped so that its settings survive job export.
+
+NVFlare rebuilds server-side models from their class path and the constructor arguments it finds as
+attributes of the same name; MONAI's ``UNet`` does not keep its arguments, so this thin wrapper does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.networks.nets import UNet
+
+from fedseg.regions import MODALITIES, REGIONS
+
+
+class FedSegUNet(torch.nn.Module):
+    """3D U-Net: four MRI modalities in, one logit channel per tumour region (TC, WT, ET) out."""
+
+    def __init__(
+        self,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        strides: Sequence[int] = (2, 2, 2),
+        num_res_units: int = 1,
+        dropout: float = 0.0,
+        norm: str = "INSTANCE",
+    ) -> None:
+        super().__init__()
+        self.channels = list(channels)
+        self.strides = list(strides)
+        self.num_res_units = num_res_units
+        self.dropout = dropout
+        self.norm = norm
+        self.unet = UNet(
+            spatial_dims=3,
+            in_channels=len(MODALITIES),
+            out_channels=len(REGIONS),
+            channels=self.channels,
+            strides=self.strides,
+            num_res_units=num_res_units,
+            dropout=dropout,
+            norm=norm,
+        )
+
+    @property
+    def divisor(self) -> int:
+        """Input sizes must be multiples of this (the product of the strides)."""
+        d = 1
+        for s in self.strides:
+            d *= s
+        return d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unet(x)
+
+    def config(self) -> dict:
+        """The constructor arguments, e.g. to rebuild the network next to a saved state dict."""
+        return {
+            "channels": self.channels,
+            "strides": self.strides,
+            "num_res_units": self.num_res_units,
+            "dropout": self.dropout,
+            "norm": self.norm,
+        }

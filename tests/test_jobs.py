@@ -1,0 +1,51 @@
+"""The committed job folders: current with the builder, self-contained, editable."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+
+import pytest
+
+from jobs.export import JOBS_DIR, default_settings, export_job
+from jobs.recipes import ALGORITHMS
+
+
+def tree(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, files in os.walk(folder) for f in files)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_committed_job_is_current(tmp_path, algorithm):
+    fresh = export_job(default_settings(algorithm), str(tmp_path))
+    committed = os.path.join(JOBS_DIR, algorithm)
+    assert os.path.isdir(committed), f"jobs/{algorithm} is missing: run `make jobs`"
+    assert tree(fresh) == tree(committed), f"jobs/{algorithm} is stale: run `make jobs`"
+    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, tree(fresh), shallow=False)
+    assert not mismatch and not errors, f"jobs/{algorithm} differs in {mismatch + errors}: run `make jobs`"
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_job_is_self_contained_and_names_no_local_path(algorithm):
+    folder = os.path.join(JOBS_DIR, algorithm)
+    files = tree(folder)
+    assert "app/custom/client.py" in files and "app/custom/fedseg/trainer.py" in files
+    for name in files:
+        with open(os.path.join(folder, name), encoding="utf-8") as f:
+            text = f.read()
+        for fragment in (os.path.expanduser("~"), os.path.dirname(JOBS_DIR), "/tmp/"):
+            assert fragment not in text, f"{name} names {fragment}"
+    client = json.load(open(os.path.join(folder, "app", "config", "config_fed_client.json")))
+    executor = client["executors"][0]["executor"]["args"]
+    assert executor["task_script_path"] == "client.py"
+    assert "--data_root" not in executor["task_script_args"]  # each site sets FEDSEG_DATA_ROOT
+    assert "--local_epochs 2" in executor["task_script_args"]
+
+
+def test_fedref_hyperparameters_are_visible_in_the_config():
+    server = json.load(open(os.path.join(JOBS_DIR, "fedref", "app", "config", "config_fed_server.json")))
+    (controller,) = [w for w in server["workflows"] if w["id"] == "controller"]
+    assert controller["path"] == "fedseg.controller.FedRefController"
+    args = controller["args"]
+    assert (args["buffer_size"], args["lambda1"], args["lambda2"], args["num_rounds"]) == (3, 0.1, 0.1, 10)
