@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test test-fast install clean jobs
+.PHONY: demo test test-fast install clean jobs poc
 
 install: $(STAMP)
 
@@ -27,6 +27,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
+
+poc: $(STAMP)
+	$(PY) -m app poc --out poc_output
 
 jobs: $(STAMP)
 	$(PY) -m jobs.export

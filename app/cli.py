@@ -97,6 +97,36 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _demo_sites(out: str, seed: int) -> tuple[str, str]:
+    """Synthetic FeTS data and its three prepared sites under ``out`` (reused when already there)."""
+    from data_prep.fets2022 import prepare_sites
+    from data_prep.synthetic import SyntheticConfig, generate
+
+    print(f"synthetic FeTS2022 data in {out}/data")
+    source = generate(os.path.join(out, "data"), SyntheticConfig(seed=seed), progress=_progress("  subjects"))
+    print(f"site partitions in {out}/sites")
+    for r in prepare_sites(source, os.path.join(out, "sites"), seed=seed):
+        print(f"  {r.site}: {r.training} training / {r.validation} validation cases")
+    return source, os.path.join(out, "sites")
+
+
+def cmd_poc(args: argparse.Namespace) -> int:
+    """A POC federation (separate server and site processes) on prepared data, then the report."""
+    from app.artifacts import load_run
+    from app.poc import prepared_sites, run_poc
+    from app.report import write_report
+
+    out = os.path.abspath(args.out)
+    if not args.data_root:
+        _, args.data_root = _demo_sites(out, args.seed)
+    args.sites = args.sites or prepared_sites(args.data_root)
+    settings = _settings(args)
+    run = run_poc(settings, args.data_root, os.path.join(out, "workspace"))
+    index = write_report(load_run(run), os.path.join(out, "report"))
+    print(f"report: {index}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
     from app.artifacts import load_run
@@ -177,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=0.8, help="mean Dice whose first reaching is counted")
     _add_training_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("poc", help="run the job in a POC federation: server and sites as separate processes")
+    p.add_argument("--data-root", help="prepared site folders (default: make the demo's synthetic sites)")
+    p.add_argument("--sites", nargs="+", help="default: every prepared site folder")
+    p.add_argument("--out", default="poc_output")
+    _add_training_options(p, rounds=5)
+    p.set_defaults(func=cmd_poc)
 
     p = sub.add_parser("report", help="write the report of a finished run")
     p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")
