@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test test-fast install clean jobs poc
+.PHONY: demo test test-fast install clean jobs poc provision
 
 install: $(STAMP)
 
@@ -30,6 +30,10 @@ test-fast: $(STAMP)
 
 poc: $(STAMP)
 	$(PY) -m app poc --out poc_output
+
+provision: $(STAMP)
+	$(VENV)/bin/nvflare provision -p app/provision/project.yml -w provision_workspace
+	@echo "startup kits: provision_workspace/fedseg/prod_00/"
 
 jobs: $(STAMP)
 	$(PY) -m jobs.export

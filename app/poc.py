@@ -132,4 +132,39 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
         return result
     finally:
         env.stop(clean_up=False)
-        print("POC federation stopped", flush=True)
+        left = stop_leftovers(poc_workspace)
+        print(f"POC federation stopped{f' ({left} lingering processes ended)' if left else ''}", flush=True)
+
+
+def federation_processes(poc_workspace: str) -> list:
+    """Processes whose command line runs from this POC workspace (server, sites, their start scripts)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if any(poc_workspace in part for part in process.info["cmdline"] or []):
+                found.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def stop_leftovers(poc_workspace: str, grace: float = 20.0) -> int:
+    """Wait for the federation's processes to end after POC's stop; end the ones that linger."""
+    import psutil
+
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        if not federation_processes(poc_workspace):
+            return 0
+        time.sleep(0.5)
+    lingering = federation_processes(poc_workspace)
+    for process in lingering:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.terminate()
+    _, alive = psutil.wait_procs(lingering, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    return len(lingering)

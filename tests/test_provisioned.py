@@ -1,0 +1,120 @@
+"""A provisioned federation on localhost, from the startup kits of app/provision/project.yml.
+
+Server and two sites start from their kits with mutual TLS; the researcher's kit submits the FedRef job
+and it completes; the clinician's kit is refused; a site whose certificate comes from another
+provisioning cannot join; nothing is left running afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from app.poc import federation_processes, free_ports, stop_leftovers
+from data_prep.fets2022 import prepare_sites
+from jobs.export import export_job
+from jobs.recipes import REPO_ROOT, JobSettings
+
+pytestmark = pytest.mark.integration
+
+PROJECT = os.path.join(REPO_ROOT, "app", "provision", "project.yml")
+
+
+def provision(workspace, fed_learn_port: int, admin_port: int) -> str:
+    """Kits from the committed project.yml, with free ports; returns the prod folder."""
+    with open(PROJECT) as f:
+        project = yaml.safe_load(f)
+    for participant in project["participants"]:
+        if participant["type"] == "server":
+            participant["fed_learn_port"], participant["admin_port"] = fed_learn_port, admin_port
+    os.makedirs(workspace, exist_ok=True)
+    path = os.path.join(workspace, "project.yml")
+    with open(path, "w") as f:
+        yaml.safe_dump(project, f, sort_keys=False)
+    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
+    subprocess.run([nvflare, "provision", "-p", path, "-w", str(workspace)], check=True, capture_output=True)
+    return os.path.join(workspace, project["name"], "prod_00")
+
+
+def start_kit(kit: str, env: dict) -> None:
+    subprocess.run(["bash", os.path.join(kit, "startup", "start.sh")], check=True, env=env, cwd=kit,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def session(prod: str, user: str):
+    from nvflare.fuel.flare_api.flare_api import new_secure_session
+
+    with contextlib.redirect_stdout(open(os.devnull, "w")):
+        return new_secure_session(user, os.path.join(prod, user), timeout=60)
+
+
+def connected(sess) -> list[str]:
+    return sorted(c.name for c in sess.get_connected_client_list())
+
+
+@pytest.fixture
+def federation(tmp_path, tiny_fets):
+    sites = tmp_path / "sites"
+    prepare_sites(tiny_fets, str(sites), partitions=[1, 2], validation_fraction=0.34)
+    fed_learn_port, admin_port = free_ports(2)
+    prod = provision(str(tmp_path / "kits"), fed_learn_port, admin_port)
+    env = dict(os.environ, FEDSEG_DATA_ROOT=str(sites),
+               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    admin = None
+    try:
+        start_kit(os.path.join(prod, "server"), env)
+        time.sleep(5)
+        for site in ("site-1", "site-2"):
+            start_kit(os.path.join(prod, site), env)
+        admin = session(prod, "admin@fedseg.org")
+        deadline = time.time() + 90
+        while connected(admin) != ["site-1", "site-2"] and time.time() < deadline:
+            time.sleep(2)
+        assert connected(admin) == ["site-1", "site-2"], "sites did not connect to the server"
+        yield prod, admin, env, tmp_path
+    finally:
+        if admin is not None:
+            with contextlib.suppress(Exception):
+                admin.shutdown("all")
+        stop_leftovers(str(tmp_path), grace=30)
+
+
+def test_provisioned_federation_roles_and_certificates(federation):
+    prod, admin, env, tmp_path = federation
+    job = export_job(JobSettings(algorithm="fedref", sites=["site-1", "site-2"], num_rounds=2, local_epochs=1,
+                                 crop=(32, 32, 24), channels=(8, 16, 32), threads=1), str(tmp_path))
+
+    # the clinician (member) may look but not submit
+    clinician = session(prod, "clinician@hospital-a.org")
+    with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
+        clinician.submit_job(job)
+    clinician.close()
+
+    # the researcher (lead) submits the job with its custom code; it runs to completion
+    researcher = session(prod, "researcher@fedseg.org")
+    job_id = researcher.submit_job(job)
+    code, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=600, poll_interval=3)
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    result = researcher.download_job_result(job_id)
+    researcher.close()
+    metrics = [os.path.join(d, "round_metrics.jsonl") for d, _, files in os.walk(result) if "round_metrics.jsonl" in files]
+    assert metrics and sum(1 for _ in open(metrics[0])) == 2
+
+    # a site from another provisioning (another root CA) cannot join
+    rogue_prod = provision(str(tmp_path / "rogue"), *_ports(prod))
+    start_kit(os.path.join(rogue_prod, "site-3"), env)
+    time.sleep(15)
+    assert connected(admin) == ["site-1", "site-2"]
+    assert federation_processes(str(tmp_path / "rogue"))  # it did start, and was refused
+
+
+def _ports(prod: str) -> tuple[int, int]:
+    with open(os.path.join(os.path.dirname(prod), "..", "project.yml")) as f:
+        server = next(p for p in yaml.safe_load(f)["participants"] if p["type"] == "server")
+    return server["fed_learn_port"], server["admin_port"]
