@@ -127,6 +127,41 @@ def cmd_poc(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    """Segment one case with a trained global model."""
+    from app.infer import network_settings, segment, volumes_json
+
+    if args.run:
+        model, config, roi = network_settings(args.run)
+    elif args.model:
+        model, roi = args.model, args.roi
+        config = {"channels": args.channels, "strides": [2] * (len(args.channels) - 1)}
+    else:
+        raise ValueError("give --run (a finished run folder) or --model (a checkpoint) and --channels")
+    case = args.case[0] if len(args.case) == 1 else args.case
+    result = segment(case, model, args.out, config, roi=args.roi or roi, overlay=args.overlay)
+    print(f"segmentation: {os.path.abspath(result.output)}")
+    if result.overlay:
+        print(f"overlay: {os.path.abspath(result.overlay)}")
+    print(f"volumes (ml): {volumes_json(result)}")
+    return 0
+
+
+def _segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
+    """Segment the first validation case of a site with the run's final model; returns the overlay PNG."""
+    from app.infer import network_settings, segment
+    from fedseg.data import load_site_datalist
+
+    _, validation = load_site_datalist(site_folder)
+    case = validation[0]
+    sid = os.path.basename(os.path.dirname(case["label"]))
+    model, config, roi = network_settings(run)
+    result = segment(case["image"], model, os.path.join(out, f"{sid}_seg.nii.gz"), config, roi=roi,
+                     overlay=os.path.join(out, f"{sid}_overlay.png"))
+    print(f"  {sid}: segmentation {result.output}, whole tumour {result.volumes_ml['WT']:.1f} ml")
+    return result.overlay
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
     from app.artifacts import load_run
@@ -148,9 +183,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"[3/4] {settings.algorithm} federation, {settings.num_rounds} rounds, in the FLARE simulator "
           f"(logs: {out}/workspace/{settings.job_name})")
     run = run_simulation(settings, os.path.join(out, "workspace"), data_source=f"synthetic ({source})")
-    print("[4/4] report")
+    print("[4/4] report, and one validation case segmented by the final model")
     artifacts = load_run(run)
-    index = write_report(artifacts, os.path.join(out, "report"))
+    overlay = _segment_one_validation_case(run, os.path.join(out, "sites", "site-1"), os.path.join(out, "segmentation"))
+    index = write_report(artifacts, os.path.join(out, "report"), overlay=overlay)
     overall = build_summary(artifacts)["final"]["overall"]
     print(
         f"final global model, all validation cases: Dice TC {overall['dice_tc']:.3f}  WT {overall['dice_wt']:.3f}  "
@@ -214,6 +250,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="poc_output")
     _add_training_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
+
+    p = sub.add_parser("infer", help="segment a case (FeTS subject folder or t1 t1ce t2 flair files)")
+    p.add_argument("case", nargs="+", help="a FeTS subject folder, or the four files in the order t1 t1ce t2 flair")
+    p.add_argument("--run", help="a finished run folder (finds the global model and the network settings)")
+    p.add_argument("--model", help="a checkpoint (FL_global_model.pt) instead of --run")
+    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="network channels (with --model)")
+    p.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window size (default: the run's crop)")
+    p.add_argument("--out", required=True, help="output segmentation .nii.gz")
+    p.add_argument("--overlay", help="also write an overlay PNG here")
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("report", help="write the report of a finished run")
     p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")

@@ -233,8 +233,11 @@ overall is the mean over all validation cases.</p>
 """
 
 
-def write_report(run: RunArtifacts, out_dir: str) -> str:
-    """Write the report folder atomically; returns the path of ``index.html``."""
+def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None) -> str:
+    """Write the report folder atomically; returns the path of ``index.html``.
+
+    ``overlay``: a PNG of a case segmented by the final model, shown in the report.
+    """
     summary = build_summary(run)
     rows = curves(run, summary["final"]["source"], summary["final"]["sites"])
     summary["curves"] = [r for r in rows if r["site"] == "overall"]
@@ -247,6 +250,15 @@ def write_report(run: RunArtifacts, out_dir: str) -> str:
             writer.writerows(rows)
         with open(os.path.join(tmp, "learning_curves.png"), "wb") as f:
             f.write(plot)
+        extra = ""
+        if overlay:
+            with open(overlay, "rb") as f:
+                picture = f.read()
+            with open(os.path.join(tmp, os.path.basename(overlay)), "wb") as f:
+                f.write(picture)
+            extra = (f"<h2>A validation case segmented by the final model</h2><p>{html.escape(os.path.basename(overlay))}: "
+                     "red necrotic core, green oedema, yellow enhancing tumour.</p>"
+                     f'<img alt="segmentation overlay" src="data:image/png;base64,{base64.b64encode(picture).decode()}">')
         with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-            f.write(render_html(summary, plot))
+            f.write(render_html(summary, plot).replace("<h2>Settings</h2>", extra + "<h2>Settings</h2>"))
     return os.path.join(os.path.abspath(out_dir), "index.html")
