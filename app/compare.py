@@ -20,7 +20,7 @@ import os
 import time
 
 from app.artifacts import RunArtifacts, load_run
-from app.report import DISCLAIMER, curves, final_scores, pooled
+from app.report import DISCLAIMER, communication_mb, curves, final_scores, pooled
 from data_prep.atomic import atomic_directory, write_json
 
 REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
@@ -55,17 +55,6 @@ def rounds_to_target(curve: list[dict], target: float) -> int | None:
         if row["dice_mean"] is not None and row["dice_mean"] >= target:
             return int(row["round"])
     return None
-
-
-def communication_mb(run: RunArtifacts) -> list[float]:
-    """Megabytes moved in each round: the global model to every answering site, and their updates back."""
-    per_round = []
-    for record in run.rounds:
-        total = 0
-        for site in record.get("sites", {}).values():
-            total += (site.get("bytes_received_by_site") or 0) + (site.get("bytes_sent_by_site") or 0)
-        per_round.append(total / 1e6)
-    return per_round
 
 
 def summarise(run: RunArtifacts, target: float) -> dict:

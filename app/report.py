@@ -37,17 +37,25 @@ def _number(value) -> float | None:
 
 
 def pooled(site_scores: dict[str, dict]) -> dict:
-    """Case-weighted mean of each score over sites (sites without cases or a score are left out)."""
+    """Mean and sd of each score over all cases of all sites, exactly, from each site's (n, mean, sd).
+
+    Sites without cases or without a score are left out of that score.
+    """
     overall: dict = {}
     total_cases = 0
     for key in SCORE_KEYS:
-        weighted, weight = 0.0, 0.0
+        weighted, squares, weight, have_sd = 0.0, 0.0, 0.0, True
         for scores in site_scores.values():
             value, n = _number(scores.get(key)), _number(scores.get("n_cases")) or 0.0
             if value is not None and n > 0:
+                sd = _number(scores.get(f"{key}_sd"))
+                have_sd = have_sd and sd is not None
                 weighted += value * n
+                squares += n * ((sd or 0.0) ** 2 + value**2)
                 weight += n
-        overall[key] = weighted / weight if weight else None
+        mean = weighted / weight if weight else None
+        overall[key] = mean
+        overall[f"{key}_sd"] = math.sqrt(max(squares / weight - mean**2, 0.0)) if weight and have_sd else None
     for scores in site_scores.values():
         total_cases += int(_number(scores.get("n_cases")) or 0)
     overall["n_cases"] = total_cases
@@ -56,6 +64,7 @@ def pooled(site_scores: dict[str, dict]) -> dict:
 
 def _pick(scores: dict) -> dict:
     out = {k: _number(scores.get(k)) for k in SCORE_KEYS}
+    out.update({f"{k}_sd": _number(scores.get(f"{k}_sd")) for k in SCORE_KEYS})
     out["n_cases"] = int(_number(scores.get("n_cases")) or 0)
     return out
 
@@ -94,6 +103,30 @@ def curves(run: RunArtifacts, final_source: str, final_sites: dict[str, dict]) -
     return rows
 
 
+def communication_mb(run: RunArtifacts) -> list[float]:
+    """Megabytes moved in each round: the global model to every answering site, and their updates back."""
+    per_round = []
+    for record in run.rounds:
+        total = 0
+        for site in record.get("sites", {}).values():
+            total += (site.get("bytes_received_by_site") or 0) + (site.get("bytes_sent_by_site") or 0)
+        per_round.append(total / 1e6)
+    return per_round
+
+
+def events(run: RunArtifacts) -> list[dict]:
+    """Rounds where a site was missing or its update was rejected."""
+    found = []
+    for record in run.rounds:
+        for site in record.get("missing", []):
+            found.append({"round": record["round"], "site": site, "what": "no result (site missing)"})
+        for site, reason in record.get("rejected", {}).items():
+            found.append({"round": record["round"], "site": site, "what": f"update rejected: {reason}"})
+        if record.get("global_updated") is False:
+            found.append({"round": record["round"], "site": "-", "what": "too few acceptable updates: global model kept"})
+    return found
+
+
 def cross_site_matrix(run: RunArtifacts) -> dict[str, dict[str, float | None]]:
     """model -> site -> mean Dice: every site's local model and the global models on every site."""
     matrix: dict[str, dict[str, float | None]] = {}
@@ -109,7 +142,16 @@ def build_summary(run: RunArtifacts) -> dict:
     source, sites = final_scores(run)
     overall = pooled(sites)
     info = run.run_info
+    mb = communication_mb(run)
+    training_cases = {}
+    for record in run.rounds:
+        for site, metrics in record.get("sites", {}).items():
+            if metrics.get("n_train_cases") is not None:
+                training_cases[site] = int(metrics["n_train_cases"])
     return {
+        "communication": {"mb_per_round": mb, "mb_total": sum(mb)},
+        "events": events(run),
+        "training_cases": training_cases,
         "algorithm": run.algorithm,
         "rounds": len(run.rounds),
         "sites": run.sites,
@@ -182,9 +224,13 @@ def render_html(summary: dict, plot_png: bytes) -> str:
     header = "".join(f"<th>{h}</th>" for h in ("site", "cases", "Dice TC", "Dice WT", "Dice ET", "Dice mean",
                                                  "HD95 TC (mm)", "HD95 WT (mm)", "HD95 ET (mm)"))
 
+    def cell(s: dict, key: str, digits: int) -> str:
+        sd = s.get(f"{key}_sd")
+        return _fmt(s.get(key), digits) + (f" &plusmn; {sd:.{digits}f}" if sd is not None else "")
+
     def row(name: str, s: dict, strong: bool = False) -> str:
         cells = [html.escape(name), str(s.get("n_cases", ""))]
-        cells += [_fmt(s.get(k)) for k in DICE_KEYS + ("dice_mean",)] + [_fmt(s.get(k), 1) for k in HD95_KEYS]
+        cells += [cell(s, k, 3) for k in DICE_KEYS + ("dice_mean",)] + [cell(s, k, 1) for k in HD95_KEYS]
         tag = "th" if strong else "td"
         return "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>"
 
@@ -201,6 +247,17 @@ def render_html(summary: dict, plot_png: bytes) -> str:
     settings_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
                             for k, v in settings.items())
     wall = summary.get("wall_seconds")
+    comm = summary.get("communication") or {}
+    per_round = comm.get("mb_per_round") or []
+    comm_text = (f"<h2>Communication</h2><p>{comm.get('mb_total', 0):.1f} MB moved in total, "
+                 f"{(sum(per_round) / len(per_round)) if per_round else 0:.2f} MB per round on average "
+                 "(the global model to every answering site and their updates back).</p>")
+    event_rows = "".join(f"<li>round {e['round']}: {html.escape(e['site'])}: {html.escape(e['what'])}</li>"
+                         for e in summary.get("events") or [])
+    event_text = f"<h2>Missing and rejected updates</h2><ul>{event_rows}</ul>" if event_rows else ""
+    counts = summary.get("training_cases") or {}
+    case_text = ", ".join(f"{html.escape(s)} {counts[s]} training / {final['sites'].get(s, {}).get('n_cases', '?')} validation"
+                          for s in sorted(counts))
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in reading(summary))
     image = base64.b64encode(plot_png).decode("ascii")
     return f"""<!DOCTYPE html>
@@ -217,7 +274,7 @@ img {{ max-width: 100%; }}
 <p class="note">{html.escape(DISCLAIMER)}</p>
 <p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds, sites:
 {html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
-Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.</p>
+Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.{f' Cases: {case_text}.' if case_text else ''}</p>
 <h2>Final global model</h2>
 <p>Scores of the final global model on each site's validation split
 ({'cross-site evaluation' if final['source'] == 'cross_site_eval' else "last round's validation"});
@@ -227,6 +284,8 @@ overall is the mean over all validation cases.</p>
 <h2>Learning curves</h2>
 <img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
 {cross}
+{comm_text}
+{event_text}
 <h2>Settings</h2><table>{settings_rows}</table>
 <p>Generated {html.escape(summary['generated'])} from {html.escape(summary['run_folder'])}.</p>
 </body></html>

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 
 from app.artifacts import RunArtifactsError, load_run
@@ -82,3 +83,32 @@ def test_truncated_last_line_is_skipped_but_corruption_inside_is_an_error(run_fo
 def test_a_folder_without_rounds_is_a_clear_error(tmp_path):
     with pytest.raises(RunArtifactsError, match="no round_metrics.jsonl"):
         load_run(str(tmp_path))
+
+
+def test_overall_sd_equals_the_sd_over_all_cases_and_communication_adds_up(tmp_path):
+    rng = np.random.default_rng(0)
+    cases = {"site-1": rng.uniform(0.5, 0.9, 7), "site-2": rng.uniform(0.1, 0.6, 3)}
+
+    def site(values):
+        out = {}
+        for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "hd95_tc", "hd95_wt", "hd95_et"):
+            out[key], out[f"{key}_sd"] = float(values.mean()), float(values.std())
+        return {**out, "n_cases": len(values), "bytes_received_by_site": 2_000_000, "bytes_sent_by_site": 1_000_000}
+
+    server = tmp_path / "run" / "server"
+    os.makedirs(server)
+    records = [{"round": 0, "algorithm": "fedavg", "sites": {s: site(v) for s, v in cases.items()}},
+               {"round": 1, "algorithm": "fedavg", "sites": {"site-1": site(cases["site-1"])}, "missing": ["site-2"],
+                "rejected": {}, "global_updated": True}]
+    (server / "round_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    write_report(load_run(str(tmp_path / "run")), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    everything = np.concatenate([cases["site-1"], cases["site-2"]])
+    round0 = summary["curves"][0]
+    assert round0["dice_wt"] == pytest.approx(everything.mean())
+    assert round0["dice_wt_sd"] == pytest.approx(everything.std())
+    assert summary["communication"]["mb_per_round"] == pytest.approx([6.0, 3.0])
+    assert summary["communication"]["mb_total"] == pytest.approx(9.0)
+    assert summary["events"] == [{"round": 1, "site": "site-2", "what": "no result (site missing)"}]
+    page = open(tmp_path / "report" / "index.html", encoding="utf-8").read()
+    assert "9.0 MB moved in total" in page and "round 1: site-2: no result" in page
