@@ -86,6 +86,8 @@ class JobSettings:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
         if self.min_clients is None:
             self.min_clients = len(self.sites) // 2 + 1
+        if self.data_root:  # resolved now: the job is built from another working directory
+            self.data_root = os.path.abspath(self.data_root)
         if not self.sites:
             raise ValueError("a federation needs at least one site")
         if self.num_rounds < 1:
