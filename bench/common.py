@@ -34,7 +34,8 @@ def write_result(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-               "command": " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:]), **payload}
+               "command": " ".join([".venv/bin/python -m bench." + os.path.splitext(os.path.basename(sys.argv[0]))[0]]
+                                   + sys.argv[1:]), **payload}
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
