@@ -64,7 +64,11 @@ def round_seconds(run_folder: str | None) -> float | None:
         return None
     from app.artifacts import load_run
 
-    rounds = [r.get("seconds") for r in load_run(run_folder).rounds[1:] if r.get("seconds")]
+    records = load_run(run_folder).rounds
+    rounds = [r.get("seconds") for r in records[1:] if r.get("seconds")]
+    if not rounds:  # older records: the time between consecutive round records
+        times = [r["time"] for r in records if r.get("time")]
+        rounds = [b - a for a, b in zip(times, times[1:])]
     return statistics.median(rounds) if rounds else None
 
 

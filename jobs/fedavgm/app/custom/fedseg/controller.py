@@ -334,6 +334,11 @@ class RecordingFedOpt(RecordingFedAvg, _FedOpt):
         super().run()
 
 
+def _scalar_meta(meta: dict | None) -> dict:
+    """The plain values of a model's meta (tensor dicts such as Scaffold's controls left out)."""
+    return {k: v for k, v in (meta or {}).items() if isinstance(v, (str, int, float, bool, type(None)))}
+
+
 class RecordingScaffold(RoundRecorder, _Scaffold):
     """NVFlare's Scaffold controller (control variates) with update checks and round records."""
 
@@ -357,8 +362,19 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
         applied = self.enough_updates()
         if applied:
             model = super().update_model(model, aggr_result)
+            # the best-model checkpoint is written from this: keep the control variates out of it
+            self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL,
+                                 make_model_learnable(weights=model.params, meta_props=_scalar_meta(model.meta)),
+                                 private=True, sticky=True)
         else:
             self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
                        "the global model is kept unchanged")
         self.write_round_record(aggr_result.metrics, (aggr_result.meta or {}).get("nr_aggregated"), applied)
         return model
+
+    def save_model(self, model: FLModel) -> None:
+        """Persist the weights without the control variates and their deltas (numpy arrays in the meta would
+        make the checkpoint unreadable to torch.load(weights_only=True), e.g. for cross-site evaluation)."""
+        meta = _scalar_meta(model.meta)
+        super().save_model(FLModel(params=model.params, params_type=model.params_type, meta=meta,
+                                   current_round=model.current_round))

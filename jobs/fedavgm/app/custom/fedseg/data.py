@@ -54,14 +54,16 @@ def load_site_datalist(folder: str) -> tuple[list[dict], list[dict]]:
     return training, validation
 
 
-def _load_and_normalise() -> list:
-    return [
-        LoadImaged(keys=["image", "label"], image_only=True),
+def _load_and_normalise(with_label: bool = True) -> list:
+    keys = ["image", "label"] if with_label else ["image"]
+    steps = [
+        LoadImaged(keys=keys, image_only=True),
         EnsureChannelFirstd(keys="image"),
-        EnsureTyped(keys=["image", "label"], track_meta=True),
-        ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+        EnsureTyped(keys=keys, track_meta=True),
     ]
+    if with_label:
+        steps.append(ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING))
+    return steps + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
 
 
 def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Compose:
@@ -90,9 +92,9 @@ def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Com
     )
 
 
-def validation_transforms() -> Compose:
-    """Whole volumes, normalised; the network sees them through a sliding window."""
-    return Compose(_load_and_normalise())
+def validation_transforms(with_label: bool = True) -> Compose:
+    """Whole volumes, normalised; the network sees them through a sliding window (also used for inference)."""
+    return Compose(_load_and_normalise(with_label))
 
 
 def make_loaders(

@@ -236,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
             difference = poison(difference, fault)
         metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"],
-                        "fedprox_mu": mu, "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
+                        "fedprox_mu": mu, "n_train_cases": len(trainer.train_loader.dataset), "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
         for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
             writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
         logger.info(

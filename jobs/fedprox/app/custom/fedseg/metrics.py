@@ -68,7 +68,15 @@ class RegionMetrics:
         return scores
 
     def summary(self) -> dict:
-        """Mean of every metric over cases, plus ``n_cases``; NaN means when there were no cases."""
-        out = {k: float(np.mean([c[k] for c in self.cases])) if self.cases else float("nan") for k in METRIC_KEYS}
+        """Mean and (population) standard deviation of every metric over cases, plus ``n_cases``.
+
+        Population sd (ddof 0) so that a report can pool sites exactly from (n, mean, sd). NaN when there
+        were no cases.
+        """
+        out: dict = {}
+        for key in METRIC_KEYS:
+            values = [c[key] for c in self.cases]
+            out[key] = float(np.mean(values)) if values else float("nan")
+            out[f"{key}_sd"] = float(np.std(values)) if values else float("nan")
         out["n_cases"] = len(self.cases)
         return out
