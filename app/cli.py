@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from data_prep.cli import add_fets2022_arguments
 
-DEMO_ROUNDS = 15
+DEMO_ROUNDS = 20
 ALGORITHM_NAMES = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
 
 
@@ -49,7 +49,7 @@ def _settings(args: argparse.Namespace):
 
     return JobSettings(
         algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds, data_root=args.data_root,
-        local_epochs=args.local_epochs, lr=args.lr, crop=tuple(args.crop), channels=tuple(args.channels),
+        local_epochs=args.local_epochs, lr=args.lr, loss=args.loss, crop=tuple(args.crop), channels=tuple(args.channels),
         threads=args.threads, seed=args.seed, buffer_size=args.p, lambda1=args.lambda1, lambda2=args.lambda2,
         reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
     )
@@ -200,7 +200,8 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--algorithm", choices=ALGORITHM_NAMES, default="fedref")
     p.add_argument("--rounds", type=int, default=rounds)
     p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--loss", choices=["dice_focal", "dice_ce"], default="dice_focal")
     p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48])
     p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
     p.add_argument("--threads", type=int, default=1, help="torch threads per site (sites run in parallel)")

@@ -25,7 +25,7 @@ OUTSIDE = r"""
 import json, statistics, sys, time, torch
 from fedseg.trainer import SiteTrainer, parse_args
 torch.set_num_threads(1)
-trainer = SiteTrainer(sys.argv[1], parse_args(["--lr", "0.01"]))
+trainer = SiteTrainer(sys.argv[1], parse_args([]))
 per_step, train, val = [], [], []
 for _ in range(5):
     result = trainer.train(2)

@@ -22,7 +22,7 @@ import json, resource, statistics, sys, time, torch
 from fedseg.trainer import SiteTrainer, ScaffoldState, parse_args
 torch.set_num_threads(1)
 variant, folder = sys.argv[1], sys.argv[2]
-args = parse_args(["--lr", "0.01"])
+args = parse_args([])
 trainer = SiteTrainer(folder, args)
 scaffold = ScaffoldState(trainer) if variant == "scaffold" else None
 seconds = []

@@ -52,11 +52,11 @@ class JobSettings:
     # site training (see fedseg.trainer.parse_args)
     data_root: str | None = None
     local_epochs: int = 2
-    lr: float = 1e-2
+    lr: float = 3e-3
     batch_size: int = 2
     crop: tuple[int, int, int] = (48, 48, 48)
     samples_per_case: int = 2
-    loss: str = "dice_ce"
+    loss: str = "dice_focal"
     channels: tuple[int, ...] = (16, 32, 64, 128)
     seed: int = 0
     threads: int = 0
@@ -126,7 +126,12 @@ class JobSettings:
         return found["FL_global_model.pt"], found[REFERENCE_BUFFER_FILE], int(buffer.get("round", -1)) + 1
 
     def network(self) -> FedSegUNet:
-        return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
+        """The initial global model, seeded: the same settings start every run from the same weights."""
+        import torch
+
+        with torch.random.fork_rng():
+            torch.manual_seed(self.seed)
+            return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
 
     def to_json(self) -> dict:
         return asdict(self)
