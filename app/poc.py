@@ -92,6 +92,7 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     with open(project_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(poc_project(settings.sites, fed_learn_port, admin_port), f, sort_keys=False)
     poc_workspace = os.path.join(workspace, "poc")
+    saved_env = {k: os.environ.get(k) for k in ("NVFLARE_POC_WORKSPACE", DATA_ROOT_ENV)}
     os.environ["NVFLARE_POC_WORKSPACE"] = poc_workspace
     os.environ[DATA_ROOT_ENV] = data_root  # inherited by the site processes POC starts
     print(f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
@@ -133,6 +134,11 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     finally:
         env.stop(clean_up=False)
         left = stop_leftovers(poc_workspace)
+        for key, value in saved_env.items():  # this process's environment as it was
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         print(f"POC federation stopped{f' ({left} lingering processes ended)' if left else ''}", flush=True)
 
 
