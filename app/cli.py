@@ -166,18 +166,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
     from app.artifacts import load_run
     from app.report import build_summary, write_report
-    from data_prep.fets2022 import prepare_sites
-    from data_prep.synthetic import SyntheticConfig, generate
     from jobs.recipes import run_simulation
 
     out = os.path.abspath(args.out)
     started = time.time()
-    print(f"[1/4] synthetic FeTS2022 data in {out}/data")
-    source = generate(os.path.join(out, "data"), SyntheticConfig(seed=args.seed), progress=_progress("  subjects"))
-    print(f"[2/4] site partitions in {out}/sites")
-    for r in prepare_sites(source, os.path.join(out, "sites"), seed=args.seed):
-        print(f"  {r.site}: {r.training} training / {r.validation} validation cases")
-    args.data_root = os.path.join(out, "sites")
+    print("[1-2/4] ", end="")
+    source, args.data_root = _demo_sites(out, args.seed)
     args.sites = [f"site-{i}" for i in range(1, 4)]
     settings = _settings(args)
     print(f"[3/4] {settings.algorithm} federation, {settings.num_rounds} rounds, in the FLARE simulator "
