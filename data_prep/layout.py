@@ -11,6 +11,8 @@ import os
 
 from fedseg.regions import MODALITIES, SEG_SUFFIX
 
+__all__ = ["MODALITIES", "SEG", "TRAINING_FOLDER", "PARTITION_HEADER", "subject_id", "subject_file"]
+
 TRAINING_FOLDER = "MICCAI_FeTS2022_TrainingData"
 SEG = SEG_SUFFIX
 PARTITION_HEADER = ("Partition_ID", "Subject_ID")

@@ -4,7 +4,6 @@ the Flare API session, the report written, and nothing left running."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest

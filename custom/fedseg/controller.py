@@ -191,8 +191,6 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
                  metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
-        self.wait_after_min_seconds = wait_after_min_seconds
-        self.metrics_filename = metrics_filename
         self.algorithm_name = algorithm_name
         if algorithm_name:
             self.algorithm = algorithm_name
