@@ -3,20 +3,25 @@
 Five synthetic institutions with partitioning_1's skew (one large, several small) and their own intensity
 scale, bias field, noise and tumour sizes. Every algorithm runs the same rounds, local epochs and
 network on the same prepared sites, once per seed (the seed drives initialisation and augmentation).
-Then a FedRef sweep over p and lambda2 (seed 0). Measures per run, from the run's artifacts: final
-Dice (all validation cases), rounds to a target mean Dice, forgetting (``app.compare``).
+Then a FedRef grid over p x lambda2 (one seed each). Measures per run, from the run's artifacts: final
+Dice (all validation cases), the per-round mean Dice curve, rounds to a target mean Dice, forgetting
+(``app.compare``).
 
-    .venv/bin/python -m bench.convergence [--algorithms fedref fedavg] [--seeds 0 1 2] [--rounds 10]
+Each finished run is written to the result file at once, and ``--resume`` skips the runs already in it,
+so a long measurement can be spread over several sittings (the synthetic sites are the same every time).
+
+    .venv/bin/python -m bench.convergence [--algorithms ...] [--seeds 0 1 2] [--rounds 10] [--resume]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
 
-from bench.common import table, write_result
+from bench.common import RESULTS_DIR, table, write_result
 
 INSTITUTIONS = [  # subjects, intensity scale, bias, noise, tumour radius (mm): partitioning_1-like skew
     (16, 1000.0, 0.10, 0.03, (20, 32)),
@@ -25,6 +30,8 @@ INSTITUTIONS = [  # subjects, intensity scale, bias, noise, tumour radius (mm): 
     (4, 700.0, 0.30, 0.06, (14, 22)),
     (4, 1500.0, 0.05, 0.02, (26, 38)),
 ]
+ALGORITHMS = ["fedref", "fedavg", "fedprox", "fedadam", "scaffold"]
+FEDREF_DEFAULTS = {"buffer_size": 3, "lambda2": 0.1}
 
 
 def prepare(work: str) -> str:
@@ -39,65 +46,135 @@ def prepare(work: str) -> str:
     return os.path.join(work, "sites")
 
 
-def run_one(sites: str, work: str, target: float, **settings) -> dict:
+def run_one(sites: str, work: str, **settings) -> dict:
     from app.artifacts import load_run
     from app.compare import summarise
     from jobs.recipes import JobSettings, run_simulation
 
     job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
                       **settings)
-    name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
-    job.name = name
-    summary = summarise(load_run(run_simulation(job, os.path.join(work, "runs"))), target)
+    job.name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
+    summary = summarise(load_run(run_simulation(job, os.path.join(work, "runs"))), target=1.0)
     overall = summary["final"]["overall"]
-    return {**{k: v for k, v in settings.items()}, "final_dice_mean": overall["dice_mean"],
+    return {**settings, "final_dice_mean": overall["dice_mean"],
             "final_dice_tc": overall["dice_tc"], "final_dice_wt": overall["dice_wt"], "final_dice_et": overall["dice_et"],
             "worst_site_dice": min(s["dice_mean"] for s in summary["final"]["sites"].values()),
-            "rounds_to_target": summary["rounds_to_target"], "forgetting": summary["forgetting"]["total"],
-            "wall_seconds": summary["wall_seconds"]}
+            "curve": [row["dice_mean"] for row in summary["curve"]], "forgetting": summary["forgetting"]["total"],
+            "mb_per_round": summary["mb_per_round"], "wall_seconds": summary["wall_seconds"]}
+
+
+def rounds_to(curve: list, target: float) -> int | None:
+    """First round (0-based) whose global model reaches the target mean Dice."""
+    return next((i for i, value in enumerate(curve) if value is not None and value >= target), None)
+
+
+def spread(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values)
+
+
+def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
+    summary = []
+    for algorithm in dict.fromkeys(r["algorithm"] for r in runs):
+        mine = [r for r in runs if r["algorithm"] == algorithm]
+        row = {"algorithm": algorithm, "seeds": len(mine)}
+        for key in ("final_dice_mean", "final_dice_tc", "final_dice_wt", "final_dice_et", "worst_site_dice",
+                    "forgetting", "mb_per_round"):
+            row[key], row[f"{key}_sd"] = spread([r[key] for r in mine])
+        reached = [rounds_to(r["curve"], target) for r in mine]
+        reached = [r for r in reached if r is not None]
+        row["rounds_to_target"] = statistics.mean(reached) if reached else None
+        row["reached_target"] = f"{len(reached)}/{len(mine)}"
+        summary.append(row)
+    return summary
+
+
+def sensitivity(sweep: list[dict], seed_sd: float) -> dict:
+    """Best grid point and how much the final Dice moves across the grid, next to the seed-to-seed spread."""
+    if not sweep:
+        return {}
+    best = max(sweep, key=lambda r: r["final_dice_mean"])
+    values = [r["final_dice_mean"] for r in sweep]
+    return {"best": {"buffer_size": best["buffer_size"], "lambda2": best["lambda2"],
+                     "final_dice_mean": best["final_dice_mean"], "forgetting": best["forgetting"]},
+            "final_dice_range": [min(values), max(values)],
+            "seed_sd_at_defaults": seed_sd,
+            "by_lambda2": {str(l2): statistics.mean(r["final_dice_mean"] for r in sweep if r["lambda2"] == l2)
+                           for l2 in sorted({r["lambda2"] for r in sweep})},
+            "by_buffer_size": {str(p): statistics.mean(r["final_dice_mean"] for r in sweep if r["buffer_size"] == p)
+                               for p in sorted({r["buffer_size"] for r in sweep})}}
+
+
+def key(settings: dict) -> str:
+    return json.dumps({k: settings[k] for k in sorted(settings)})
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--algorithms", nargs="+", default=["fedref", "fedavg"])
+    parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--target", type=float, default=0.7)
-    parser.add_argument("--sweep-p", type=int, nargs="*", default=[2, 5])
-    parser.add_argument("--sweep-lambda2", type=float, nargs="*", default=[0.3, 1.0])
+    parser.add_argument("--target", type=float, default=0.5, help="mean Dice whose first round is reported")
+    parser.add_argument("--sweep-p", type=int, nargs="*", default=[2, 3, 5])
+    parser.add_argument("--sweep-lambda2", type=float, nargs="*", default=[0.1, 0.3, 1.0])
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in bench/results/convergence.json")
+    parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args()
-    runs, sweep = [], []
-    with tempfile.TemporaryDirectory(prefix="fedseg_convergence_") as work:
-        sites = prepare(work)
-        for algorithm in args.algorithms:
-            for seed in args.seeds:
-                print(f"{algorithm} seed {seed}", flush=True)
-                runs.append(run_one(sites, work, args.target, algorithm=algorithm, seed=seed, num_rounds=args.rounds))
-        for p in args.sweep_p:
-            sweep.append(run_one(sites, work, args.target, algorithm="fedref", seed=0, num_rounds=args.rounds, buffer_size=p))
-        for lambda2 in args.sweep_lambda2:
-            sweep.append(run_one(sites, work, args.target, algorithm="fedref", seed=0, num_rounds=args.rounds, lambda2=lambda2))
-    summary = []
-    for algorithm in args.algorithms:
-        mine = [r for r in runs if r["algorithm"] == algorithm]
-        row = {"algorithm": algorithm, "seeds": len(mine)}
-        for key in ("final_dice_mean", "final_dice_tc", "final_dice_wt", "final_dice_et", "worst_site_dice", "forgetting"):
-            values = [r[key] for r in mine]
-            row[key] = statistics.mean(values)
-            row[f"{key}_sd"] = statistics.pstdev(values)
-        reached = [r["rounds_to_target"] for r in mine if r["rounds_to_target"] is not None]
-        row["rounds_to_target"] = statistics.mean(reached) if reached else None
-        row["reached_target"] = f"{len(reached)}/{len(mine)}"
-        summary.append(row)
-    path = write_result("convergence", {"institutions": INSTITUTIONS, "rounds": args.rounds, "target": args.target,
-                                        "summary": summary, "runs": runs, "fedref_sweep": sweep})
-    print(table(["algorithm", "final mean Dice", "ET", "worst site", "rounds to target", "forgetting"],
+
+    done: dict[str, dict] = {}
+    previous = os.path.join(RESULTS_DIR, "convergence.json")
+    if args.resume and os.path.exists(previous):
+        with open(previous, encoding="utf-8") as f:
+            old = json.load(f)
+        if old.get("rounds") == args.rounds and old.get("institutions") == [list(i[:4]) + [list(i[4])] for i in INSTITUTIONS]:
+            for run in old.get("runs", []) + old.get("fedref_sweep_runs", []):
+                if "curve" in run:
+                    done[key({k: run[k] for k in run if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")})] = run
+
+    plan = [{"algorithm": a, "seed": s, "num_rounds": args.rounds} for a in args.algorithms for s in args.seeds]
+    grid = [{"algorithm": "fedref", "seed": args.seeds[0], "num_rounds": args.rounds, "buffer_size": p, "lambda2": l2}
+            for p in args.sweep_p for l2 in args.sweep_lambda2]
+    runs: list[dict] = []
+    sweep: list[dict] = []
+
+    def save() -> str:
+        fedref_seeds = [r for r in runs if r["algorithm"] == "fedref"]
+        seed_sd = spread([r["final_dice_mean"] for r in fedref_seeds])[1] if fedref_seeds else None
+        return write_result("convergence", {
+            "institutions": INSTITUTIONS, "rounds": args.rounds, "target": args.target,
+            "summary": summarise_algorithms(runs, args.target), "runs": runs,
+            "fedref_sweep": [{k: r[k] for k in ("buffer_size", "lambda2", "final_dice_mean", "worst_site_dice",
+                                                 "forgetting")} | {"rounds_to_target": rounds_to(r["curve"], args.target)}
+                             for r in sweep],
+            "fedref_sweep_runs": sweep, "fedref_sensitivity": sensitivity(sweep, seed_sd),
+            "complete": len(runs) == len(plan) and len(sweep) == len(grid)})
+
+    with tempfile.TemporaryDirectory(prefix="fedseg_convergence_") as tmp:
+        work = os.path.abspath(args.work or tmp)
+        sites = None
+        todo = [(plan, runs, s) for s in plan] + [(grid, sweep, s) for s in grid]
+        for number, (_, bucket, settings) in enumerate(todo, 1):
+            match = done.get(key(settings))
+            if match is None and settings.get("buffer_size") == FEDREF_DEFAULTS["buffer_size"] and \
+                    settings.get("lambda2") == FEDREF_DEFAULTS["lambda2"]:  # the defaults' point is the seed run
+                match = next((r for r in runs if r["algorithm"] == "fedref" and r["seed"] == settings["seed"]), None)
+                match = match and {**match, **FEDREF_DEFAULTS}
+            if match is None:
+                if sites is None:
+                    sites = prepare(work)
+                print(f"[{number}/{len(todo)}] {settings}", flush=True)
+                extra = {k: v for k, v in settings.items() if k not in ("algorithm", "seed", "num_rounds")}
+                match = run_one(sites, work, algorithm=settings["algorithm"], seed=settings["seed"],
+                                num_rounds=settings["num_rounds"], **extra)
+            bucket.append(match)
+            path = save()
+    summary = summarise_algorithms(runs, args.target)
+    print(table(["algorithm", "final mean Dice", "ET", "worst site", f"rounds to {args.target}", "forgetting", "MB/round"],
                 [[r["algorithm"], f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
                   f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}", f"{r['worst_site_dice']:.3f}",
-                  f"{r['rounds_to_target']} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}"]
-                 for r in summary]))
-    print(table(["p", "lambda2", "final mean Dice", "rounds to target", "forgetting"],
-                [[r.get("buffer_size", 3), r.get("lambda2", 0.1), f"{r['final_dice_mean']:.3f}", r["rounds_to_target"],
+                  f"{r['rounds_to_target']} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
+                  f"{r['mb_per_round']:.1f}"] for r in summary]))
+    print(table(["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
+                [[r["buffer_size"], r["lambda2"], f"{r['final_dice_mean']:.3f}", rounds_to(r["curve"], args.target),
                   f"{r['forgetting']:.2f}"] for r in sweep]))
     print(f"written {path}")
 
