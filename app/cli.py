@@ -52,6 +52,7 @@ def _settings(args: argparse.Namespace):
         local_epochs=args.local_epochs, lr=args.lr, loss=args.loss, crop=tuple(args.crop), channels=tuple(args.channels),
         threads=args.threads, seed=args.seed, buffer_size=args.p, lambda1=args.lambda1, lambda2=args.lambda2,
         reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
+        quantization=args.quantization,
     )
 
 
@@ -205,6 +206,8 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--lambda2", type=float, default=0.1, help="FedRef: pull toward the reference model")
     p.add_argument("--reference-weighting", choices=["uniform", "linear"], default="uniform")
     p.add_argument("--no-cross-site-eval", action="store_true")
+    p.add_argument("--quantization", choices=["float16", "adaquant", "blockwise8", "float4", "normfloat4"],
+                   help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -54,9 +54,13 @@ def run_one(sites: str, work: str, **settings) -> dict:
     job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
                       **settings)
     job.name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
-    summary = summarise(load_run(run_simulation(job, os.path.join(work, "runs"))), target=1.0)
+    run = load_run(run_simulation(job, os.path.join(work, "runs")))
+    summary = summarise(run, target=1.0)
     overall = summary["final"]["overall"]
+    sites = [site for record in run.rounds for site in record["sites"].values()]
     return {**settings, "final_dice_mean": overall["dice_mean"],
+            "bytes_up_per_site": statistics.mean(s["bytes_sent_by_site"] for s in sites),
+            "bytes_down_per_site": statistics.mean(s["bytes_received_by_site"] for s in sites),
             "final_dice_tc": overall["dice_tc"], "final_dice_wt": overall["dice_wt"], "final_dice_et": overall["dice_et"],
             "worst_site_dice": min(s["dice_mean"] for s in summary["final"]["sites"].values()),
             "curve": [row["dice_mean"] for row in summary["curve"]], "forgetting": summary["forgetting"]["total"],

@@ -5,7 +5,10 @@ folders, and it names no path of the machine that exported it. Each site finds i
 its own ``FEDSEG_DATA_ROOT`` environment variable (see the README's operator guide). Every
 hyperparameter is written out in the configs, defaults included, so that it can be read and edited there.
 
-    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3]
+    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--quantization float16]
+
+``--quantization`` adds NVFlare's quantisation filters to the training transfer (see ``fedseg.wire``);
+the committed jobs are full precision.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+from fedseg.wire import QUANTIZATION_TYPES
 from jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
 
 JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
@@ -75,9 +79,11 @@ def export_job(settings: JobSettings, out_dir: str) -> str:
     return target
 
 
-def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3")) -> JobSettings:
+def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3"),
+                     quantization: str | None = None) -> JobSettings:
     """The committed jobs: the demo's training settings, no data path (each site sets FEDSEG_DATA_ROOT)."""
-    return JobSettings(algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None, threads=0)
+    return JobSettings(algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None, threads=0,
+                       quantization=quantization)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -86,10 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
+    parser.add_argument("--quantization", choices=QUANTIZATION_TYPES, help="compress the training transfer")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for algorithm in args.algorithms:
-        print(export_job(default_settings(algorithm, args.rounds, args.sites), args.out))
+        print(export_job(default_settings(algorithm, args.rounds, args.sites, args.quantization), args.out))
     return 0
 
 

@@ -24,6 +24,7 @@ from fedseg.controller import (
     REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )
 from fedseg.network import FedSegUNet
+from fedseg.wire import GPU_QUANTIZATION, QUANTIZATION_TYPES, WireSizeMeter, quantization_filters
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
@@ -77,6 +78,9 @@ class JobSettings:
     wait_after_min_seconds: int = 60
     faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (tests only)
     cross_site_eval: bool = True
+    # compressed transfer of the training task's models and updates through NVFlare's quantisation
+    # filters: "float16" or "adaquant" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
+    quantization: str | None = None
     name: str | None = None
     # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
     resume_from: str | None = None
@@ -92,6 +96,8 @@ class JobSettings:
             raise ValueError("a federation needs at least one site")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_TYPES:
+            raise ValueError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATION_TYPES)}")
 
     @property
     def job_name(self) -> str:
@@ -197,9 +203,28 @@ def build_recipe(settings: JobSettings) -> FedSegRecipe:
         recipe.add_client_file(CUSTOM_DIR)
         recipe.add_server_file(CUSTOM_DIR)
         add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
+        if settings.quantization:
+            add_compressed_transfer(recipe, settings.quantization)
         if settings.cross_site_eval:
             add_cross_site_evaluation(recipe)
     return recipe
+
+
+def add_compressed_transfer(recipe: FedSegRecipe, quantization: str) -> None:
+    """Quantise the training task's models both ways; the server measures what crossed (fedseg.wire).
+
+    Only the "train" task is compressed: cross-site evaluation then scores the models the federation
+    really produced, so a Dice difference is the cost of the compressed training, not of the scoring.
+    """
+    tasks = ["train"]
+    quantizer, dequantizer = quantization_filters(quantization)
+    recipe.add_server_output_filter(quantizer, tasks=tasks)
+    recipe.add_server_output_filter(WireSizeMeter(), tasks=tasks)
+    recipe.add_server_input_filter(WireSizeMeter(), tasks=tasks)
+    recipe.add_server_input_filter(dequantizer, tasks=tasks)
+    site_quantizer, site_dequantizer = quantization_filters(quantization)
+    recipe.add_client_input_filter(site_dequantizer, tasks=tasks)
+    recipe.add_client_output_filter(site_quantizer, tasks=tasks)
 
 
 class SimulationError(RuntimeError):
@@ -218,6 +243,12 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     if settings.resume_from and os.path.realpath(settings.resume_from).startswith(os.path.realpath(run_folder)):
         raise ValueError(f"resume from {settings.resume_from} into another workspace or job name: "
                          f"{run_folder} is cleared before a run")
+    if settings.quantization in GPU_QUANTIZATION:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError(f"quantization {settings.quantization!r} runs NVFlare's bitsandbytes quantiser on CUDA "
+                             "and this machine has no GPU; use float16 or adaquant")
     if os.path.isdir(run_folder):
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     recipe = build_recipe(settings)

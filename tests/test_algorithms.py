@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from app.artifacts import load_run
@@ -91,3 +93,33 @@ def test_a_stopped_fedref_run_resumes_with_its_buffer_and_global_model(sites, tm
     for site in ("site-1", "site-2"):
         final = first.cross_site[site]["SRV_FL_global_model.pt"]
         assert record["sites"][site]["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
+
+
+def test_float16_transfer_halves_the_bytes_and_keeps_the_server_in_full_precision(sites, tmp_path):
+    import torch
+
+    job, run = simulate(sites, tmp_path, algorithm="fedref", buffer_size=2, quantization="float16")
+    model_bytes = sum(t.numel() * t.element_size() for t in job.network().state_dict().values())
+    for record in run.rounds:
+        assert record["global_updated"] and record["bytes_sent_per_site"] == model_bytes // 2
+        for site in record["sites"].values():  # measured on the wire by the server's WireSizeMeter, both ways
+            assert site["bytes_sent_by_site"] == site["bytes_received_by_site"] == model_bytes // 2
+            assert 0.0 <= site["dice_mean"] <= 1.0
+    assert run.rounds[-1]["fedref"]["applied"]
+    # the quantiser changed the messages, not what the server keeps: global model and FedRef's buffer are fp32
+    state = load_network(run.global_model, job.network().config()).state_dict()
+    assert {t.dtype for t in state.values()} == {torch.float32}
+    buffer = torch.load(next(Path(run.folder).rglob("fedref_reference_buffer.pt")), weights_only=False)
+    tensors = [v for model in buffer["models"] for v in model.values()]
+    assert tensors and {torch.as_tensor(v).dtype for v in tensors} == {torch.float32}
+
+
+def test_an_unknown_or_gpu_only_quantization_is_refused_before_anything_runs(sites, tmp_path):
+    with pytest.raises(ValueError, match="quantization 'int3' is not one of float16, adaquant"):
+        JobSettings(quantization="int3")
+    import torch
+
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="blockwise8.*no GPU"):
+            run_simulation(JobSettings(**dict(TINY, data_root=sites, quantization="blockwise8")), str(tmp_path))
+        assert not (tmp_path / "fedseg_fedref").exists()

@@ -24,6 +24,7 @@ from monai.losses import DiceCELoss, DiceFocalLoss
 from fedseg.data import make_loaders, site_folder
 from fedseg.metrics import RegionMetrics
 from fedseg.network import FedSegUNet
+from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY
 
 logger = logging.getLogger("fedseg.trainer")
 
@@ -225,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         meta = received.meta or {}
         mu = float(meta.get("fedprox_mu") or 0.0)
         out_meta = {}
+        if meta.get(WIRE_BYTES_KEY):  # the compressed size of the model this site received (fedseg.wire)
+            out_meta[RECEIVED_WIRE_BYTES_KEY] = int(meta[WIRE_BYTES_KEY])
         if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta:
             scaffold = scaffold or ScaffoldState(trainer)
             result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], args.local_epochs)

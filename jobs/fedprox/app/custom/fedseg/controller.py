@@ -31,6 +31,7 @@ from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.fedref import FedRefUpdater, ReferenceBuffer
+from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
 REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
@@ -44,17 +45,6 @@ def _plain(value: Any) -> Any:
     except (TypeError, ValueError):
         return value if isinstance(value, (str, bool)) or value is None else str(value)
     return number if math.isfinite(number) else None
-
-
-def payload_bytes(params: dict | None) -> int:
-    """Bytes of the tensors in a model or update (what crosses the wire, before serialisation overhead)."""
-    total = 0
-    for value in (params or {}).values():
-        nbytes = getattr(value, "nbytes", None)
-        if nbytes is None and hasattr(value, "element_size"):
-            nbytes = value.element_size() * value.nelement()
-        total += int(nbytes or 0)
-    return total
 
 
 def message_bytes(model: FLModel | None) -> int:
@@ -111,6 +101,7 @@ class RoundRecorder:
             self._targets = [getattr(t, "name", t) for t in (targets or [])]
             self._reference_params = data.params or {}
             self._sent_bytes = message_bytes(data)
+            self._wire_bytes_out = None
             self._round_started = time.time()
             if min_responses is None and self.min_clients and self._targets:
                 min_responses = min(self.min_clients, len(self._targets))
@@ -137,8 +128,11 @@ class RoundRecorder:
         site = meta.get(CLIENT_NAME_KEY, AppConstants.CLIENT_UNKNOWN)
         record = {k: _plain(v) for k, v in (result.metrics or {}).items()}
         record["num_steps"] = _plain(meta.get(FLMetaKey.NUM_STEPS_CURRENT_ROUND))
-        record["bytes_received_by_site"] = getattr(self, "_sent_bytes", None)
-        record["bytes_sent_by_site"] = message_bytes(result)
+        # with a compressing filter the sizes on the wire come from WireSizeMeter (see fedseg.wire)
+        record["bytes_received_by_site"] = meta.get(RECEIVED_WIRE_BYTES_KEY) or getattr(self, "_sent_bytes", None)
+        record["bytes_sent_by_site"] = meta.get(WIRE_BYTES_KEY) or message_bytes(result)
+        if meta.get(RECEIVED_WIRE_BYTES_KEY):
+            self._wire_bytes_out = meta[RECEIVED_WIRE_BYTES_KEY]
         reason = update_problem(result.params, self._reference_params) if self._reference_params else None
         if reason:
             record["rejected"] = reason
@@ -164,7 +158,7 @@ class RoundRecorder:
             "aggregate": {k: _plain(v) for k, v in (aggregate_metrics or {}).items()},
             "nr_aggregated": nr_aggregated,
             "global_updated": applied_update,
-            "bytes_sent_per_site": getattr(self, "_sent_bytes", None),
+            "bytes_sent_per_site": getattr(self, "_wire_bytes_out", None) or getattr(self, "_sent_bytes", None),
         }
         record.update(self.round_extra())
         path = os.path.join(self.run_dir(), self.metrics_filename)
