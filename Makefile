@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_output
 
-.PHONY: demo test test-fast install clean jobs poc provision
+.PHONY: demo test test-fast install clean jobs poc provision bench
 
 install: $(STAMP)
 
@@ -37,6 +37,19 @@ provision: $(STAMP)
 
 jobs: $(STAMP)
 	$(PY) -m jobs.export
+
+# Every benchmark in turn (about 2.5 hours on 2 CPU cores; each writes bench/results/<name>.json).
+# The site, server and overhead measurements use the demo's sites and run, made first if missing.
+bench: $(STAMP)
+	@test -d $(DEMO_DIR)/workspace/fedseg_fedref || $(PY) -m app demo --out $(DEMO_DIR)
+	$(PY) -m bench.prep_speed --subjects 8
+	$(PY) -m bench.site_cost --site $(DEMO_DIR)/sites/site-1
+	$(PY) -m bench.server_cost --demo-run $(DEMO_DIR)/workspace/fedseg_fedref
+	$(PY) -m bench.federation_overhead --data-root $(DEMO_DIR)/sites
+	$(PY) -m bench.infer_speed
+	$(PY) -m bench.gpu_step
+	$(PY) -m bench.communication
+	$(PY) -m bench.convergence
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache

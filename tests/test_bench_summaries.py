@@ -1,0 +1,48 @@
+"""The benchmark tables are computed from run records: check the arithmetic on records with known answers."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.communication import summarise_modes
+from bench.convergence import rounds_to, sensitivity, summarise_algorithms
+
+
+def run(mode: str, seed: int, dice: float, up: int, down: int) -> dict:
+    return {"mode": mode, "seed": seed, "final_dice_mean": dice, "bytes_up_per_site": up,
+            "bytes_down_per_site": down, "wall_seconds": 1.0}
+
+
+def test_compressed_transfer_is_compared_with_full_precision_of_the_same_seed():
+    runs = [run("full", 0, 0.60, 100, 100), run("full", 1, 0.50, 100, 100),
+            run("float16", 0, 0.59, 50, 50), run("float16", 1, 0.52, 50, 50),
+            run("adaquant", 0, 0.40, 10, 20), run("adaquant", 1, 0.45, 10, 20)]
+    rows = {r["mode"]: r for r in summarise_modes(runs)}
+    assert rows["full"]["meets_targets"] is None and rows["full"]["bytes_ratio"] == 1.0
+    half = rows["float16"]
+    assert half["bytes_ratio"] == 0.5
+    assert half["dice_difference"] == pytest.approx(0.005)  # (-0.01 + 0.02) / 2: paired, not 0.555 - 0.55
+    assert half["dice_difference_max_abs"] == pytest.approx(0.02)
+    assert half["meets_targets"] is True
+    assert rows["adaquant"]["bytes_ratio"] == pytest.approx(0.15)
+    assert rows["adaquant"]["meets_targets"] is False  # a quarter of the bytes, but 0.125 Dice lost
+
+
+def test_rounds_to_target_counts_from_round_zero_and_skips_missing_rounds():
+    assert rounds_to([0.1, None, 0.55, 0.4], 0.5) == 2
+    assert rounds_to([0.1, 0.2], 0.5) is None
+
+
+def test_algorithm_summary_and_fedref_sensitivity():
+    runs = [{"algorithm": "fedref", "seed": s, "final_dice_mean": d, "final_dice_tc": d, "final_dice_wt": d,
+             "final_dice_et": d, "worst_site_dice": d - 0.1, "forgetting": f, "mb_per_round": 4.0,
+             "curve": [0.2, d]} for s, d, f in ((0, 0.5, 0.1), (1, 0.7, 0.3))]
+    (row,) = summarise_algorithms(runs, target=0.6)
+    assert row["final_dice_mean"] == pytest.approx(0.6) and row["final_dice_mean_sd"] == pytest.approx(0.1)
+    assert row["reached_target"] == "1/2" and row["rounds_to_target"] == 1
+    sweep = [{"buffer_size": p, "lambda2": l2, "final_dice_mean": d, "forgetting": 0.0}
+             for p, l2, d in ((2, 0.1, 0.50), (2, 1.0, 0.40), (5, 0.1, 0.56), (5, 1.0, 0.42))]
+    result = sensitivity(sweep, seed_sd=0.02)
+    assert result["best"]["buffer_size"] == 5 and result["best"]["lambda2"] == 0.1
+    assert result["final_dice_range"] == [0.40, 0.56]
+    assert result["by_lambda2"] == {"0.1": pytest.approx(0.53), "1.0": pytest.approx(0.41)}
