@@ -206,7 +206,7 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--lambda2", type=float, default=0.1, help="FedRef: pull toward the reference model")
     p.add_argument("--reference-weighting", choices=["uniform", "linear"], default="uniform")
     p.add_argument("--no-cross-site-eval", action="store_true")
-    p.add_argument("--quantization", choices=["float16", "adaquant", "blockwise8", "float4", "normfloat4"],
+    p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
                    help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
 
 

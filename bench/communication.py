@@ -2,15 +2,16 @@
 and what the compression costs in Dice.
 
 The same FedRef federation (bench.convergence's five skewed sites, same rounds and seeds) runs once per
-transfer mode: full precision, ``float16`` and ``adaquant`` (NVFlare's ModelQuantizer/ModelDequantizer on
-the training task, both ways; ``blockwise8`` and the 4-bit types need a GPU). Bytes are what the server's
+transfer mode: full precision and ``float16`` (NVFlare's ModelQuantizer/ModelDequantizer on the training
+task, both ways); ``blockwise8`` and the 4-bit types need a GPU (``--modes ... blockwise8`` there).
+``adaquant`` is refused by JobSettings: measured here, it turned every update into NaN (fedseg.wire). Bytes are what the server's
 WireSizeMeter saw on the wire (tensor payload and quantisation state, before serialisation overhead);
 the Dice difference is paired by seed against the full-precision run, final global model on all
 validation cases. Training in the simulator is not bit-for-bit repeatable (sites finish in varying order,
 and the sums change in the last bits), so a second full-precision run per seed (``full-repeat``) gives
 the noise floor the compressed runs' differences are to be read against.
 
-    .venv/bin/python -m bench.communication [--modes full full-repeat float16 adaquant] [--seeds 0 1] [--rounds 10]
+    .venv/bin/python -m bench.communication [--modes full full-repeat float16] [--seeds 0 1] [--rounds 10]
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def summarise_modes(runs: list[dict]) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", nargs="+", default=["full", "full-repeat", "float16", "adaquant"])
+    parser.add_argument("--modes", nargs="+", default=["full", "full-repeat", "float16"])
     parser.add_argument("--algorithm", default="fedref")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--rounds", type=int, default=10)

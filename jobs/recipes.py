@@ -24,7 +24,7 @@ from fedseg.controller import (
     REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )
 from fedseg.network import FedSegUNet
-from fedseg.wire import GPU_QUANTIZATION, QUANTIZATION_TYPES, WireSizeMeter, quantization_filters
+from fedseg.wire import GPU_QUANTIZATION, WireSizeMeter, check_quantization, quantization_filters
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
@@ -79,7 +79,7 @@ class JobSettings:
     faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (tests only)
     cross_site_eval: bool = True
     # compressed transfer of the training task's models and updates through NVFlare's quantisation
-    # filters: "float16" or "adaquant" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
+    # filters: "float16" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
     quantization: str | None = None
     name: str | None = None
     # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
@@ -96,8 +96,8 @@ class JobSettings:
             raise ValueError("a federation needs at least one site")
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if self.quantization is not None and self.quantization not in QUANTIZATION_TYPES:
-            raise ValueError(f"quantization {self.quantization!r} is not one of {', '.join(QUANTIZATION_TYPES)}")
+        if self.quantization is not None:
+            check_quantization(self.quantization)
 
     @property
     def job_name(self) -> str:
@@ -248,7 +248,7 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
 
         if not torch.cuda.is_available():
             raise ValueError(f"quantization {settings.quantization!r} runs NVFlare's bitsandbytes quantiser on CUDA "
-                             "and this machine has no GPU; use float16 or adaquant")
+                             "and this machine has no GPU; use float16")
     if os.path.isdir(run_folder):
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     recipe = build_recipe(settings)
