@@ -133,11 +133,7 @@ class JobSettings:
 
     def network(self) -> FedSegUNet:
         """The initial global model, seeded: the same settings start every run from the same weights."""
-        import torch
-
-        with torch.random.fork_rng():
-            torch.manual_seed(self.seed)
-            return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1))
+        return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1), init_seed=self.seed)
 
     def to_json(self) -> dict:
         return asdict(self)

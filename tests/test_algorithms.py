@@ -125,3 +125,18 @@ def test_an_unknown_or_gpu_only_quantization_is_refused_before_anything_runs(sit
         with pytest.raises(ValueError, match="blockwise8.*no GPU"):
             run_simulation(JobSettings(**dict(TINY, data_root=sites, quantization="blockwise8")), str(tmp_path))
         assert not (tmp_path / "fedseg_fedref").exists()
+
+
+def test_the_same_settings_give_the_same_run(sites, tmp_path):
+    # the server's initial model is built from the job config with its seed, and updates are summed in
+    # site order whatever order they arrive in: a run can be repeated exactly, and compared exactly
+    import torch
+
+    runs = [simulate(sites, tmp_path / name, algorithm="fedref", num_rounds=1)[1] for name in ("a", "b")]
+    first, second = (torch.load(r.global_model, weights_only=False) for r in runs)
+    first, second = first.get("model", first), second.get("model", second)
+    assert first.keys() == second.keys()
+    assert all(torch.equal(torch.as_tensor(first[k]), torch.as_tensor(second[k])) for k in first)
+    for site in ("site-1", "site-2"):
+        a, b = (r.rounds[0]["sites"][site] for r in runs)
+        assert (a["dice_mean"], a["train_loss"]) == (b["dice_mean"], b["train_loss"])

@@ -2,6 +2,8 @@
 
 NVFlare rebuilds server-side models from their class path and the constructor arguments it finds as
 attributes of the same name; MONAI's ``UNet`` does not keep its arguments, so this thin wrapper does.
+``init_seed`` travels the same way: the server's persistor builds the initial global model from the job
+config, and with a seed every run of a job starts from the same weights.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class FedSegUNet(torch.nn.Module):
         num_res_units: int = 1,
         dropout: float = 0.0,
         norm: str = "INSTANCE",
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         self.channels = list(channels)
@@ -31,16 +34,20 @@ class FedSegUNet(torch.nn.Module):
         self.num_res_units = num_res_units
         self.dropout = dropout
         self.norm = norm
-        self.unet = UNet(
-            spatial_dims=3,
-            in_channels=len(MODALITIES),
-            out_channels=len(REGIONS),
-            channels=self.channels,
-            strides=self.strides,
-            num_res_units=num_res_units,
-            dropout=dropout,
-            norm=norm,
-        )
+        self.init_seed = init_seed
+        with torch.random.fork_rng(enabled=init_seed is not None):
+            if init_seed is not None:
+                torch.manual_seed(init_seed)
+            self.unet = UNet(
+                spatial_dims=3,
+                in_channels=len(MODALITIES),
+                out_channels=len(REGIONS),
+                channels=self.channels,
+                strides=self.strides,
+                num_res_units=num_res_units,
+                dropout=dropout,
+                norm=norm,
+            )
 
     @property
     def divisor(self) -> int:

@@ -185,14 +185,18 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
                  metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        self._accepted_results: dict[str, FLModel] = {}
         self.algorithm_name = algorithm_name
         if algorithm_name:
             self.algorithm = algorithm_name
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
+        # held until the round's results are in, then summed in site order (_get_aggregated_result):
+        # floating-point sums depend on their order, and arrival order changes from run to run
         if not self.accept_update(result):
             return False
-        return super()._aggregate_one_result(result)
+        self._accepted_results[(result.meta or {}).get(CLIENT_NAME_KEY, "")] = result
+        return True
 
     def update_model(self, model: FLModel, aggr_result: FLModel) -> FLModel:
         previous_global = dict(model.params)  # FedAvg replaces the values, it does not mutate them
@@ -213,6 +217,9 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
         return model
 
     def _get_aggregated_result(self) -> FLModel:
+        accepted, self._accepted_results = self._accepted_results, {}
+        for site in sorted(accepted):
+            super()._aggregate_one_result(accepted[site])
         if not self.enough_updates() and not self.aggregator:
             return FLModel(params={}, meta={"nr_aggregated": 0})
         return super()._get_aggregated_result()
@@ -344,6 +351,7 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
 
     def aggregate(self, results, aggregate_fn=None):
         accepted = [r for r in results if self.accept_update(r)]
+        accepted.sort(key=lambda r: (r.meta or {}).get(CLIENT_NAME_KEY, ""))  # order-independent sums, as in FedAvg
         if not self.enough_updates():
             from nvflare.app_common.app_constant import AlgorithmConstants
 
