@@ -31,7 +31,6 @@ INSTITUTIONS = [  # subjects, intensity scale, bias, noise, tumour radius (mm): 
     (4, 1500.0, 0.05, 0.02, (26, 38)),
 ]
 ALGORITHMS = ["fedref", "fedavg", "fedprox", "fedadam", "scaffold"]
-FEDREF_DEFAULTS = {"buffer_size": 3, "lambda2": 0.1}
 
 
 def prepare(work: str) -> str:
@@ -130,7 +129,11 @@ def main() -> None:
         with open(previous, encoding="utf-8") as f:
             old = json.load(f)
         if old.get("rounds") == args.rounds and old.get("institutions") == [list(i[:4]) + [list(i[4])] for i in INSTITUTIONS]:
-            for run in old.get("runs", []) + old.get("fedref_sweep_runs", []):
+            # earlier versions filled the grid's default point with a copy of the seed run: run it afresh
+            seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
+            grid = [r for r in old.get("fedref_sweep_runs", [])
+                    if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs]
+            for run in old.get("runs", []) + grid:
                 if "curve" in run:
                     done[key({k: run[k] for k in run if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")})] = run
 
@@ -158,10 +161,6 @@ def main() -> None:
         todo = [(plan, runs, s) for s in plan] + [(grid, sweep, s) for s in grid]
         for number, (_, bucket, settings) in enumerate(todo, 1):
             match = done.get(key(settings))
-            if match is None and settings.get("buffer_size") == FEDREF_DEFAULTS["buffer_size"] and \
-                    settings.get("lambda2") == FEDREF_DEFAULTS["lambda2"]:  # the defaults' point is the seed run
-                match = next((r for r in runs if r["algorithm"] == "fedref" and r["seed"] == settings["seed"]), None)
-                match = match and {**match, **FEDREF_DEFAULTS}
             if match is None:
                 if sites is None:
                     sites = prepare(work)
