@@ -131,9 +131,9 @@ def main() -> None:
         if old.get("rounds") == args.rounds and old.get("institutions") == [list(i[:4]) + [list(i[4])] for i in INSTITUTIONS]:
             # earlier versions filled the grid's default point with a copy of the seed run: run it afresh
             seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
-            grid = [r for r in old.get("fedref_sweep_runs", [])
+            grid_runs = [r for r in old.get("fedref_sweep_runs", [])
                     if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs]
-            for run in old.get("runs", []) + grid:
+            for run in old.get("runs", []) + grid_runs:
                 if "curve" in run:
                     done[key({k: run[k] for k in run if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")})] = run
 
