@@ -120,6 +120,7 @@ def main() -> None:
     parser.add_argument("--sweep-p", type=int, nargs="*", default=[2, 3, 5])
     parser.add_argument("--sweep-lambda2", type=float, nargs="*", default=[0.1, 0.3, 1.0])
     parser.add_argument("--resume", action="store_true", help="keep the runs already in bench/results/convergence.json")
+    parser.add_argument("--redo", nargs="*", default=[], help="with --resume: run these algorithms' seeds again")
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args()
 
@@ -133,7 +134,7 @@ def main() -> None:
             seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
             grid_runs = [r for r in old.get("fedref_sweep_runs", [])
                     if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs]
-            for run in old.get("runs", []) + grid_runs:
+            for run in [r for r in old.get("runs", []) if r["algorithm"] not in args.redo] + grid_runs:
                 if "curve" in run:
                     done[key({k: run[k] for k in run if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")})] = run
 
@@ -174,10 +175,11 @@ def main() -> None:
     print(table(["algorithm", "final mean Dice", "ET", "worst site", f"rounds to {args.target}", "forgetting", "MB/round"],
                 [[r["algorithm"], f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
                   f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}", f"{r['worst_site_dice']:.3f}",
-                  f"{r['rounds_to_target']} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
+                  f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
                   f"{r['mb_per_round']:.1f}"] for r in summary]))
     print(table(["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
-                [[r["buffer_size"], r["lambda2"], f"{r['final_dice_mean']:.3f}", rounds_to(r["curve"], args.target),
+                [[r["buffer_size"], r["lambda2"], f"{r['final_dice_mean']:.3f}",
+                  "never" if rounds_to(r["curve"], args.target) is None else rounds_to(r["curve"], args.target),
                   f"{r['forgetting']:.2f}"] for r in sweep]))
     print(f"written {path}")
 
