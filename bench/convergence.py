@@ -45,7 +45,22 @@ def prepare(work: str) -> str:
     return os.path.join(work, "sites")
 
 
-def run_one(sites: str, work: str, **settings) -> dict:
+def incomplete_rounds(run) -> list[str]:
+    """Rounds where a site's update was missing or rejected, as 'round N: site-X (why)'."""
+    problems = []
+    for number, record in enumerate(run.rounds):
+        problems += [f"round {number}: {site} (no result)" for site in record.get("missing", [])]
+        problems += [f"round {number}: {site} (rejected: {why})" for site, why in record.get("rejected", {}).items()]
+    return problems
+
+
+def run_one(sites: str, work: str, attempts: int = 3, **settings) -> dict:
+    """One federation with every site in every round.
+
+    A run where a site dropped out is not a measurement of the algorithm: FLARE's simulator now and then
+    loses a site's worker as it starts ("Connection reset by peer"), and the job then goes on with the
+    others, each round waiting for the absent one. Such a run is reported and run again.
+    """
     from app.artifacts import load_run
     from app.compare import summarise
     from jobs.recipes import JobSettings, run_simulation
@@ -53,7 +68,15 @@ def run_one(sites: str, work: str, **settings) -> dict:
     job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
                       **settings)
     job.name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
-    run = load_run(run_simulation(job, os.path.join(work, "runs")))
+    for attempt in range(1, attempts + 1):
+        run = load_run(run_simulation(job, os.path.join(work, "runs")))
+        problems = incomplete_rounds(run)
+        if not problems:
+            break
+        print(f"{job.name}: attempt {attempt} of {attempts} lost sites ({'; '.join(problems[:3])}"
+              f"{'; ...' if len(problems) > 3 else ''})", flush=True)
+    else:
+        raise RuntimeError(f"{job.name}: a site was missing or rejected in each of {attempts} attempts")
     summary = summarise(run, target=1.0)
     overall = summary["final"]["overall"]
     sites = [site for record in run.rounds for site in record["sites"].values()]

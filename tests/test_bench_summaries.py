@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from bench.communication import summarise_modes
-from bench.convergence import rounds_to, sensitivity, summarise_algorithms
+from bench.convergence import incomplete_rounds, rounds_to, sensitivity, summarise_algorithms
 
 
 def run(mode: str, seed: int, dice: float, up: int, down: int) -> dict:
@@ -26,6 +28,14 @@ def test_compressed_transfer_is_compared_with_full_precision_of_the_same_seed():
     assert half["meets_targets"] is True
     assert rows["adaquant"]["bytes_ratio"] == pytest.approx(0.15)
     assert rows["adaquant"]["meets_targets"] is False  # a quarter of the bytes, but 0.125 Dice lost
+
+
+def test_a_run_that_lost_a_site_is_not_taken_as_a_measurement():
+    whole = SimpleNamespace(rounds=[{"missing": [], "rejected": {}}, {"missing": [], "rejected": {}}])
+    assert incomplete_rounds(whole) == []
+    broken = SimpleNamespace(rounds=[{"missing": ["site-5"], "rejected": {}},
+                                     {"missing": [], "rejected": {"site-2": "NaN in conv.bias"}}])
+    assert incomplete_rounds(broken) == ["round 0: site-5 (no result)", "round 1: site-2 (rejected: NaN in conv.bias)"]
 
 
 def test_rounds_to_target_counts_from_round_zero_and_skips_missing_rounds():
