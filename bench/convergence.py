@@ -110,6 +110,15 @@ def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
         reached = [r for r in reached if r is not None]
         row["rounds_to_target"] = statistics.mean(reached) if reached else None
         row["reached_target"] = f"{len(reached)}/{len(mine)}"
+        # the same seed gives every algorithm the same initial model and data order: compare seed by seed
+        baseline = {r["seed"]: r for r in runs if r["algorithm"] == "fedavg"}
+        paired = [r for r in mine if r["seed"] in baseline]
+        if paired and algorithm != "fedavg":
+            for key in ("final_dice_mean", "forgetting"):
+                row[f"{key}_minus_fedavg"], row[f"{key}_minus_fedavg_sd"] = spread(
+                    [r[key] - baseline[r["seed"]][key] for r in paired])
+            row["beats_fedavg_seeds"] = (f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}"
+                                         f"/{len(paired)}")
         summary.append(row)
     return summary
 
@@ -195,11 +204,14 @@ def main() -> None:
             bucket.append(match)
             path = save()
     summary = summarise_algorithms(runs, args.target)
-    print(table(["algorithm", "final mean Dice", "ET", "worst site", f"rounds to {args.target}", "forgetting", "MB/round"],
+    print(table(["algorithm", "final mean Dice", "ET", "worst site", f"rounds to {args.target}", "forgetting", "MB/round",
+                 "Dice − fedavg (paired)"],
                 [[r["algorithm"], f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
                   f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}", f"{r['worst_site_dice']:.3f}",
                   f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
-                  f"{r['mb_per_round']:.1f}"] for r in summary]))
+                  f"{r['mb_per_round']:.1f}",
+                  f"{r['final_dice_mean_minus_fedavg']:+.3f} ± {r['final_dice_mean_minus_fedavg_sd']:.3f}"
+                  if "final_dice_mean_minus_fedavg" in r else "-"] for r in summary]))
     print(table(["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
                 [[r["buffer_size"], r["lambda2"], f"{r['final_dice_mean']:.3f}",
                   "never" if rounds_to(r["curve"], args.target) is None else rounds_to(r["curve"], args.target),

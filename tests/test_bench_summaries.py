@@ -56,3 +56,20 @@ def test_algorithm_summary_and_fedref_sensitivity():
     assert result["best"]["buffer_size"] == 5 and result["best"]["lambda2"] == 0.1
     assert result["final_dice_range"] == [0.40, 0.56]
     assert result["by_lambda2"] == {"0.1": pytest.approx(0.53), "1.0": pytest.approx(0.41)}
+
+
+def test_algorithms_are_compared_with_fedavg_seed_by_seed():
+    def record(algorithm, seed, dice, forgetting):
+        return {"algorithm": algorithm, "seed": seed, "final_dice_mean": dice, "final_dice_tc": dice,
+                "final_dice_wt": dice, "final_dice_et": dice, "worst_site_dice": dice, "forgetting": forgetting,
+                "mb_per_round": 1.0, "curve": [dice]}
+
+    runs = [record("fedavg", 0, 0.50, 0.2), record("fedavg", 1, 0.70, 0.4),
+            record("fedref", 0, 0.52, 0.1), record("fedref", 1, 0.66, 0.4)]
+    rows = {r["algorithm"]: r for r in summarise_algorithms(runs, target=0.6)}
+    assert "final_dice_mean_minus_fedavg" not in rows["fedavg"]
+    fedref = rows["fedref"]
+    assert fedref["final_dice_mean_minus_fedavg"] == pytest.approx(-0.01)  # (+0.02 - 0.04) / 2
+    assert fedref["final_dice_mean_minus_fedavg_sd"] == pytest.approx(0.03)
+    assert fedref["forgetting_minus_fedavg"] == pytest.approx(-0.05)
+    assert fedref["beats_fedavg_seeds"] == "1/2"
