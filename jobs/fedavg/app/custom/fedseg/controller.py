@@ -47,11 +47,17 @@ def _plain(value: Any) -> Any:
     return number if math.isfinite(number) else None
 
 
+# what FLARE's model controller adds to a result after it arrives: "props" is the server's own copy of the
+# task's meta (for Scaffold, the global controls it sent), so it never crossed the wire
+SERVER_SIDE_META = ("props",)
+
+
 def message_bytes(model: FLModel | None) -> int:
     """Bytes of a message's tensors: its parameters and any tensor dicts in its meta (Scaffold's controls)."""
     if model is None:
         return 0
-    extra = sum(payload_bytes(v) for v in (model.meta or {}).values() if isinstance(v, dict))
+    extra = sum(payload_bytes(v) for k, v in (model.meta or {}).items()
+                if isinstance(v, dict) and k not in SERVER_SIDE_META)
     return payload_bytes(model.params) + extra
 
 
