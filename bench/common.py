@@ -30,12 +30,22 @@ def machine() -> dict:
     return info
 
 
+def recorded_command(argv: list[str]) -> str:
+    """The command that reproduces a result, without ``--work DIR``: a scratch folder changes no figure."""
+    args, skip = [], False
+    for arg in argv[1:]:
+        if skip or arg == "--work" or arg.startswith("--work="):
+            skip = arg == "--work"
+            continue
+        args.append(arg)
+    return " ".join([".venv/bin/python -m bench." + os.path.splitext(os.path.basename(argv[0]))[0], *args])
+
+
 def write_result(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-               "command": " ".join([".venv/bin/python -m bench." + os.path.splitext(os.path.basename(sys.argv[0]))[0]]
-                                   + sys.argv[1:]), **payload}
+               "command": recorded_command(sys.argv), **payload}
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)

@@ -54,6 +54,18 @@ def incomplete_rounds(run) -> list[str]:
     return problems
 
 
+def first_complete_run(simulate, name: str, attempts: int):
+    """Call ``simulate`` until it returns a run with every site in every round; say why each other try failed."""
+    for attempt in range(1, attempts + 1):
+        run = simulate()
+        problems = incomplete_rounds(run)
+        if not problems:
+            return run
+        print(f"{name}: attempt {attempt} of {attempts} lost sites ({'; '.join(problems[:3])}"
+              f"{'; ...' if len(problems) > 3 else ''})", flush=True)
+    raise RuntimeError(f"{name}: a site was missing or rejected in each of {attempts} attempts")
+
+
 def run_one(sites: str, work: str, attempts: int = 3, **settings) -> dict:
     """One federation with every site in every round.
 
@@ -68,15 +80,7 @@ def run_one(sites: str, work: str, attempts: int = 3, **settings) -> dict:
     job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
                       **settings)
     job.name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
-    for attempt in range(1, attempts + 1):
-        run = load_run(run_simulation(job, os.path.join(work, "runs")))
-        problems = incomplete_rounds(run)
-        if not problems:
-            break
-        print(f"{job.name}: attempt {attempt} of {attempts} lost sites ({'; '.join(problems[:3])}"
-              f"{'; ...' if len(problems) > 3 else ''})", flush=True)
-    else:
-        raise RuntimeError(f"{job.name}: a site was missing or rejected in each of {attempts} attempts")
+    run = first_complete_run(lambda: load_run(run_simulation(job, os.path.join(work, "runs"))), job.name, attempts)
     summary = summarise(run, target=1.0)
     overall = summary["final"]["overall"]
     sites = [site for record in run.rounds for site in record["sites"].values()]
@@ -100,6 +104,7 @@ def spread(values: list[float]) -> tuple[float, float]:
 
 def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
     summary = []
+    baseline = {r["seed"]: r for r in runs if r["algorithm"] == "fedavg"}
     for algorithm in dict.fromkeys(r["algorithm"] for r in runs):
         mine = [r for r in runs if r["algorithm"] == algorithm]
         row = {"algorithm": algorithm, "seeds": len(mine)}
@@ -111,7 +116,6 @@ def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
         row["rounds_to_target"] = statistics.mean(reached) if reached else None
         row["reached_target"] = f"{len(reached)}/{len(mine)}"
         # the same seed gives every algorithm the same initial model and data order: compare seed by seed
-        baseline = {r["seed"]: r for r in runs if r["algorithm"] == "fedavg"}
         paired = [r for r in mine if r["seed"] in baseline]
         if paired and algorithm != "fedavg":
             for key in ("final_dice_mean", "forgetting"):

@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from bench.communication import summarise_modes
-from bench.convergence import incomplete_rounds, rounds_to, sensitivity, summarise_algorithms
+from bench.common import recorded_command
+from bench.convergence import first_complete_run, incomplete_rounds, rounds_to, sensitivity, summarise_algorithms
 
 
 def run(mode: str, seed: int, dice: float, up: int, down: int) -> dict:
@@ -36,6 +37,16 @@ def test_a_run_that_lost_a_site_is_not_taken_as_a_measurement():
     broken = SimpleNamespace(rounds=[{"missing": ["site-5"], "rejected": {}},
                                      {"missing": [], "rejected": {"site-2": "NaN in conv.bias"}}])
     assert incomplete_rounds(broken) == ["round 0: site-5 (no result)", "round 1: site-2 (rejected: NaN in conv.bias)"]
+    tries = iter([broken, whole])
+    assert first_complete_run(lambda: next(tries), "job", attempts=3) is whole  # run again after a lost site
+    with pytest.raises(RuntimeError, match="job: a site was missing or rejected in each of 2 attempts"):
+        first_complete_run(lambda: broken, "job", attempts=2)
+
+
+def test_the_recorded_command_leaves_out_the_scratch_folder():
+    assert (recorded_command(["bench/convergence.py", "--resume", "--work", "/tmp/x", "--seeds", "0"])
+            == ".venv/bin/python -m bench.convergence --resume --seeds 0")
+    assert recorded_command(["bench/communication.py", "--work=/tmp/x"]) == ".venv/bin/python -m bench.communication"
 
 
 def test_rounds_to_target_counts_from_round_zero_and_skips_missing_rounds():
