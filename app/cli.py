@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from data_prep.cli import add_fets2022_arguments
+from fedseg.settings import DEFAULT_PROFILE, PROFILES, add_training_arguments, profile, settings_from_arguments
 
 DEMO_ROUNDS = 20
 ALGORITHM_NAMES = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
@@ -45,13 +46,14 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def _settings(args: argparse.Namespace):
+    """The run's JobSettings: the chosen profile, with every training option given on the command line over it."""
     from jobs.recipes import JobSettings
 
+    training = settings_from_arguments(args, profile(args.profile))
     return JobSettings(
-        algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds, data_root=args.data_root,
-        local_epochs=args.local_epochs, lr=args.lr, loss=args.loss, crop=tuple(args.crop), channels=tuple(args.channels),
-        threads=args.threads, seed=args.seed, buffer_size=args.p, lambda1=args.lambda1, lambda2=args.lambda2,
-        reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
+        **training, profile=args.profile, algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds,
+        data_root=args.data_root, cache_dir=args.cache_dir, buffer_size=args.p, lambda1=args.lambda1,
+        lambda2=args.lambda2, reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
         quantization=args.quantization,
     )
 
@@ -98,6 +100,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _seed(args: argparse.Namespace) -> int:
+    return args.seed if args.seed is not None else profile(args.profile).seed
+
+
 def _demo_sites(out: str, seed: int) -> tuple[str, str]:
     """Synthetic FeTS data and its three prepared sites under ``out`` (reused when already there)."""
     from data_prep.fets2022 import prepare_sites
@@ -119,7 +125,7 @@ def cmd_poc(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.out)
     if not args.data_root:
-        _, args.data_root = _demo_sites(out, args.seed)
+        _, args.data_root = _demo_sites(out, _seed(args))
     args.sites = args.sites or prepared_sites(args.data_root)
     settings = _settings(args)
     run = run_poc(settings, args.data_root, os.path.join(out, "workspace"))
@@ -172,7 +178,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     started = time.time()
     print("[1-2/4] ", end="")
-    source, args.data_root = _demo_sites(out, args.seed)
+    source, args.data_root = _demo_sites(out, _seed(args))
     args.sites = [f"site-{i}" for i in range(1, 4)]
     settings = _settings(args)
     print(f"[3/4] {settings.algorithm} federation, {settings.num_rounds} rounds, in the FLARE simulator "
@@ -191,20 +197,26 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _job_default(name: str):
+    from jobs.recipes import JobSettings
+
+    return JobSettings.__dataclass_fields__[name].default
+
+
 def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
-    p.add_argument("--algorithm", choices=ALGORITHM_NAMES, default="fedref")
+    """The run's options; the sites' training options come from ``fedseg.settings`` (one per field)."""
+    p.add_argument("--algorithm", choices=ALGORITHM_NAMES, default=_job_default("algorithm"))
     p.add_argument("--rounds", type=int, default=rounds)
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--loss", choices=["dice_focal", "dice_ce"], default="dice_focal")
-    p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48])
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--threads", type=int, default=1, help="torch threads per site (sites run in parallel)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--p", type=int, default=3, help="FedRef: global models in the reference buffer")
-    p.add_argument("--lambda1", type=float, default=0.1, help="FedRef: pull toward the last global model")
-    p.add_argument("--lambda2", type=float, default=0.1, help="FedRef: pull toward the reference model")
-    p.add_argument("--reference-weighting", choices=["uniform", "linear"], default="uniform")
+    p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
+                   help="named training settings: demo (synthetic 64x64x48) or fets2022 (full-size FeTS2022); "
+                        "the options below override single values")
+    p.add_argument("--cache-dir", help="where the sites cache decoded cases (default: each site's FEDSEG_CACHE_DIR, "
+                                       "else fedseg_cache in its workspace)")
+    add_training_arguments(p, None, dashes=True)
+    p.add_argument("--p", type=int, default=_job_default("buffer_size"), help="FedRef: global models in the reference buffer")
+    p.add_argument("--lambda1", type=float, default=_job_default("lambda1"), help="FedRef: pull toward the last global model")
+    p.add_argument("--lambda2", type=float, default=_job_default("lambda2"), help="FedRef: pull toward the reference model")
+    p.add_argument("--reference-weighting", choices=["uniform", "linear"], default=_job_default("reference_weighting"))
     p.add_argument("--no-cross-site-eval", action="store_true")
     p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
                    help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
@@ -253,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("case", nargs="+", help="a FeTS subject folder, or the four files in the order t1 t1ce t2 flair")
     p.add_argument("--run", help="a finished run folder (finds the global model and the network settings)")
     p.add_argument("--model", help="a checkpoint (FL_global_model.pt) instead of --run")
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128], help="network channels (with --model)")
+    p.add_argument("--channels", type=int, nargs="+", default=list(PROFILES[DEFAULT_PROFILE].channels),
+                   help="network channels (with --model)")
     p.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window size (default: the run's crop)")
     p.add_argument("--out", required=True, help="output segmentation .nii.gz")
     p.add_argument("--overlay", help="also write an overlay PNG here")

@@ -137,6 +137,30 @@ def cross_site_matrix(run: RunArtifacts) -> dict[str, dict[str, float | None]]:
     return matrix
 
 
+def validation_coverage(run: RunArtifacts) -> dict[str, dict]:
+    """Per site: validation cases scored in each round (a fixed subset on large sites) and all it has."""
+    coverage = {}
+    for record in run.rounds:
+        for site, metrics in record.get("sites", {}).items():
+            if metrics.get("n_cases") is not None:
+                scored = int(metrics["n_cases"])
+                coverage[site] = {"per_round": scored, "of": int(metrics.get("n_val_cases_site") or scored)}
+    return dict(sorted(coverage.items()))
+
+
+def validation_note(summary: dict) -> str:
+    """Which numbers come from which validation: the per-round subset (curves) or every case (final table)."""
+    subset = {s: c for s, c in (summary.get("validation") or {}).items() if c["per_round"] < c["of"]}
+    curves = ("Learning curves: each site's validation of the global model it received, on "
+              + ("every validation case" if not subset else "a fixed, seeded subset of its validation cases ("
+                 + ", ".join(f"{s}: {c['per_round']} of {c['of']}" for s, c in subset.items()) + "), the same every round"))
+    if summary["final"]["source"] == "cross_site_eval":
+        final = "final table: every validation case of every site (cross-site evaluation)."
+    else:
+        final = "final table: the last round's validation" + (", on that subset." if subset else ".")
+    return f"{curves}; {final}"
+
+
 def build_summary(run: RunArtifacts) -> dict:
     """The ``summary.json`` contract: algorithm, rounds, final overall and per-site Dice (+ what else we know)."""
     source, sites = final_scores(run)
@@ -152,6 +176,7 @@ def build_summary(run: RunArtifacts) -> dict:
         "communication": {"mb_per_round": mb, "mb_total": sum(mb)},
         "events": events(run),
         "training_cases": training_cases,
+        "validation": validation_coverage(run),
         "algorithm": run.algorithm,
         "rounds": len(run.rounds),
         "sites": run.sites,
@@ -282,6 +307,7 @@ overall is the mean over all validation cases.</p>
 <table><tr>{header}</tr>{rows}</table>
 <h2>What the numbers say</h2><ul>{notes}</ul>
 <h2>Learning curves</h2>
+<p>{html.escape(validation_note(summary))}</p>
 <img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
 {cross}
 {comm_text}

@@ -5,7 +5,9 @@ which the trainer turns on by itself on CUDA) on random 4-channel crops, for eac
 process. Baseline: the same step in full precision (fp32) in the same run. Made for a GPU (the default
 128^3 crops); ``--device cpu`` with small crops checks the script anywhere (AMP on CPU is bfloat16).
 
-    .venv/bin/python -m bench.gpu_step [--crops 96 128] [--batch 2] [--channels 16 32 64 128] [--device cuda]
+    .venv/bin/python -m bench.gpu_step [--profile fets2022] [--crops 96 128] [--batch 2] [--channels ...] [--device cuda]
+
+The network width and the crops per step default to the profile's (``fedseg.settings``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 
 from bench.common import table, write_result
 from fedseg.network import FedSegUNet
+from fedseg.settings import PROFILES
 from fedseg.trainer import build_loss
 
 
@@ -55,12 +58,16 @@ def measure(crop: int, batch: int, channels: list[int], device: torch.device, am
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="fets2022")
     parser.add_argument("--crops", type=int, nargs="+", default=[96, 128])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
+    parser.add_argument("--batch", type=int, default=None, help="crops per step (default: the profile's)")
+    parser.add_argument("--channels", type=int, nargs="+", default=None, help="default: the profile's")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--device", default=None, help="default: cuda; without a GPU nothing is measured")
     args = parser.parse_args()
+    chosen = PROFILES[args.profile]
+    args.batch = args.batch or chosen.batch_size * chosen.samples_per_case
+    args.channels = args.channels or list(chosen.channels)
     if args.device is None:
         if not torch.cuda.is_available():
             print("bench.gpu_step: no GPU here, nothing measured (check the script with --device cpu --crops 32)")
@@ -78,7 +85,7 @@ def main() -> None:
             mixed["memory_vs_fp32"] = mixed["peak_gpu_mib"] / full["peak_gpu_mib"]
         rows += [full, mixed]
     name = "gpu_step" if device.type == "cuda" else "gpu_step_cpu_check"
-    path = write_result(name, {"device": str(device), "channels": args.channels, "rows": rows})
+    path = write_result(name, {"device": str(device), "profile": args.profile, "channels": args.channels, "rows": rows})
     print(table(["crop", "batch", "AMP", "s/step", "Mvoxel/s", "peak GPU MiB", "speed vs fp32", "memory vs fp32"],
                 [[f"{r['crop']}^3", r["batch"], r["amp"], f"{r['seconds_per_step']:.3f}",
                   f"{r['voxels_per_second'] / 1e6:.1f}", "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}",

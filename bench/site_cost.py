@@ -31,7 +31,7 @@ for _ in range(4):
     started = time.perf_counter()
     if scaffold is not None:
         controls = {k: torch.zeros_like(v).numpy() for k, v in trainer.model.named_parameters()}
-        scaffold.train(controls, 2)
+        scaffold.train(controls)  # the settings' local_epochs: 2
     else:
         trainer.train(2, fedprox_mu=0.01 if variant == "fedprox" else 0.0)
     seconds.append(time.perf_counter() - started)

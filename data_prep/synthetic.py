@@ -111,8 +111,22 @@ def fets_affine(shape: tuple[int, int, int], spacing: float) -> np.ndarray:
 def _smooth_field(rng: np.random.Generator, shape: tuple[int, ...], scale: int = 4) -> np.ndarray:
     """A smooth random field in [-1, 1] (for bias fields and irregular tumour borders)."""
     coarse = rng.standard_normal([max(2, n // max(1, n // scale)) for n in shape]).astype(np.float32)
-    field_ = ndimage.zoom(coarse, [n / c for n, c in zip(shape, coarse.shape)], order=3)[tuple(slice(0, n) for n in shape)]
+    field_ = _cubic_upsample(coarse, shape)
     return field_ / (np.abs(field_).max() + 1e-6)
+
+
+def _cubic_upsample(coarse: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """``ndimage.zoom(coarse, order=3)`` to ``shape``, one axis at a time.
+
+    Spline interpolation is separable, so zooming an identity matrix along one axis gives that axis's
+    interpolation matrix, and three small matrix products give the same field (equal at the demo's size,
+    within 1e-11 at 240x240x155) in a fraction of a second instead of about 10 s per field at full size.
+    """
+    out = coarse.astype(np.float64)
+    for axis, (n, c) in enumerate(zip(shape, coarse.shape)):
+        weights = ndimage.zoom(np.eye(c), (n / c, 1.0), order=3)[:n]
+        out = np.moveaxis(np.tensordot(weights, out, axes=([1], [axis])), 0, axis)
+    return out.astype(np.float32)
 
 
 def _deform(rng: np.random.Generator, volume: np.ndarray) -> np.ndarray:

@@ -5,7 +5,11 @@ folders, and it names no path of the machine that exported it. Each site finds i
 its own ``FEDSEG_DATA_ROOT`` environment variable (see the README's operator guide). Every
 hyperparameter is written out in the configs, defaults included, so that it can be read and edited there.
 
-    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--quantization float16]
+    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
+                          [--quantization float16]
+
+``--profile`` picks the sites' training settings (``fedseg.settings``): the committed jobs use ``demo``;
+``fets2022`` is the full-size FeTS2022 profile (128^3 crops, bounded local steps and validation).
 
 ``--quantization`` adds NVFlare's quantisation filters to the training transfer (see ``fedseg.wire``);
 the committed jobs are full precision.
@@ -21,6 +25,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+from fedseg.settings import DEFAULT_PROFILE, PROFILES
 from fedseg.wire import QUANTIZATION_TYPES
 from jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
 
@@ -80,10 +85,10 @@ def export_job(settings: JobSettings, out_dir: str) -> str:
 
 
 def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3"),
-                     quantization: str | None = None) -> JobSettings:
-    """The committed jobs: the demo's training settings, no data path (each site sets FEDSEG_DATA_ROOT)."""
-    return JobSettings(algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None, threads=0,
-                       quantization=quantization)
+                     quantization: str | None = None, profile: str = DEFAULT_PROFILE) -> JobSettings:
+    """The committed jobs: a profile's training settings, no data or cache path (each site sets its own)."""
+    return JobSettings.for_profile(profile, algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None,
+                                   threads=0, quantization=quantization)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,10 +98,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--quantization", choices=QUANTIZATION_TYPES, help="compress the training transfer")
+    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help="the sites' training settings")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for algorithm in args.algorithms:
-        print(export_job(default_settings(algorithm, args.rounds, args.sites, args.quantization), args.out))
+        print(export_job(default_settings(algorithm, args.rounds, args.sites, args.quantization, args.profile), args.out))
     return 0
 
 

@@ -13,7 +13,7 @@ import os
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
@@ -24,6 +24,7 @@ from fedseg.controller import (
     REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )
 from fedseg.network import FedSegUNet
+from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile, training_arguments
 from fedseg.wire import GPU_QUANTIZATION, WireSizeMeter, check_quantization, quantization_filters
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,27 +41,20 @@ ALGORITHMS = {
 }
 FEDOPT_MODEL_ID = "fedopt_model"
 RUN_INFO_FILE = "run.json"
+SIMULATOR_CACHE_NAME = "fedseg_cache"  # beside the run folders of a simulator workspace
 
 
 @dataclass
-class JobSettings:
-    """What a run is: algorithm, federation, local training and server step."""
+class JobSettings(TrainingSettings):
+    """What a run is: algorithm, federation, the sites' training (``TrainingSettings``) and the server step."""
 
     algorithm: str = "fedref"
+    profile: str = DEFAULT_PROFILE  # the named training settings this run started from (fedseg.settings)
     sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
     num_rounds: int = 10
     min_clients: int | None = None
-    # site training (see fedseg.trainer.parse_args)
     data_root: str | None = None
-    local_epochs: int = 2
-    lr: float = 3e-3
-    batch_size: int = 2
-    crop: tuple[int, int, int] = (48, 48, 48)
-    samples_per_case: int = 2
-    loss: str = "dice_focal"
-    channels: tuple[int, ...] = (16, 32, 64, 128)
-    seed: int = 0
-    threads: int = 0
+    cache_dir: str | None = None  # sites' decoded-case caches (default: each site's own; see fedseg.data)
     # FedRef server step (see fedseg.fedref)
     buffer_size: int = 3
     lambda1: float = 0.1
@@ -85,13 +79,21 @@ class JobSettings:
     # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
     resume_from: str | None = None
 
+    @classmethod
+    def for_profile(cls, name: str = DEFAULT_PROFILE, **overrides) -> JobSettings:
+        """A profile's training settings with ``overrides`` (any field) applied."""
+        return cls(**{**profile(name).training_values(), "profile": name, **overrides})
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
         if self.min_clients is None:
             self.min_clients = len(self.sites) // 2 + 1
         if self.data_root:  # resolved now: the job is built from another working directory
             self.data_root = os.path.abspath(self.data_root)
+        if self.cache_dir:
+            self.cache_dir = os.path.abspath(self.cache_dir)
         if not self.sites:
             raise ValueError("a federation needs at least one site")
         if self.num_rounds < 1:
@@ -105,13 +107,11 @@ class JobSettings:
 
     def train_args(self) -> str:
         """The trainer's command line, as it appears in the job config."""
-        args = [
-            "--local_epochs", self.local_epochs, "--lr", self.lr, "--batch_size", self.batch_size,
-            "--crop", *self.crop, "--samples_per_case", self.samples_per_case, "--loss", self.loss,
-            "--channels", *self.channels, "--seed", self.seed, "--threads", self.threads,
-        ]
+        args = training_arguments(self)
         if self.data_root:
-            args += ["--data_root", os.path.abspath(self.data_root)]
+            args += ["--data_root", self.data_root]
+        if self.cache_dir:
+            args += ["--cache_dir", self.cache_dir]
         for fault in self.faults:
             args += ["--fault", fault]
         return " ".join(shlex.quote(str(a)) for a in args)
@@ -247,6 +247,8 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
                              "and this machine has no GPU; use float16")
     if os.path.isdir(run_folder):
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
+    if not settings.cache_dir:  # the simulated sites' caches outlive a run: the next run starts at once
+        settings = replace(settings, cache_dir=os.path.join(workspace_root, SIMULATOR_CACHE_NAME))
     recipe = build_recipe(settings)
     env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=workspace_root)
     started = time.time()

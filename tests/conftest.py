@@ -34,3 +34,15 @@ def tiny_fets(tmp_path_factory) -> str:
 @pytest.fixture
 def official_csv():
     return lambda name: os.path.join(FETS_CSV_DIR, name)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def site_cache_outside_the_repository(tmp_path_factory):
+    """Sites started by a test without a cache folder cache in a scratch folder, never in the checkout."""
+    previous = os.environ.get("FEDSEG_CACHE_DIR")
+    os.environ["FEDSEG_CACHE_DIR"] = str(tmp_path_factory.mktemp("site_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("FEDSEG_CACHE_DIR", None)
+    else:
+        os.environ["FEDSEG_CACHE_DIR"] = previous

@@ -242,7 +242,8 @@ def test_demo_trainer_trains_on_a_prepared_site(tiny_fets, tmp_path, mode):
     from fedseg.trainer import SiteTrainer, parse_args
 
     prepare(tiny_fets, str(tmp_path), partitions=[1], mode=mode, validation_fraction=0.25, show_progress=False)
-    args = parse_args(["--crop", "16", "16", "16", "--channels", "4", "8", "--batch_size", "2"])
+    args = parse_args(["--crop", "16", "16", "16", "--channels", "4", "8", "--batch_size", "2",
+                       "--cache_dir", str(tmp_path / "cache")])
     trainer = SiteTrainer(str(tmp_path / "site-1"), args)
     result = trainer.train(1)
     metrics = trainer.validate()

@@ -112,3 +112,21 @@ def test_overall_sd_equals_the_sd_over_all_cases_and_communication_adds_up(tmp_p
     assert summary["events"] == [{"round": 1, "site": "site-2", "what": "no result (site missing)"}]
     page = open(tmp_path / "report" / "index.html", encoding="utf-8").read()
     assert "9.0 MB moved in total" in page and "round 1: site-2: no result" in page
+
+
+def test_report_says_which_numbers_come_from_the_per_round_subset_and_which_from_every_case(run_folder, tmp_path):
+    path = run_folder / "server" / "simulate_job" / "round_metrics.jsonl"
+    records = [json.loads(line) for line in open(path)]
+    for record in records:  # site-1 holds 40 validation cases and validates 8 of them each round
+        record["sites"]["site-1"].update(n_cases=8, n_val_cases_site=40)
+    with open(path, "w") as f:
+        f.write("\n".join(json.dumps(r) for r in records) + "\n")
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary["validation"] == {"site-1": {"per_round": 8, "of": 40}, "site-2": {"per_round": 1, "of": 1}}
+    page = open(index, encoding="utf-8").read()
+    assert "subset of its validation cases (site-1: 8 of 40)" in page
+    assert "final table: every validation case of every site (cross-site evaluation)" in page
+    os.remove(run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json")
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report2"))
+    assert "final table: the last round&#x27;s validation, on that subset." in open(index, encoding="utf-8").read()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -21,14 +22,15 @@ import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss, DiceFocalLoss
 
-from fedseg.data import make_loaders, site_folder
+from fedseg.cache import CACHE_DIR_ENV
+from fedseg.data import DATA_ROOT_ENV, DEFAULT_CACHE_NAME, cache_folder, make_site_data, site_folder
 from fedseg.metrics import RegionMetrics
 from fedseg.network import FedSegUNet
+from fedseg.settings import LOSSES, TrainingSettings, add_training_arguments, settings_from_arguments
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY
 
 logger = logging.getLogger("fedseg.trainer")
 
-LOSSES = ("dice_ce", "dice_focal")
 FAULTS = ("nan", "shape", "die")
 
 
@@ -41,20 +43,13 @@ def build_loss(name: str) -> torch.nn.Module:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The trainer's command line: every ``TrainingSettings`` field, plus where the site's data and cache are."""
     p = argparse.ArgumentParser(description="FedRef-Seg site trainer (FLARE Client API)")
     p.add_argument("--data_root", default=None, help="folder holding one prepared folder per site "
-                   "(default: the site's FEDSEG_DATA_ROOT environment variable)")
-    p.add_argument("--local_epochs", type=int, default=1)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--crop", type=int, nargs=3, default=[48, 48, 48], help="training crop size (voxels)")
-    p.add_argument("--samples_per_case", type=int, default=2)
-    p.add_argument("--loss", choices=LOSSES, default="dice_focal",
-                   help="dice_focal leaves the all-background start within a few epochs; dice_ce can sit there for 10+")
-    p.add_argument("--channels", type=int, nargs="+", default=[16, 32, 64, 128])
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+                   f"(default: the site's {DATA_ROOT_ENV} environment variable)")
+    p.add_argument("--cache_dir", default=None, help="folder for the sites' decoded-case caches (default: the site's "
+                   f"{CACHE_DIR_ENV} environment variable, else ./{DEFAULT_CACHE_NAME} in the site's workspace)")
+    add_training_arguments(p, TrainingSettings(), dashes=False)
     p.add_argument("--fault", action="append", default=[], metavar="SITE:KIND:ROUND",
                    help="resilience drill: at ROUND, SITE sends an update with NaN (nan), a wrong shape (shape), "
                         "or stops (die). For testing the server's defences only.")
@@ -64,18 +59,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 class SiteTrainer:
     """Local training and validation on one site's prepared data; knows nothing of FLARE."""
 
-    def __init__(self, folder: str, args: argparse.Namespace, device: torch.device | None = None) -> None:
-        self.args = args
+    def __init__(self, folder: str, args: argparse.Namespace, device: torch.device | None = None,
+                 site: str | None = None) -> None:
+        self.settings = TrainingSettings(**settings_from_arguments(args, TrainingSettings()))
+        s = self.settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        torch.manual_seed(args.seed)
-        self.model = FedSegUNet(channels=args.channels, strides=[2] * (len(args.channels) - 1)).to(self.device)
-        self.crop = list(args.crop)
-        self.train_loader, self.val_loader = make_loaders(
-            folder, self.crop, args.batch_size, args.samples_per_case, args.num_workers, seed=args.seed
-        )
-        self.loss_fn = build_loss(args.loss)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=1e-5)
-        self.use_amp = self.device.type == "cuda"
+        torch.manual_seed(s.seed)
+        self.model = FedSegUNet(channels=s.channels, strides=[2] * (len(s.channels) - 1)).to(self.device)
+        self.crop = list(s.crop)
+        site = site or os.path.basename(os.path.normpath(folder))
+        cache = cache_folder(site, folder, getattr(args, "cache_dir", None))
+        started = time.perf_counter()
+        self.data = make_site_data(folder, s, cache, label=site)
+        self.cache_seconds = time.perf_counter() - started
+        self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
+        self.loss_fn = build_loss(s.loss)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=s.lr, weight_decay=1e-5)
+        self.use_amp = s.amp and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
     def load_params(self, params: dict) -> None:
@@ -85,51 +85,72 @@ class SiteTrainer:
     def state(self) -> dict:
         return {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
 
-    def train(self, epochs: int, fedprox_mu: float = 0.0, after_step=None) -> dict:
-        """E local epochs; returns the number of optimiser steps and the mean training loss.
+    def batches(self, epochs: int, steps: int):
+        """``steps`` batches when > 0 (the loader restarts, reshuffled, as often as needed), else ``epochs`` passes."""
+        if steps <= 0:
+            for _ in range(epochs):
+                yield from self.train_loader
+            return
+        taken = 0
+        while taken < steps:
+            for batch in self.train_loader:
+                yield batch
+                taken += 1
+                if taken == steps:
+                    return
 
-        ``fedprox_mu`` adds FedProx's proximal term to the loaded (global) weights; ``after_step`` is
-        called after every optimiser step (Scaffold's control correction).
+    def train(self, epochs: int | None = None, fedprox_mu: float = 0.0, after_step=None, steps: int | None = None) -> dict:
+        """Local work of one round; returns the number of optimiser steps taken and the mean training loss.
+
+        By default the settings' ``local_steps`` (when > 0) or ``local_epochs``. ``fedprox_mu`` adds
+        FedProx's proximal term to the loaded (global) weights; ``after_step`` is called after every
+        optimiser step (Scaffold's control correction).
         """
+        if steps is None:
+            steps = self.settings.local_steps if epochs is None else 0
+        epochs = self.settings.local_epochs if epochs is None else epochs
         global_params = [p.detach().clone() for p in self.model.parameters()] if fedprox_mu > 0 else None
         self.model.train()
-        steps, total = 0, 0.0
+        taken, total = 0, 0.0
         started = time.perf_counter()
-        for _ in range(epochs):
-            for batch in self.train_loader:
-                image = batch["image"].to(self.device)
-                label = batch["label"].to(self.device)
-                self.optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(self.device.type, enabled=self.use_amp):
-                    loss = self.loss_fn(self.model(image), label.float())
-                if global_params is not None:
-                    loss = loss + 0.5 * fedprox_mu * sum(
-                        torch.sum((p - g) ** 2) for p, g in zip(self.model.parameters(), global_params)
-                    )
-                self.scaler.scale(loss).backward()
-                self.scaler.step(self.optimizer)
-                self.scaler.update()
-                if after_step is not None:
-                    after_step()
-                steps += 1
-                total += float(loss.detach())
-        return {"num_steps": steps, "train_loss": total / max(steps, 1), "train_seconds": time.perf_counter() - started}
+        for batch in self.batches(epochs, steps):
+            image = batch["image"].to(self.device)
+            label = batch["label"].to(self.device)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.use_amp):
+                loss = self.loss_fn(self.model(image), label.float())
+            if global_params is not None:
+                loss = loss + 0.5 * fedprox_mu * sum(
+                    torch.sum((p - g) ** 2) for p, g in zip(self.model.parameters(), global_params)
+                )
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if after_step is not None:
+                after_step()
+            taken += 1
+            total += float(loss.detach())
+        return {"num_steps": taken, "train_loss": total / max(taken, 1), "train_seconds": time.perf_counter() - started}
 
     @torch.no_grad()
-    def validate(self) -> dict:
-        """Dice/HD95 per region of the current model on the local validation split."""
+    def validate(self, every_case: bool = False) -> dict:
+        """Dice/HD95 per region of the current model: the per-round subset, or every validation case."""
         self.model.eval()
         metrics = RegionMetrics()
         started = time.perf_counter()
-        for batch in self.val_loader:
+        loader = self.data.val_loader if every_case else self.data.round_val_loader
+        for batch in loader:
             image = batch["image"].to(self.device)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                logits = sliding_window_inference(image, self.crop, sw_batch_size=4, predictor=self.model, overlap=0.25)
+                logits = sliding_window_inference(image, self.crop, sw_batch_size=self.settings.sw_batch_size,
+                                                  predictor=self.model, overlap=0.25)
             prediction = torch.sigmoid(logits.float()) > 0.5
-            spacing = [float(s) for s in batch["image"].pixdim[0]] if hasattr(batch["image"], "pixdim") else None
+            spacing = [float(s) for s in batch["spacing"][0]]
             metrics.add(prediction[0], batch["label"][0].to(prediction.device), spacing)
         summary = metrics.summary()
         summary["val_seconds"] = time.perf_counter() - started
+        summary["val_all_cases"] = float(every_case or len(loader) == len(self.data.val_cases))
+        summary["n_val_cases_site"] = len(self.data.val_cases)
         return summary
 
 
@@ -168,7 +189,7 @@ class ScaffoldState:
         self.helper = PTScaffoldHelper()
         self.helper.init(trainer.model)
 
-    def train(self, global_controls: dict, epochs: int) -> tuple[dict, dict]:
+    def train(self, global_controls: dict) -> tuple[dict, dict]:
         from nvflare.app_opt.pt.scaffold import get_lr_values
 
         self.helper.load_global_controls(global_controls)
@@ -179,7 +200,7 @@ class ScaffoldState:
         def correct() -> None:
             self.helper.model_update(self.trainer.model, lr, c_global, c_local)
 
-        result = self.trainer.train(epochs, after_step=correct)
+        result = self.trainer.train(after_step=correct)
         self.helper.terms_update(self.trainer.model, lr, c_global, c_local, global_model)
         return result, self.helper.get_delta_controls()
 
@@ -197,11 +218,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     flare.init()
     site = flare.get_site_name()
-    trainer = SiteTrainer(site_folder(site, args.data_root), args)
+    trainer = SiteTrainer(site_folder(site, args.data_root), args, site=site)
     writer = SummaryWriter()  # streamed to the server's TensorBoard
     scaffold: ScaffoldState | None = None
     local_model: dict | None = None
-    logger.info("%s: %d training batches, %d validation cases", site, len(trainer.train_loader), len(trainer.val_loader))
+    data = trainer.data
+    logger.info("%s: %d training / %d validation cases (per-round validation on %d), cache %s (%.0f MB, %.0f s)",
+                site, len(data.train_cases), len(data.val_cases), len(data.round_val_indices), data.cache_dir,
+                data.cache_bytes() / 1e6, trainer.cache_seconds)
 
     while flare.is_running():
         received = flare.receive()
@@ -212,10 +236,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             continue
 
         trainer.load_params(received.params)
-        metrics = trainer.validate()
-        if flare.is_evaluate():
-            flare.send(flare.FLModel(metrics=metrics))
+        if flare.is_evaluate():  # cross-site evaluation: every validation case
+            flare.send(flare.FLModel(metrics=trainer.validate(every_case=True)))
             continue
+        metrics = trainer.validate()  # the per-round subset
 
         round_no = received.current_round
         fault = faults.get((site, int(round_no or 0)))
@@ -230,17 +254,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             out_meta[RECEIVED_WIRE_BYTES_KEY] = int(meta[WIRE_BYTES_KEY])
         if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta:
             scaffold = scaffold or ScaffoldState(trainer)
-            result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL], args.local_epochs)
+            result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL])
             out_meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = deltas
         else:
-            result = trainer.train(args.local_epochs, fedprox_mu=mu)
+            result = trainer.train(fedprox_mu=mu)
         local_model = trainer.state()
         difference = {k: local_model[k] - global_state[k] for k in local_model}
         if fault in ("nan", "shape"):
             logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
             difference = poison(difference, fault)
         metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"],
-                        "fedprox_mu": mu, "n_train_cases": len(trainer.train_loader.dataset), "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
+                        "fedprox_mu": mu, "n_train_cases": len(data.train_cases),
+                        "cache_mb": data.cache_bytes() / 1e6, "cache_seconds": trainer.cache_seconds,
+                        "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
         for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
             writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
         logger.info(

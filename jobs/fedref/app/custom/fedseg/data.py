@@ -1,17 +1,24 @@
-"""A site's data: its MONAI datalist, the transforms, and cached datasets.
+"""A site's data: its MONAI datalist, the cached cases, the augmentations and the loaders.
 
 A prepared site folder holds ``datalist.json`` in MONAI's decathlon format: ``training`` and ``validation``
 lists of ``{"image": [t1, t1ce, t2, flair], "label": seg}`` with paths relative to the folder. The four
 modalities are stacked as channels in ``regions.MODALITIES`` order; the label becomes TC/WT/ET masks.
+Decoded cases come from the site's disk cache (``fedseg.cache``), so memory does not grow with the
+number of cases; per-round validation reads a fixed, seeded subset of at most ``val_max_cases`` cases.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
-from monai.data import CacheDataset, DataLoader, load_decathlon_datalist
+import torch
+from monai.data import DataLoader, Dataset, load_decathlon_datalist
 from monai.transforms import (
+    CastToTyped,
     Compose,
     ConvertToMultiChannelBasedOnBratsClassesd,
     EnsureChannelFirstd,
@@ -25,10 +32,15 @@ from monai.transforms import (
     SpatialPadd,
 )
 
+from fedseg.cache import CACHE_DIR_ENV, CaseCache, Progress, cache_size_bytes
 from fedseg.regions import ENHANCING
+from fedseg.settings import TrainingSettings
+
+logger = logging.getLogger("fedseg.data")
 
 DATALIST_NAME = "datalist.json"
 DATA_ROOT_ENV = "FEDSEG_DATA_ROOT"
+DEFAULT_CACHE_NAME = "fedseg_cache"
 
 
 def site_folder(site_name: str, data_root: str | None = None) -> str:
@@ -46,6 +58,21 @@ def site_folder(site_name: str, data_root: str | None = None) -> str:
     return folder
 
 
+def cache_folder(site_name: str, data_folder: str, cache_root: str | None = None) -> str:
+    """The site's disk cache: ``<cache_root>/<site>``, in the site's working area, never in its data.
+
+    ``cache_root``: the job's ``--cache_dir``, else the site's ``FEDSEG_CACHE_DIR``, else ``fedseg_cache``
+    in the process's working folder (the site's workspace).
+    """
+    root = os.path.abspath(os.path.expanduser(cache_root or os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_NAME))
+    folder = os.path.join(root, site_name)
+    data = os.path.realpath(data_folder)
+    if os.path.commonpath([os.path.realpath(folder), data]) == data:
+        raise ValueError(f"site {site_name}: cache folder {folder} is inside the data folder {data_folder}; "
+                         f"data folders are never written (set {CACHE_DIR_ENV} elsewhere)")
+    return folder
+
+
 def load_site_datalist(folder: str) -> tuple[list[dict], list[dict]]:
     """(training, validation) items of a site folder's datalist, with absolute paths."""
     path = os.path.join(folder, DATALIST_NAME)
@@ -54,23 +81,17 @@ def load_site_datalist(folder: str) -> tuple[list[dict], list[dict]]:
     return training, validation
 
 
-def _load_and_normalise(with_label: bool = True) -> list:
-    keys = ["image", "label"] if with_label else ["image"]
-    steps = [
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys="image"),
-        EnsureTyped(keys=keys, track_meta=True),
-    ]
-    if with_label:
-        steps.append(ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING))
-    return steps + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)]
+def to_regions() -> list:
+    """Cached form -> what the network trains on: float32 image, TC/WT/ET masks."""
+    return [CastToTyped(keys="image", dtype=torch.float32),
+            ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING)]
 
 
 def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Compose:
-    """Deterministic loading (cached) then random crops around tumour and background, flips, intensity jitter."""
+    """Random crops around tumour and background, flips and intensity jitter, on a cached case."""
     crop_size = list(crop_size)
     return Compose(
-        _load_and_normalise()
+        to_regions()
         + [
             SpatialPadd(keys=["image", "label"], spatial_size=crop_size),
             RandCropByPosNegLabeld(
@@ -93,29 +114,70 @@ def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Com
 
 
 def validation_transforms(with_label: bool = True) -> Compose:
-    """Whole volumes, normalised; the network sees them through a sliding window (also used for inference)."""
-    return Compose(_load_and_normalise(with_label))
+    """Whole volumes in their own grid, normalised (inference on a new case, which is not cached)."""
+    keys = ["image", "label"] if with_label else ["image"]
+    steps = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys="image"), EnsureTyped(keys=keys, track_meta=True)]
+    if with_label:
+        steps.append(ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING))
+    return Compose(steps + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
 
 
-def make_loaders(
-    folder: str,
-    crop_size: Sequence[int],
-    batch_size: int = 2,
-    samples_per_case: int = 2,
-    num_workers: int = 0,
-    cache_rate: float = 1.0,
-    seed: int = 0,
-) -> tuple[DataLoader, DataLoader]:
-    """Training and validation loaders of a site folder; decoded volumes are cached in memory."""
+def validation_subset(count: int, max_cases: int, seed: int) -> list[int]:
+    """A fixed, seeded choice of at most ``max_cases`` of ``count`` validation cases (all when 0 or enough)."""
+    if max_cases <= 0 or count <= max_cases:
+        return list(range(count))
+    return sorted(random.Random(f"validation-subset-{seed}").sample(range(count), max_cases))
+
+
+@dataclass
+class SiteData:
+    """A site's cases and loaders: training (augmented), every validation case, the per-round subset."""
+
+    train_cases: CaseCache
+    val_cases: CaseCache
+    train_loader: DataLoader
+    val_loader: DataLoader
+    round_val_loader: DataLoader
+    round_val_indices: list[int]
+    cache_dir: str | None
+    problems: list[str]
+
+    def cache_bytes(self) -> int:
+        return cache_size_bytes(self.cache_dir)
+
+
+def make_site_data(folder: str, settings: TrainingSettings, cache_dir: str | None, label: str = "site") -> SiteData:
+    """Cache every case of a site (once; later runs reuse the cache), then build its loaders.
+
+    A case that cannot be decoded is left out with one line naming it and the reason; the rest go on.
+    """
     training, validation = load_site_datalist(folder)
     if not training:
         raise ValueError(f"{folder}: the datalist has no training cases")
-    augment = train_transforms(crop_size, samples_per_case)
-    augment.set_random_state(seed=seed)
-    # Caching runs in one thread: MONAI's LoadImaged shares its reader between threads, and with several
-    # threads a four-file image now and then comes back with one channel (seen with monai 1.6.1).
-    train_ds = CacheDataset(training, augment, cache_rate=cache_rate, num_workers=1, progress=False)
-    val_ds = CacheDataset(validation, validation_transforms(), cache_rate=cache_rate, num_workers=1, progress=False)
-    train_loader = DataLoader(train_ds, batch_size=batch_size, shuffle=True, num_workers=num_workers)
-    val_loader = DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=num_workers)
-    return train_loader, val_loader
+    train_cases = CaseCache(training, cache_dir, settings.cache_ram_mb)
+    val_cases = CaseCache(validation, cache_dir, settings.cache_ram_mb)
+    problems = train_cases.warm(Progress(f"{label}: caching training cases"))
+    problems += val_cases.warm(Progress(f"{label}: caching validation cases"))
+    for line in problems:
+        logger.error("%s: %s; left out", label, line)
+    if not len(train_cases):
+        raise ValueError(f"{label}: no training case could be decoded ({problems[0] if problems else 'none listed'})")
+    freed = train_cases.prune(train_cases.file_names() | val_cases.file_names())
+    if freed:
+        logger.info("%s: removed %.0f MB of stale cache files (changed or removed cases)", label, freed / 1e6)
+    augment = train_transforms(settings.crop, settings.samples_per_case)
+    augment.set_random_state(seed=settings.seed)
+    train_ds = Dataset(train_cases, augment)
+    val_ds = Dataset(val_cases, Compose(to_regions()))
+    subset = validation_subset(len(val_cases), settings.val_max_cases, settings.seed)
+    workers = settings.num_workers
+    return SiteData(
+        train_cases=train_cases,
+        val_cases=val_cases,
+        train_loader=DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, num_workers=workers),
+        val_loader=DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=workers),
+        round_val_loader=DataLoader(torch.utils.data.Subset(val_ds, subset), batch_size=1, shuffle=False, num_workers=workers),
+        round_val_indices=subset,
+        cache_dir=cache_dir,
+        problems=problems,
+    )
