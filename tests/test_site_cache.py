@@ -201,3 +201,18 @@ def test_site_data_leaves_out_a_broken_case_and_trains_on_the_rest(site, tmp_pat
         data = make_site_data(site, TrainingSettings(crop=(16, 16, 16)), str(tmp_path / "cache"), label="site-1")
     assert len(data.train_cases) == 2 and len(data.problems) == 1
     assert f"case {case_name(training[0])}" in caplog.text and "left out" in caplog.text
+
+
+def test_a_step_with_a_non_finite_loss_is_skipped_and_the_weights_stay_finite(site, tmp_path):
+    trainer = tiny_trainer(site, tmp_path, "--local_steps", "4")
+    real_loss, calls = trainer.loss_fn, []
+
+    def sometimes_nan(logits, label):
+        calls.append(1)
+        loss = real_loss(logits, label)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    trainer.loss_fn = sometimes_nan
+    result = trainer.train()
+    assert result["num_steps"] == 3 and result["skipped_steps"] == 1 and np.isfinite(result["train_loss"])
+    assert all(torch.isfinite(v).all() for v in trainer.state().values())

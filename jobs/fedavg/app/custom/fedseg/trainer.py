@@ -111,18 +111,23 @@ class SiteTrainer:
         epochs = self.settings.local_epochs if epochs is None else epochs
         global_params = [p.detach().clone() for p in self.model.parameters()] if fedprox_mu > 0 else None
         self.model.train()
-        taken, total = 0, 0.0
+        taken, skipped, total = 0, 0, 0.0
         started = time.perf_counter()
         for batch in self.batches(epochs, steps):
             image = batch["image"].to(self.device)
             label = batch["label"].to(self.device)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                loss = self.loss_fn(self.model(image), label.float())
+                logits = self.model(image)
+            # the loss in float32: Dice+Focal in float16 overflowed to NaN now and then on a GPU (seen on an H200)
+            loss = self.loss_fn(logits.float(), label.float())
             if global_params is not None:
                 loss = loss + 0.5 * fedprox_mu * sum(
                     torch.sum((p - g) ** 2) for p, g in zip(self.model.parameters(), global_params)
                 )
+            if not torch.isfinite(loss):  # a step on a non-finite loss would poison the weights: not taken
+                skipped += 1
+                continue
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -130,7 +135,10 @@ class SiteTrainer:
                 after_step()
             taken += 1
             total += float(loss.detach())
-        return {"num_steps": taken, "train_loss": total / max(taken, 1), "train_seconds": time.perf_counter() - started}
+        if skipped:
+            logger.warning("%d of %d local steps skipped: non-finite training loss", skipped, skipped + taken)
+        return {"num_steps": taken, "train_loss": total / max(taken, 1), "train_seconds": time.perf_counter() - started,
+                "skipped_steps": skipped}
 
     @torch.no_grad()
     def validate(self, every_case: bool = False) -> dict:
@@ -264,6 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
             difference = poison(difference, fault)
         metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"],
+                        "skipped_steps": result["skipped_steps"],
                         "fedprox_mu": mu, "n_train_cases": len(data.train_cases),
                         "cache_mb": data.cache_bytes() / 1e6, "cache_seconds": trainer.cache_seconds,
                         "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
