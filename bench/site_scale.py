@@ -16,8 +16,9 @@ in-memory ``CacheDataset`` of full volumes, whose RSS after caching grows with e
     .venv/bin/python -m bench.site_scale [--sizes 8 32 96] [--steps 5] [--rounds 2] [--work bench/.work/site_scale]
                                          [--resume] [--device cpu|cuda]
 
-Results: ``bench/results/site_scale.json`` (written after every size; ``--resume`` skips sizes already there),
-and the per-institution table of what a FeTS2022 hospital can expect (``--table``).
+Results: ``bench/results/site_scale.json`` (written after every size; ``--resume`` skips sizes already there;
+``--device cuda`` writes ``site_scale_cuda.json``), then the table of what each FeTS2022 institution can
+expect, derived from them (``--table`` prints it alone).
 """
 
 from __future__ import annotations
@@ -195,9 +196,9 @@ def hospital_table(sizes: list[dict], steps_per_round: int, val_max_cases: int, 
         val = min(max(1, round(subjects * VALIDATION_FRACTION)), val_max_cases)
         cpu_round = steps_per_round * step + val * val_case
         row = [partition, subjects, f"{ram:.1f}", f"{subjects * per_case_mb / 1024:.1f}",
-               f"{subjects * cache_s / 60:.0f}", f"{cpu_round / 60:.1f}"]
+               f"{subjects * cache_s / 60:.1f}", f"{cpu_round / 60:.1f}"]
         if gpu:
-            row.append(f"{(steps_per_round * gpu['seconds_per_step'] + val * gpu['val_seconds_per_case']) / 60:.1f}")
+            row.append(f"{steps_per_round * gpu['seconds_per_step'] + val * gpu['val_seconds_per_case']:.0f}")
         rows.append(row)
     return rows
 
@@ -215,8 +216,11 @@ def main() -> None:
     parser.add_argument("--work", default=os.path.join("bench", ".work", "site_scale"))
     parser.add_argument("--resume", action="store_true", help="keep the sizes already in the results file")
     parser.add_argument("--csv", default=os.path.join("tests", "data", "fets2022", "partitioning_1.csv"))
+    parser.add_argument("--table", action="store_true", help="only print the per-institution table from the results")
     args = parser.parse_args()
-    from fedseg.settings import profile
+    if args.table:
+        print_hospital_table(args.csv)
+        return
 
     name = RESULT_NAME if args.device == "cpu" else f"{RESULT_NAME}_{args.device}"
     work = os.path.abspath(args.work)
@@ -270,13 +274,24 @@ def main() -> None:
     if baseline:
         print(table(["cases", "baseline peak RSS after caching (MiB)"],
                     [[b["cases"], f"{b['peak_rss_mib']:.0f}"] for b in baseline.values()]))
-    fets = profile("fets2022")
+    if args.device == "cpu":
+        print_hospital_table(args.csv)
+    print(f"written {path}")
+
+
+def print_hospital_table(csv_path: str) -> None:
+    """The per-institution table from the stored results (CPU, and GPU where measured), without measuring."""
+    from fedseg.settings import profile
+
+    sizes = load_previous(RESULT_NAME).get("sizes") or []
+    if not sizes:
+        raise SystemExit(f"no {RESULT_NAME}.json results yet: run python -m bench.site_scale first")
     gpu_sizes = load_previous(f"{RESULT_NAME}_cuda").get("sizes") or []
     gpu = {k: statistics.median(s[k] for s in gpu_sizes) for k in ("seconds_per_step", "val_seconds_per_case")} if gpu_sizes else None
+    fets = profile("fets2022")
     print(table(["partition", "subjects", "RAM (GiB)", "disk cache (GiB)", "first caching (min)", "local round, CPU (min)"]
-                + (["local round, GPU (min)"] if gpu else []),
-                hospital_table(sizes, fets.local_steps, fets.val_max_cases, args.csv, gpu)))
-    print(f"written {path}")
+                + (["local round, GPU (s)"] if gpu else []),
+                hospital_table(sizes, fets.local_steps, fets.val_max_cases, csv_path, gpu)))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from bench.communication import summarise_modes
 from bench.common import recorded_command
 from bench.convergence import first_complete_run, incomplete_rounds, rounds_to, sensitivity, summarise_algorithms
+from conftest import FETS_CSV_DIR
 
 
 def run(mode: str, seed: int, dice: float, up: int, down: int) -> dict:
@@ -84,3 +86,25 @@ def test_algorithms_are_compared_with_fedavg_seed_by_seed():
     assert fedref["final_dice_mean_minus_fedavg_sd"] == pytest.approx(0.03)
     assert fedref["forgetting_minus_fedavg"] == pytest.approx(-0.05)
     assert fedref["beats_fedavg_seeds"] == "1/2"
+
+
+def test_site_scale_summary_leaves_out_the_first_round_and_derives_each_institution_from_the_measurements():
+    from bench.site_scale import hospital_table, summarise
+
+    raw = {"train_cases": 8, "val_cases": 2, "caching_seconds": 20.0, "cache_mb": 250.0,
+           "peak_rss_mib": {"caching": 800.0, "training": 2400.0, "validation": 1600.0},
+           "rounds": [{"wall_seconds": 60.0, "val_seconds": 30.0, "val_cases": 2, "train_seconds": 30.0, "steps": 5,
+                       "seconds_per_step": 6.0},
+                      {"wall_seconds": 40.0, "val_seconds": 16.0, "val_cases": 2, "train_seconds": 24.0, "steps": 5,
+                       "seconds_per_step": 4.0}]}
+    size = summarise(raw)
+    assert size["cases"] == 10 and size["seconds_per_step"] == 4.0 and size["val_seconds_per_case"] == 8.0
+    assert size["first_round_seconds"] == 60.0 and size["later_round_seconds"] == 40.0
+    assert size["peak_rss_mib_max"] == 2400.0 and size["cache_mb_per_case"] == 25.0 and size["caching_seconds_per_case"] == 2.0
+    rows = {r[0]: r for r in hospital_table([size], steps_per_round=50, val_max_cases=8,
+                                            csv_path=os.path.join(FETS_CSV_DIR, "partitioning_1.csv"))}
+    assert len(rows) == 23
+    # institution 1: 511 subjects -> 12.5 GiB of cache; a round = 50 x 4 s + 8 (capped) x 8 s validation = 4.4 min
+    assert rows[1][1] == 511 and rows[1][3] == f"{511 * 25.0 / 1024:.1f}" and rows[1][5] == "4.4"
+    # institution 9: 4 subjects -> one validation case
+    assert rows[9][1] == 4 and rows[9][5] == f"{(50 * 4 + 1 * 8) / 60:.1f}"
