@@ -38,7 +38,7 @@ provision: $(STAMP)
 jobs: $(STAMP)
 	$(PY) -m jobs.export
 
-# Every benchmark in turn (about 1.5 hours on 2 CPU cores; each writes bench/results/<name>.json).
+# Every benchmark in turn (about 1.8 hours on 2 CPU cores; each writes bench/results/<name>.json).
 # The site, server and overhead measurements use the demo's sites and run, made first if missing.
 bench: $(STAMP)
 	@test -d $(DEMO_DIR)/workspace/fedseg_fedref || $(PY) -m app demo --out $(DEMO_DIR)
@@ -48,6 +48,8 @@ bench: $(STAMP)
 	$(PY) -m bench.federation_overhead --data-root $(DEMO_DIR)/sites
 	$(PY) -m bench.infer_speed
 	$(PY) -m bench.gpu_step
+	$(PY) -m bench.site_scale
+	$(PY) -m bench.federation_scale
 	$(PY) -m bench.communication
 	$(PY) -m bench.convergence
 

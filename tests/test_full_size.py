@@ -1,7 +1,7 @@
 """The real-data path at FeTS2022's real size: a FLARE federation on 240x240x155 subjects with the fets2022 profile.
 
-Two sites of three full-size synthetic subjects (two training, one validation), one round of two local steps,
-then ``fedseg infer`` on a full-size case as the README writes it. Checked: the round record, the sites'
+Two sites of three full-size synthetic subjects (two training, one validation), ``fedseg simulate --profile
+fets2022`` as the README writes it with one round of two local steps, then ``fedseg infer`` on a full-size case. Checked: the round record, the sites'
 disk caches, the saved model, and a segmentation in the input's exact grid.
 """
 
@@ -21,7 +21,7 @@ from data_prep.synthetic import Institution, SyntheticConfig, generate
 from fedseg.cache import CACHE_SUFFIX
 from fedseg.checkpoint import load_network
 from fedseg.settings import profile
-from jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings, run_simulation
+from jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings
 
 pytestmark = pytest.mark.integration
 
@@ -35,9 +35,15 @@ def full_size_run(tmp_path_factory):
     config = SyntheticConfig(shape=FULL_SHAPE, seed=3, institutions=[Institution(subjects=3), Institution(subjects=3)])
     source = generate(str(root / "data"), config)
     prepare_sites(source, str(root / "sites"), partitions=[1, 2], validation_fraction=0.34)
-    settings = JobSettings.for_profile("fets2022", sites=["site-1", "site-2"], num_rounds=1, data_root=str(root / "sites"),
-                                       local_steps=STEPS, threads=1, cross_site_eval=False)
-    folder = run_simulation(settings, str(root / "workspace"), data_source="full-size synthetic")
+    # the README's command, with one round of two steps and one thread per site (two sites share this CPU)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "simulate", "--profile", "fets2022", "--data-root", str(root / "sites"),
+         "--sites", "site-1", "site-2", "--rounds", "1", "--local-steps", str(STEPS), "--threads", "1",
+         "--no-cross-site-eval", "--workspace", str(root / "workspace")],
+        capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stderr[-3000:]
+    folder = str(root / "workspace" / "fedseg_fedref")
+    settings = JobSettings.for_profile("fets2022", sites=["site-1", "site-2"], local_steps=STEPS)
     return settings, folder, root, source
 
 

@@ -49,3 +49,17 @@ def test_fedref_hyperparameters_are_visible_in_the_config():
     assert controller["path"] == "fedseg.controller.FedRefController"
     args = controller["args"]
     assert (args["buffer_size"], args["lambda1"], args["lambda2"], args["num_rounds"]) == (3, 0.1, 0.1, 10)
+
+
+def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):
+    from jobs.export import main
+
+    assert main(["--profile", "fets2022", "--out", str(tmp_path)]) == 0
+    client = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_client.json"))
+    script_args = client["executors"][0]["executor"]["args"]["task_script_args"]
+    for expected in ("--local_steps 50", "--crop 128 128 128", "--channels 32 64 128 256", "--batch_size 1",
+                     "--val_max_cases 8", "--threads 0"):
+        assert expected in script_args, expected
+    assert "--data_root" not in script_args and "--cache_dir" not in script_args  # each site sets its own
+    server = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_server.json"))
+    assert "channels" in json.dumps(server) and "256" in json.dumps(server)  # the server builds the same network

@@ -1,9 +1,10 @@
 """The site executor: a FLARE Client API loop around a MONAI training and validation routine.
 
 Each task from the server brings a model:
-- train: validate the received global model on the local validation split, train E local epochs, send
-  back the weight difference with the number of steps and the validation metrics;
-- validate (cross-site evaluation): score the received model on the local validation split;
+- train: validate the received global model on the per-round subset of the local validation split, do
+  the round's local work (``local_steps`` steps, or ``local_epochs`` epochs), send back the weight
+  difference with the number of steps taken and the metrics;
+- validate (cross-site evaluation): score the received model on every local validation case;
 - submit_model (cross-site evaluation, sent without params): return this site's latest local model.
 FedProx arrives as ``fedprox_mu`` in the model's meta and adds the proximal term here; FedRef needs
 nothing from sites.
