@@ -14,8 +14,8 @@ Profiles are named sets of values for a kind of data:
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, get_origin, get_type_hints
 
 LOSSES = ("dice_ce", "dice_focal")
 
@@ -70,7 +70,7 @@ PROFILES: dict[str, TrainingSettings] = {
     "demo": TrainingSettings(),
     "fets2022": TrainingSettings(
         local_steps=50, batch_size=1, samples_per_case=2, crop=(128, 128, 128), channels=(32, 64, 128, 256),
-        sw_batch_size=2, val_max_cases=8, threads=0,
+        sw_batch_size=2, threads=0,
     ),
 }
 DEFAULT_PROFILE = "demo"
@@ -110,13 +110,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: TrainingSe
 
 
 def _type_of(f) -> type:
-    """The Python type of a field (annotations are strings under ``from __future__ import annotations``)."""
-    text = str(f.type)
-    for name, kind in (("tuple", tuple), ("bool", bool), ("int", int), ("float", float), ("str", str)):
-        if text.startswith(name):
-            return kind
-    default = f.default if f.default is not MISSING else None
-    return type(default) if default is not None else str
+    """The Python type of a field: ``tuple[int, ...]`` -> tuple (annotations are strings in this module)."""
+    hint = get_type_hints(TrainingSettings)[f.name]
+    return get_origin(hint) or hint
 
 
 def _boolean(text: str) -> bool:
