@@ -14,7 +14,10 @@ wall time; disk cache size. Baseline in the same run (``--baseline-sizes``): the
 in-memory ``CacheDataset`` of full volumes, whose RSS after caching grows with every case.
 
     .venv/bin/python -m bench.site_scale [--sizes 8 32 96] [--steps 5] [--rounds 2] [--work bench/.work/site_scale]
-                                         [--resume] [--device cpu|cuda]
+                                         [--resume] [--device cpu|cuda] [--flare]
+
+``--flare`` measures the same sites inside FLARE instead (``fedseg simulate --profile fets2022``, one site,
+two rounds): the peak RSS of the simulator's worker process that runs the site, and of the whole simulator.
 
 Results: ``bench/results/site_scale.json`` (written after every size; ``--resume`` skips sizes already there;
 ``--device cuda`` writes ``site_scale_cuda.json``), then the table of what each FeTS2022 institution can
@@ -140,6 +143,51 @@ def run_child(code: str, *args: str) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> dict:
+    """The same site inside FLARE: ``fedseg simulate --profile fets2022`` with this one site, 2 rounds.
+
+    The site runs in the simulator's worker process; its RSS (and the whole simulator's) is sampled
+    every 200 ms while the job runs, from a fresh cache.
+    """
+    import psutil
+
+    root = os.path.join(work, f"flare_sites_{cases}")
+    os.makedirs(root, exist_ok=True)
+    link = os.path.join(root, "site-1")
+    if not os.path.islink(link):
+        os.symlink(make_site(work, pool, cases), link)
+    workspace = os.path.join(work, f"flare_ws_{cases}")
+    subprocess.run(["rm", "-rf", workspace], check=True)
+    command = [sys.executable, "-m", "app", "simulate", "--profile", "fets2022", "--data-root", root, "--sites", "site-1",
+               "--rounds", "2", "--local-steps", str(steps), "--val-max-cases", str(val_cases), "--no-cross-site-eval",
+               "--workspace", workspace]
+    started = time.time()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    site_peak = tree_peak = 0
+    parent = psutil.Process(process.pid)
+    while process.poll() is None:
+        try:
+            tree = [parent, *parent.children(recursive=True)]
+            rss = {p.pid: p.memory_info().rss for p in tree}
+            workers = [p.pid for p in tree if "simulator_worker" in " ".join(p.cmdline())]
+        except psutil.Error:
+            continue
+        tree_peak = max(tree_peak, sum(rss.values()))
+        site_peak = max([site_peak, *(rss[pid] for pid in workers)])
+        time.sleep(0.2)
+    if process.returncode != 0:
+        raise RuntimeError(f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}")
+    from app.artifacts import load_run
+
+    records = load_run(os.path.join(workspace, "fedseg_fedref")).rounds
+    site = [r["sites"]["site-1"] for r in records]
+    return {"cases": cases, "site_process_peak_rss_mib": site_peak / 2**20, "simulator_peak_rss_mib": tree_peak / 2**20,
+            "wall_seconds": time.time() - started, "cache_mb": site[-1].get("cache_mb"),
+            "caching_seconds": site[-1].get("cache_seconds"),
+            "seconds_per_step": site[-1]["train_seconds"] / site[-1]["num_steps"],
+            "round_seconds": [r["seconds"] for r in records]}
+
+
 def summarise(raw: dict) -> dict:
     """The figures of one size: per-phase peaks, step time (first step of the process left out), rounds."""
     rounds = raw["rounds"]
@@ -217,6 +265,8 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the sizes already in the results file")
     parser.add_argument("--csv", default=os.path.join("tests", "data", "fets2022", "partitioning_1.csv"))
     parser.add_argument("--table", action="store_true", help="only print the per-institution table from the results")
+    parser.add_argument("--flare", action="store_true",
+                        help="measure each size inside a FLARE simulator federation instead (site_scale_flare.json)")
     args = parser.parse_args()
     if args.table:
         print_hospital_table(args.csv)
@@ -226,6 +276,9 @@ def main() -> None:
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
     pool = make_pool(work, args.distinct)
+    if args.flare:
+        measure_in_flare(args, work, pool)
+        return
     previous = load_previous(name) if args.resume else {}
     done = {s["cases"]: s for s in previous.get("sizes", [])}
     baseline = {b["cases"]: b for b in previous.get("baseline", [])}
@@ -276,6 +329,28 @@ def main() -> None:
                     [[b["cases"], f"{b['peak_rss_mib']:.0f}"] for b in baseline.values()]))
     if args.device == "cpu":
         print_hospital_table(args.csv)
+    print(f"written {path}")
+
+
+def measure_in_flare(args: argparse.Namespace, work: str, pool: str) -> None:
+    """``--flare``: each size as a one-site simulator federation; results in ``site_scale_flare.json``."""
+    name = f"{RESULT_NAME}_flare"
+    done = {r["cases"]: r for r in (load_previous(name).get("sizes") or [])} if args.resume else {}
+    for cases in args.sizes:
+        if cases in done:
+            continue
+        print(f"{cases} cases inside FLARE: caching, then 2 rounds of {args.steps} steps ...", flush=True)
+        done[cases] = flare_site(work, pool, cases, args.steps, args.val_cases)
+        sizes = [done[k] for k in sorted(done)]
+        path = write_result(name, {"profile": "fets2022", "steps_per_round_measured": args.steps, "rounds": 2,
+                                   "val_cases_per_round_measured": args.val_cases, "sizes": sizes,
+                                   "site_rss_ratio_largest_vs_smallest": sizes[-1]["site_process_peak_rss_mib"]
+                                   / sizes[0]["site_process_peak_rss_mib"]})
+    print(table(["cases", "site process peak RSS (MiB)", "whole simulator peak RSS (MiB)", "s/step", "caching (s)",
+                 "disk cache (MB)", "wall (s)"],
+                [[r["cases"], f"{r['site_process_peak_rss_mib']:.0f}", f"{r['simulator_peak_rss_mib']:.0f}",
+                  f"{r['seconds_per_step']:.2f}", f"{r['caching_seconds']:.0f}", f"{r['cache_mb']:.0f}",
+                  f"{r['wall_seconds']:.0f}"] for r in (done[k] for k in sorted(done))]))
     print(f"written {path}")
 
 
