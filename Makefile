@@ -6,6 +6,11 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 DEMO_DIR ?= demo_output
+POC_DIR ?= poc_output
+POC_ARGS ?=
+PROJECT_YML ?= app/provision/project.yml
+PROVISION_DIR ?= provision_workspace
+JOBS_DIR ?= jobs
 
 .PHONY: demo test test-fast install clean jobs poc provision bench
 
@@ -28,15 +33,18 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
+# The demo's sites (made under $(DEMO_DIR) unless `make demo` already did); POC_ARGS adds options, e.g. --rounds 2.
 poc: $(STAMP)
-	$(PY) -m app poc --out poc_output
+	$(PY) -m app poc --out $(POC_DIR) --demo-dir $(DEMO_DIR) $(POC_ARGS)
 
+# Each run writes the next prod_NN beside the earlier ones, with the same root CA and the same certificate
+# for every participant already provisioned (FLARE keeps them in <workspace>/<project>/state).
 provision: $(STAMP)
-	$(VENV)/bin/nvflare provision -p app/provision/project.yml -w provision_workspace
-	@echo "startup kits: provision_workspace/fedseg/prod_00/"
+	$(VENV)/bin/nvflare provision --force -p $(PROJECT_YML) -w $(PROVISION_DIR)
+	@echo "startup kits: $$(ls -dt $(PROVISION_DIR)/*/prod_* | head -n 1)/"
 
 jobs: $(STAMP)
-	$(PY) -m jobs.export
+	$(PY) -m jobs.export --out $(JOBS_DIR)
 
 # Every benchmark in turn (about 1.8 hours on 2 CPU cores; each writes bench/results/<name>.json).
 # The site, server and overhead measurements use the demo's sites and run, made first if missing.

@@ -117,6 +117,24 @@ def _demo_sites(out: str, seed: int) -> tuple[str, str]:
     return source, os.path.join(out, "sites")
 
 
+def _poc_demo_sites(demo_dir: str, seed: int) -> str:
+    """The demo's site folders for a POC run without ``--data-root``.
+
+    Sites already prepared under ``demo_dir`` (by ``make demo`` or an earlier ``make poc``) are used as they
+    are; otherwise the demo's data and sites are made there, so that the demo and the POC share one copy
+    whichever runs first.
+    """
+    from app.poc import prepared_sites
+
+    sites = os.path.join(os.path.abspath(demo_dir), "sites")
+    try:
+        names = prepared_sites(sites)
+    except ValueError:  # none prepared yet
+        return _demo_sites(os.path.abspath(demo_dir), seed)[1]
+    print(f"using the prepared sites in {sites}: {', '.join(names)}")
+    return sites
+
+
 def cmd_poc(args: argparse.Namespace) -> int:
     """A POC federation (separate server and site processes) on prepared data, then the report."""
     from app.artifacts import load_run
@@ -125,7 +143,7 @@ def cmd_poc(args: argparse.Namespace) -> int:
 
     out = os.path.abspath(args.out)
     if not args.data_root:
-        _, args.data_root = _demo_sites(out, _seed(args))
+        args.data_root = _poc_demo_sites(args.demo_dir, _seed(args))
     args.sites = args.sites or prepared_sites(args.data_root)
     settings = _settings(args)
     run = run_poc(settings, args.data_root, os.path.join(out, "workspace"))
@@ -255,9 +273,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("poc", help="run the job in a POC federation: server and sites as separate processes")
-    p.add_argument("--data-root", help="prepared site folders (default: make the demo's synthetic sites)")
+    p.add_argument("--data-root", help="prepared site folders (default: the demo's sites, see --demo-dir)")
     p.add_argument("--sites", nargs="+", help="default: every prepared site folder")
     p.add_argument("--out", default="poc_output")
+    p.add_argument("--demo-dir", default="demo_output",
+                   help="without --data-root: the demo's output folder; its sites are used if prepared, else made there")
     _add_training_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
 

@@ -65,6 +65,8 @@ def poc_project(sites: list[str], fed_learn_port: int, admin_port: int) -> dict:
 
 def prepared_sites(data_root: str) -> list[str]:
     """Site names = the prepared partition folders (those holding a datalist)."""
+    if not os.path.isdir(data_root):
+        raise ValueError(f"{data_root}: no such folder (prepare the sites with `fedseg prepare` first)")
     sites = sorted(d for d in os.listdir(data_root) if os.path.isfile(os.path.join(data_root, d, "datalist.json")))
     if not sites:
         raise ValueError(f"{data_root}: no prepared site folders (run `fedseg prepare` first)")
@@ -97,7 +99,9 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     os.environ[DATA_ROOT_ENV] = data_root  # inherited by the site processes POC starts
     print(f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
           flush=True)
-    env = PocEnv(clients=list(settings.sites), project_conf_path=project_path, username=ADMIN)
+    # num_clients too: PocEnv defaults it to 2 and refuses a clients list of any other length
+    env = PocEnv(clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path,
+                 username=ADMIN)
     recipe = build_recipe(settings)
     started = time.time()
     try:

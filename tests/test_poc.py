@@ -1,5 +1,6 @@
-"""A real POC federation on localhost: server and sites as separate processes, the job submitted through
-the Flare API session, the report written, and nothing left running."""
+"""`make poc` as the README gives it: the demo's three sites in a real POC federation on localhost (server
+and sites as separate processes, the job submitted through the Flare API session), the report written,
+the prepared sites reused, and nothing left running."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import json
 import subprocess
 
 import pytest
-
-from app.cli import main as fedseg
+from commands import fedseg, make, ok
 
 pytestmark = pytest.mark.integration
+
+TINY_TRAINING = "--rounds 2 --local-epochs 1 --crop 32 32 24 --channels 8 16 32"
 
 
 def flare_processes(workspace: str) -> list[str]:
@@ -18,18 +20,23 @@ def flare_processes(workspace: str) -> list[str]:
     return [line for line in out if workspace in line]
 
 
-def test_poc_runs_fedref_on_two_sites_and_stops_everything(tmp_path, tiny_fets):
+def test_make_poc_runs_fedref_on_the_demos_three_sites_and_stops_everything(tmp_path, tiny_fets):
     from data_prep.fets2022 import prepare_sites
 
-    sites = tmp_path / "sites"
-    prepare_sites(tiny_fets, str(sites), partitions=[1, 2], validation_fraction=0.34)
+    demo = tmp_path / "demo"  # as `make demo` leaves it: three prepared sites under <demo>/sites
+    prepare_sites(tiny_fets, str(demo / "sites"), partitions=[1, 2, 3], validation_fraction=0.34)
+    datalist = (demo / "sites" / "site-1" / "datalist.json").stat().st_mtime_ns
     out = tmp_path / "poc"
-    code = fedseg(["poc", "--data-root", str(sites), "--out", str(out), "--rounds", "2", "--local-epochs", "1",
-                   "--crop", "32", "32", "24", "--channels", "8", "16", "32"])
-    assert code == 0
+    output = ok(make("poc", DEMO_DIR=str(demo), POC_DIR=str(out), POC_ARGS=TINY_TRAINING))
+
+    assert f"using the prepared sites in {demo / 'sites'}: site-1, site-2, site-3" in output
+    assert not (demo / "data").exists() and not (out / "data").exists()  # no second copy of the data made
+    assert (demo / "sites" / "site-1" / "datalist.json").stat().st_mtime_ns == datalist
+    assert "round 2/2 finished" in output and f"report: {out / 'report' / 'index.html'}" in output
     summary = json.loads((out / "report" / "summary.json").read_text())
-    assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site-1", "site-2"]
+    assert summary["rounds"] == 2 and sorted(summary["sites"]) == ["site-1", "site-2", "site-3"]
     assert summary["final"]["source"] == "cross_site_eval"
+    assert sorted(summary["final"]["sites"]) == ["site-1", "site-2", "site-3"]
     assert 0.0 <= summary["final"]["overall"]["dice_mean"] <= 1.0
     project = (out / "workspace" / "project.yml").read_text()
     assert "fed_learn_port: 8002" not in project  # ports picked free, not the fixed defaults
@@ -37,3 +44,10 @@ def test_poc_runs_fedref_on_two_sites_and_stops_everything(tmp_path, tiny_fets):
     info = json.loads(next((out / "workspace").rglob("run.json")).read_text())
     assert info["mode"] == "poc" and info["status"].startswith("FINISHED")
     assert info["settings"]["data_root"] is None  # the job carried no data path: the sites used their own
+
+
+def test_poc_without_prepared_sites_says_so_in_one_line(tmp_path):
+    result = fedseg("poc", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "poc"), cwd=str(tmp_path))
+    assert result.returncode == 1
+    assert result.stdout.strip().splitlines() == [f"fedseg poc: {tmp_path / 'missing'}: no such folder "
+                                                  "(prepare the sites with `fedseg prepare` first)"]

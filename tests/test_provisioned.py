@@ -1,8 +1,11 @@
-"""A provisioned federation on localhost, from the startup kits of app/provision/project.yml.
+"""A provisioned federation on localhost, from the startup kits `make provision` writes from
+app/provision/project.yml.
 
-Server and two sites start from their kits with mutual TLS; the researcher's kit submits the FedRef job
-and it completes; the clinician's kit is refused; a site whose certificate comes from another
-provisioning cannot join; nothing is left running afterwards.
+`make provision` runs twice, the second time after a hospital is added to the project file, as a project
+admin does: the second run writes the next set of kits, with the same root CA. The server and site-2
+start from the new kits and site-1 from its first one, with mutual TLS; the researcher's kit submits the FedRef job and it completes; the
+clinician's kit is refused; a site whose certificate comes from another provisioning cannot join; nothing
+is left running afterwards.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 import yaml
 
 from app.poc import federation_processes, free_ports, stop_leftovers
+from commands import make, ok
 from data_prep.fets2022 import prepare_sites
 from jobs.export import export_job
 from jobs.recipes import REPO_ROOT, JobSettings
@@ -26,20 +30,39 @@ pytestmark = pytest.mark.integration
 PROJECT = os.path.join(REPO_ROOT, "app", "provision", "project.yml")
 
 
-def provision(workspace, fed_learn_port: int, admin_port: int) -> str:
-    """Kits from the committed project.yml, with free ports; returns the prod folder."""
+def provision(workspace, fed_learn_port: int, admin_port: int, extra_participants: tuple = ()) -> str:
+    """`make provision` of the committed project.yml with free ports (and any participants added);
+    returns the kits' folder the command prints."""
     with open(PROJECT) as f:
         project = yaml.safe_load(f)
     for participant in project["participants"]:
         if participant["type"] == "server":
             participant["fed_learn_port"], participant["admin_port"] = fed_learn_port, admin_port
+    project["participants"] += list(extra_participants)
     os.makedirs(workspace, exist_ok=True)
     path = os.path.join(workspace, "project.yml")
     with open(path, "w") as f:
         yaml.safe_dump(project, f, sort_keys=False)
-    nvflare = os.path.join(os.path.dirname(sys.executable), "nvflare")
-    subprocess.run([nvflare, "provision", "-p", path, "-w", str(workspace)], check=True, capture_output=True)
-    return os.path.join(workspace, project["name"], "prod_00")
+    output = ok(make("provision", PROJECT_YML=path, PROVISION_DIR=str(workspace), timeout=120))
+    (kits,) = [line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("startup kits: ")]
+    return kits.rstrip("/")
+
+
+def test_make_provision_again_after_an_edit_gives_new_kits_with_the_same_root_ca(tmp_path):
+    fed_learn_port, admin_port = free_ports(2)
+    first = provision(tmp_path, fed_learn_port, admin_port)
+    hospital_d = {"name": "site-4", "type": "client", "org": "hospital_d"}
+    second = provision(tmp_path, fed_learn_port, admin_port, extra_participants=[hospital_d])
+    assert (os.path.basename(first), os.path.basename(second)) == ("prod_00", "prod_01")
+    assert os.path.isdir(os.path.join(second, "site-4", "startup")) and not os.path.exists(os.path.join(first, "site-4"))
+    for kit, certificate in (("server", "server.crt"), ("site-1", "client.crt"), ("researcher@fedseg.org", "client.crt")):
+        for name in ("rootCA.pem", certificate):  # a kit already handed out still works with the new ones
+            assert _read(first, kit, name) == _read(second, kit, name), (kit, name)
+
+
+def _read(prod: str, kit: str, name: str) -> bytes:
+    with open(os.path.join(prod, kit, "startup", name), "rb") as f:
+        return f.read()
 
 
 def start_kit(kit: str, env: dict) -> None:
@@ -63,15 +86,18 @@ def federation(tmp_path, tiny_fets):
     sites = tmp_path / "sites"
     prepare_sites(tiny_fets, str(sites), partitions=[1, 2], validation_fraction=0.34)
     fed_learn_port, admin_port = free_ports(2)
-    prod = provision(str(tmp_path / "kits"), fed_learn_port, admin_port)
+    handed_out = provision(str(tmp_path / "kits"), fed_learn_port, admin_port)
+    # provisioned again after an edit: site-1 keeps the kit it was sent, everyone else starts from the new set
+    prod = provision(str(tmp_path / "kits"), fed_learn_port, admin_port,
+                     extra_participants=[{"name": "site-4", "type": "client", "org": "hospital_d"}])
     env = dict(os.environ, FEDSEG_DATA_ROOT=str(sites),
                PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     admin = None
     try:
         start_kit(os.path.join(prod, "server"), env)
         time.sleep(5)
-        for site in ("site-1", "site-2"):
-            start_kit(os.path.join(prod, site), env)
+        start_kit(os.path.join(handed_out, "site-1"), env)
+        start_kit(os.path.join(prod, "site-2"), env)
         admin = session(prod, "admin@fedseg.org")
         deadline = time.time() + 90
         while connected(admin) != ["site-1", "site-2"] and time.time() < deadline:
