@@ -10,7 +10,7 @@ set -euo pipefail
 PY=${1:-.venv/bin/python}
 WORK=${WORK:-bench/.work/gpu}
 mkdir -p "$WORK"
-"$PY" -m bench.gpu_step --crops 128 --batch 2 --channels 32 64 128 256 --steps 10
+"$PY" -m bench.gpu_step --profile fets2022 --crops 128 --steps 10   # 2 crops per step, U-Net 32-256
 "$PY" -m bench.site_scale --device cuda --sizes 8 32 --baseline-sizes --distinct 4 --steps 20 --rounds 2 --work "$WORK"
 mkdir -p "$WORK/fed_sites"
 ln -sfn ../site_8 "$WORK/fed_sites/site-1"
