@@ -1,4 +1,4 @@
-"""FedRef's MAP step and reference buffer against the properties in DESIGN.md, computed independently."""
+"""FedRef's MAP step and reference buffer against their properties (docs/design.md), computed independently."""
 
 from __future__ import annotations
 
