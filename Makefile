@@ -25,7 +25,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m app demo --out $(DEMO_DIR)
+	$(PY) -m fedseg.app demo --out $(DEMO_DIR)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -35,7 +35,7 @@ test-fast: $(STAMP)
 
 # The demo's sites (made under $(DEMO_DIR) unless `make demo` already did); POC_ARGS adds options, e.g. --rounds 2.
 poc: $(STAMP)
-	$(PY) -m app poc --out $(POC_DIR) --demo-dir $(DEMO_DIR) $(POC_ARGS)
+	$(PY) -m fedseg.app poc --out $(POC_DIR) --demo-dir $(DEMO_DIR) $(POC_ARGS)
 
 # Each run writes the next prod_NN beside the earlier ones, with the same root CA and the same certificate
 # for every participant already provisioned (FLARE keeps them in <workspace>/<project>/state).
@@ -44,12 +44,12 @@ provision: $(STAMP)
 	@echo "startup kits: $$(ls -dt $(PROVISION_DIR)/*/prod_* | head -n 1)/"
 
 jobs: $(STAMP)
-	$(PY) -m jobs.export --out $(JOBS_DIR)
+	$(PY) -m fedseg.jobs.export --out $(JOBS_DIR)
 
 # Every benchmark in turn (about 1.8 hours on 2 CPU cores; each writes bench/results/<name>.json).
 # The site, server and overhead measurements use the demo's sites and run, made first if missing.
 bench: $(STAMP)
-	@test -d $(DEMO_DIR)/workspace/fedseg_fedref || $(PY) -m app demo --out $(DEMO_DIR)
+	@test -d $(DEMO_DIR)/workspace/fedseg_fedref || $(PY) -m fedseg.app demo --out $(DEMO_DIR)
 	$(PY) -m bench.prep_speed --subjects 8
 	$(PY) -m bench.site_cost --site $(DEMO_DIR)/sites/site-1
 	$(PY) -m bench.server_cost --demo-run $(DEMO_DIR)/workspace/fedseg_fedref

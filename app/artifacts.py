@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass, field
 
 from fedseg.controller import REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE
-from jobs.recipes import RUN_INFO_FILE
+from fedseg.jobs.recipes import RUN_INFO_FILE
 
 GLOBAL_MODEL_FILE = "FL_global_model.pt"
 CROSS_SITE_FILE = os.path.join("cross_site_val", "cross_val_results.json")

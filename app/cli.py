@@ -1,4 +1,4 @@
-"""``fedseg`` / ``python -m app``: the commands behind the Makefile.
+"""``fedseg`` / ``python -m fedseg.app``: the commands behind the Makefile.
 
     synth     synthetic FeTS2022-layout data (MNI152 anatomy, non-IID institutions)
     prepare   FeTS2022 folder + partitioning CSV -> one prepared folder per FLARE site
@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from data_prep.cli import add_fets2022_arguments
+from fedseg.data_prep.cli import add_fets2022_arguments
 from fedseg.settings import DEFAULT_PROFILE, PROFILES, add_training_arguments, profile, settings_from_arguments
 
 DEMO_ROUNDS = 20
@@ -31,7 +31,7 @@ def _progress(label: str):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from data_prep.synthetic import SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
     config = SyntheticConfig(shape=tuple(args.shape), seed=args.seed)
     folder = generate(args.out, config, progress=_progress("synthetic subjects"))
@@ -40,14 +40,14 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from data_prep.cli import run_fets2022
+    from fedseg.data_prep.cli import run_fets2022
 
     return run_fets2022(args)
 
 
 def _settings(args: argparse.Namespace):
     """The run's JobSettings: the chosen profile, with every training option given on the command line over it."""
-    from jobs.recipes import JobSettings
+    from fedseg.jobs.recipes import JobSettings
 
     training = settings_from_arguments(args, profile(args.profile))
     return JobSettings(
@@ -59,7 +59,7 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from jobs.recipes import run_simulation
+    from fedseg.jobs.recipes import run_simulation
 
     run = run_simulation(_settings(args), args.workspace, data_source=os.path.abspath(args.data_root))
     print(f"run folder: {run}")
@@ -67,8 +67,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from app.artifacts import load_run
-    from app.report import write_report
+    from fedseg.app.artifacts import load_run
+    from fedseg.app.report import write_report
 
     index = write_report(load_run(args.run), args.out or os.path.join(args.run, "report"))
     print(f"report: {index}")
@@ -77,8 +77,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Run each algorithm on the same data and settings (or take finished runs), then compare them."""
-    from app.compare import write_comparison
-    from jobs.recipes import SimulationError, run_simulation
+    from fedseg.app.compare import write_comparison
+    from fedseg.jobs.recipes import SimulationError, run_simulation
 
     folders = list(args.runs or [])
     failed = []
@@ -106,8 +106,8 @@ def _seed(args: argparse.Namespace) -> int:
 
 def _demo_sites(out: str, seed: int) -> tuple[str, str]:
     """Synthetic FeTS data and its three prepared sites under ``out`` (reused when already there)."""
-    from data_prep.fets2022 import prepare_sites
-    from data_prep.synthetic import SyntheticConfig, generate
+    from fedseg.data_prep.fets2022 import prepare_sites
+    from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
     print(f"synthetic FeTS2022 data in {out}/data")
     source = generate(os.path.join(out, "data"), SyntheticConfig(seed=seed), progress=_progress("  subjects"))
@@ -124,7 +124,7 @@ def _poc_demo_sites(demo_dir: str, seed: int) -> str:
     are; otherwise the demo's data and sites are made there, so that the demo and the POC share one copy
     whichever runs first.
     """
-    from app.poc import prepared_sites
+    from fedseg.app.poc import prepared_sites
 
     sites = os.path.join(os.path.abspath(demo_dir), "sites")
     try:
@@ -137,9 +137,9 @@ def _poc_demo_sites(demo_dir: str, seed: int) -> str:
 
 def cmd_poc(args: argparse.Namespace) -> int:
     """A POC federation (separate server and site processes) on prepared data, then the report."""
-    from app.artifacts import load_run
-    from app.poc import prepared_sites, run_poc
-    from app.report import write_report
+    from fedseg.app.artifacts import load_run
+    from fedseg.app.poc import prepared_sites, run_poc
+    from fedseg.app.report import write_report
 
     out = os.path.abspath(args.out)
     if not args.data_root:
@@ -154,7 +154,7 @@ def cmd_poc(args: argparse.Namespace) -> int:
 
 def cmd_infer(args: argparse.Namespace) -> int:
     """Segment one case with a trained global model."""
-    from app.infer import network_settings, segment, volumes_json
+    from fedseg.app.infer import network_settings, segment, volumes_json
 
     if args.run:
         model, config, roi = network_settings(args.run)
@@ -174,7 +174,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def _segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
     """Segment the first validation case of a site with the run's final model; returns the overlay PNG."""
-    from app.infer import network_settings, segment
+    from fedseg.app.infer import network_settings, segment
     from fedseg.data import load_site_datalist
 
     _, validation = load_site_datalist(site_folder)
@@ -189,9 +189,9 @@ def _segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
-    from app.artifacts import load_run
-    from app.report import build_summary, write_report
-    from jobs.recipes import run_simulation
+    from fedseg.app.artifacts import load_run
+    from fedseg.app.report import build_summary, write_report
+    from fedseg.jobs.recipes import run_simulation
 
     out = os.path.abspath(args.out)
     started = time.time()
@@ -216,7 +216,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _job_default(name: str):
-    from jobs.recipes import JobSettings
+    from fedseg.jobs.recipes import JobSettings
 
     return JobSettings.__dataclass_fields__[name].default
 

@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data_prep.atomic import atomic_path
+from fedseg.data_prep.atomic import atomic_path
 from fedseg.checkpoint import load_network
 from fedseg.data import validation_transforms
 from fedseg.regions import ENHANCING, MODALITIES, NECROTIC_CORE, OEDEMA, REGIONS, regions_to_labels
@@ -164,7 +164,7 @@ def segment(case: str | Sequence[str], model_path: str, output: str, network_con
 
 def network_settings(run_folder: str) -> tuple[str, dict, list[int]]:
     """(global model, network config, sliding-window size) of a finished run."""
-    from app.artifacts import load_run
+    from fedseg.app.artifacts import load_run
 
     run = load_run(run_folder)
     settings = run.run_info.get("settings", {})

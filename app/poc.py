@@ -21,7 +21,7 @@ import yaml
 
 from fedseg.controller import ROUND_METRICS_FILE
 from fedseg.data import DATA_ROOT_ENV
-from jobs.recipes import CUSTOM_DIR, RUN_INFO_FILE, JobSettings, build_recipe
+from fedseg.jobs.recipes import CUSTOM_DIR, RUN_INFO_FILE, JobSettings, build_recipe
 
 PROJECT_NAME = "fedseg_poc"
 ADMIN = "admin@fedseg.local"

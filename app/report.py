@@ -1,6 +1,6 @@
 """The run report: ``index.html`` (self-contained, plots inline), ``metrics.csv`` and ``summary.json``.
 
-Numbers come only from the run's artifacts (``app.artifacts``):
+Numbers come only from the run's artifacts (``fedseg.app.artifacts``):
 - learning curves: round r's record holds each site's validation of the global model it received at
   round r, i.e. the model after r aggregations (r = 0 is the initial model);
 - final scores: cross-site evaluation of the final global model on each site's validation split (the
@@ -18,8 +18,8 @@ import math
 import os
 import time
 
-from app.artifacts import SERVER_MODEL_KEY, RunArtifacts
-from data_prep.atomic import atomic_directory, write_json
+from fedseg.app.artifacts import SERVER_MODEL_KEY, RunArtifacts
+from fedseg.data_prep.atomic import atomic_directory, write_json
 from fedseg.metrics import DICE_KEYS, HD95_KEYS
 
 SCORE_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS

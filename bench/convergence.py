@@ -5,7 +5,7 @@ scale, bias field, noise and tumour sizes. Every algorithm runs the same rounds,
 network on the same prepared sites, once per seed (the seed drives initialisation and augmentation).
 Then a FedRef grid over p x lambda2 (one seed each). Measures per run, from the run's artifacts: final
 Dice (all validation cases), the per-round mean Dice curve, rounds to a target mean Dice, forgetting
-(``app.compare``).
+(``fedseg.app.compare``).
 
 Each finished run is written to the result file at once, and ``--resume`` skips the runs already in it,
 so a long measurement can be spread over several sittings (the synthetic sites are the same every time).
@@ -34,8 +34,8 @@ ALGORITHMS = ["fedref", "fedavg", "fedprox", "fedadam", "scaffold"]
 
 
 def prepare(work: str) -> str:
-    from data_prep.fets2022 import prepare_sites
-    from data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.fets2022 import prepare_sites
+    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
     config = SyntheticConfig(institutions=[
         Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
@@ -73,9 +73,9 @@ def run_one(sites: str, work: str, attempts: int = 3, **settings) -> dict:
     loses a site's worker as it starts ("Connection reset by peer"), and the job then goes on with the
     others, each round waiting for the absent one. Such a run is reported and run again.
     """
-    from app.artifacts import load_run
-    from app.compare import summarise
-    from jobs.recipes import JobSettings, run_simulation
+    from fedseg.app.artifacts import load_run
+    from fedseg.app.compare import summarise
+    from fedseg.jobs.recipes import JobSettings, run_simulation
 
     job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
                       **settings)

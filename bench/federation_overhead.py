@@ -41,8 +41,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="demo_output/sites")
     args = parser.parse_args()
-    from app.artifacts import load_run
-    from jobs.recipes import JobSettings, run_simulation
+    from fedseg.app.artifacts import load_run
+    from fedseg.jobs.recipes import JobSettings, run_simulation
 
     data_root = os.path.abspath(args.data_root)
     outside = json.loads(subprocess.run([sys.executable, "-c", OUTSIDE, os.path.join(data_root, "site-1")], check=True,

@@ -2,7 +2,7 @@
 
 FeTS2022's partitioning_1 has 23 institutions. One tiny synthetic institution per site (2 subjects on a
 32x32x24 grid: one training and one validation case), sites ``site-1..site-N`` prepared by
-``data_prep.fets2022.prepare_sites``, and a FLARE simulator federation of N = 3, 8 and 23 sites (all of
+``fedseg.data_prep.fets2022.prepare_sites``, and a FLARE simulator federation of N = 3, 8 and 23 sites (all of
 partitioning_1) with a tiny network (channels 8-16-32, one local epoch of one step, one torch thread per
 site, no cross-site evaluation): a round then costs little training, and what grows with N is the
 federation itself. The simulator runs every site as its own worker process (``SimEnv(num_threads=N)``).
@@ -65,7 +65,7 @@ NETWORK = dict(local_epochs=1, crop=SHAPE, channels=(8, 16, 32), threads=1, cros
 
 CHILD = r"""
 import json, sys
-from jobs.recipes import JobSettings, run_simulation
+from fedseg.jobs.recipes import JobSettings, run_simulation
 settings = JobSettings(**json.loads(sys.argv[1]))
 folder = run_simulation(settings, sys.argv[2], data_source="synthetic, one institution per site")
 with open(sys.argv[3], "w") as f:
@@ -147,8 +147,8 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 # -- running one federation ------------------------------------------------------------------------------
 def prepare_data(work: str, n_sites: int) -> str:
     """Site folders site-1..site-N, one synthetic institution each (generated once, kept in ``work``)."""
-    from data_prep.fets2022 import prepare_sites
-    from data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.fets2022 import prepare_sites
+    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
     config = SyntheticConfig(shape=SHAPE, institutions=[
         Institution(subjects=SUBJECTS_PER_SITE, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)

@@ -15,6 +15,6 @@ mkdir -p "$WORK"
 mkdir -p "$WORK/fed_sites"
 ln -sfn ../site_8 "$WORK/fed_sites/site-1"
 ln -sfn ../site_32 "$WORK/fed_sites/site-2"
-"$PY" -m app simulate --profile fets2022 --data-root "$WORK/fed_sites" --sites site-1 site-2 --rounds 3 \
+"$PY" -m fedseg.app simulate --profile fets2022 --data-root "$WORK/fed_sites" --sites site-1 site-2 --rounds 3 \
     --workspace "$WORK/fed_ws"
-"$PY" -m app report "$WORK/fed_ws/fedseg_fedref"
+"$PY" -m fedseg.app report "$WORK/fed_ws/fedseg_fedref"

@@ -28,7 +28,7 @@ for m in ("t1", "t1ce", "t2", "flair"):
 
 
 def main() -> None:
-    from data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
     from fedseg.network import FedSegUNet
 
     work = tempfile.mkdtemp(prefix="fedseg_infer_bench_")

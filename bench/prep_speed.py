@@ -1,7 +1,7 @@
 """Data preparation speed and memory on full-size (240x240x155) synthetic FeTS2022 subjects.
 
 Baseline in the same run: decoding the five volumes of every subject with nibabel in one process (the
-least any check can cost). Each preparation mode runs as ``python -m data_prep fets2022`` in a fresh
+least any check can cost). Each preparation mode runs as ``python -m fedseg.data_prep fets2022`` in a fresh
 process with 1 and with all cores; a second run in link mode shows the cost of an unchanged re-run.
 
     .venv/bin/python -m bench.prep_speed [--subjects 8]
@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     args = parser.parse_args()
-    from data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
     work = args.workdir or tempfile.mkdtemp(prefix="fedseg_prep_bench_")
     config = SyntheticConfig(shape=(240, 240, 155), institutions=[Institution(subjects=args.subjects)])

@@ -62,7 +62,7 @@ def measure(model: dict, sites: int = 3, repeats: int = 5) -> dict:
 def round_seconds(run_folder: str | None) -> float | None:
     if not run_folder:
         return None
-    from app.artifacts import load_run
+    from fedseg.app.artifacts import load_run
 
     records = load_run(run_folder).rounds
     rounds = [r.get("seconds") for r in records[1:] if r.get("seconds")]

@@ -103,7 +103,7 @@ print(json.dumps({"cases": len(training) + len(validation),
 
 def make_pool(work: str, distinct: int) -> str:
     """``distinct`` full-size synthetic subjects (made once; reused when already there)."""
-    from data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
     folder = os.path.join(work, "pool")
     done = os.path.join(folder, "MICCAI_FeTS2022_TrainingData")
@@ -116,7 +116,7 @@ def make_pool(work: str, distinct: int) -> str:
 
 def make_site(work: str, pool: str, cases: int) -> str:
     """A prepared site folder of ``cases`` cases: new subject ids whose files are hard links into the pool."""
-    from data_prep.layout import MODALITIES, SEG, subject_id
+    from fedseg.data_prep.layout import MODALITIES, SEG, subject_id
 
     site = os.path.join(work, f"site_{cases}")
     datalist = os.path.join(site, "datalist.json")
@@ -177,7 +177,7 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
         time.sleep(0.2)
     if process.returncode != 0:
         raise RuntimeError(f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}")
-    from app.artifacts import load_run
+    from fedseg.app.artifacts import load_run
 
     records = load_run(os.path.join(workspace, "fedseg_fedref")).rounds
     site = [r["sites"]["site-1"] for r in records]

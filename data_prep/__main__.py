@@ -1,3 +1,3 @@
-from data_prep.cli import main
+from fedseg.data_prep.cli import main
 
 raise SystemExit(main())

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 import nibabel as nib
 import numpy as np
 
-from data_prep.layout import MODALITIES, SEG, subject_file
+from fedseg.data_prep.layout import MODALITIES, SEG, subject_file
 from fedseg.regions import VALID_LABELS
 
 KINDS = (*MODALITIES, SEG)

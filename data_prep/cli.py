@@ -1,4 +1,4 @@
-"""``python -m data_prep``: FeTS2022 preparation and synthetic data (also reachable as ``fedseg prepare``).
+"""``python -m fedseg.data_prep``: FeTS2022 preparation and synthetic data (also reachable as ``fedseg prepare``).
 
 Exit status: 0 when at least one site was prepared (rejections are reported, not fatal); 1 when the CSV
 is unusable, no site has data, or ``--strict`` met a rejection; 2 for wrong arguments.
@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from data_prep.materialise import MODES
+from fedseg.data_prep.materialise import MODES
 
 
 def add_fets2022_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,7 +33,7 @@ def add_fets2022_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_fets2022(args: argparse.Namespace) -> int:
-    from data_prep.fets2022 import PartitionCsvError, PrepError, format_summary, prepare
+    from fedseg.data_prep.fets2022 import PartitionCsvError, PrepError, format_summary, prepare
 
     try:
         result = prepare(
@@ -50,14 +50,14 @@ def run_fets2022(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    from data_prep.synthetic import SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
     print(generate(args.out, SyntheticConfig(shape=tuple(args.shape), seed=args.seed)))
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m fedseg.data_prep", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fets2022", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")

@@ -1,7 +1,7 @@
 """FeTS2022 training folder + partitioning CSV -> one prepared folder per site, every case checked.
 
 For each chosen partition a folder named as its FLARE client receives the subjects that pass every check
-(``data_prep.checks``) in the chosen mode (``data_prep.materialise``), a MONAI-style ``datalist.json``
+(``fedseg.data_prep.checks``) in the chosen mode (``fedseg.data_prep.materialise``), a MONAI-style ``datalist.json``
 (seeded training/validation split) and a ``manifest.json`` (subjects, split, source file sizes and
 mtimes, crops). The run writes ``rejected.csv`` (subject, file, reason) and ``prep_summary.json`` beside
 the site folders and returns what it did.
@@ -24,11 +24,11 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from data_prep.atomic import write_json, write_text
-from data_prep.checks import KINDS, Problem, SubjectCheck, check_subject, signature
-from data_prep.layout import MODALITIES, SEG, subject_file
-from data_prep.materialise import MODES, materialise
-from data_prep.partitions import PartitionCsvError, PartitionTable, parse_partitions
+from fedseg.data_prep.atomic import write_json, write_text
+from fedseg.data_prep.checks import KINDS, Problem, SubjectCheck, check_subject, signature
+from fedseg.data_prep.layout import MODALITIES, SEG, subject_file
+from fedseg.data_prep.materialise import MODES, materialise
+from fedseg.data_prep.partitions import PartitionCsvError, PartitionTable, parse_partitions
 
 DATALIST_NAME = "datalist.json"
 MANIFEST_NAME = "manifest.json"

@@ -17,9 +17,9 @@ import shutil
 import nibabel as nib
 import numpy as np
 
-from data_prep.atomic import atomic_directory
-from data_prep.checks import KINDS, SubjectCheck
-from data_prep.layout import SEG, subject_file
+from fedseg.data_prep.atomic import atomic_directory
+from fedseg.data_prep.checks import KINDS, SubjectCheck
+from fedseg.data_prep.layout import SEG, subject_file
 
 MODES = ("link", "copy", "preprocess")
 INT16 = np.iinfo(np.int16)

@@ -11,7 +11,7 @@ import csv
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from data_prep.layout import PARTITION_HEADER
+from fedseg.data_prep.layout import PARTITION_HEADER
 
 
 class PartitionCsvError(ValueError):

@@ -5,7 +5,7 @@ folders, and it names no path of the machine that exported it. Each site finds i
 its own ``FEDSEG_DATA_ROOT`` environment variable (see the README's operator guide). Every
 hyperparameter is written out in the configs, defaults included, so that it can be read and edited there.
 
-    python -m jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
+    python -m fedseg.jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
                           [--quantization float16]
 
 ``--profile`` picks the sites' training settings (``fedseg.settings``): the committed jobs use ``demo``;
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 from fedseg.settings import DEFAULT_PROFILE, PROFILES
 from fedseg.wire import QUANTIZATION_TYPES
-from jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
+from fedseg.jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
 
 JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
 FEDREF_ARGS = ("buffer_size", "lambda1", "lambda2", "reference_weighting", "lambda2_factor", "lambda2_every",

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from data_prep.synthetic import Institution, SyntheticConfig, generate
+from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
 FETS_CSV_DIR = os.path.join(os.path.dirname(__file__), "data", "fets2022")
 TINY_SHAPE = (32, 32, 24)

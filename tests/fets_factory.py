@@ -15,7 +15,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 
-from data_prep.layout import MODALITIES, PARTITION_HEADER, subject_file
+from fedseg.data_prep.layout import MODALITIES, PARTITION_HEADER, subject_file
 
 FETS_SHAPE = (240, 240, 155)
 KINDS = (*MODALITIES, "seg")

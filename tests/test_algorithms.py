@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from app.artifacts import load_run
-from data_prep.fets2022 import prepare_sites
+from fedseg.app.artifacts import load_run
+from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.checkpoint import load_network
-from jobs.recipes import JobSettings, run_simulation
+from fedseg.jobs.recipes import JobSettings, run_simulation
 
 pytestmark = pytest.mark.integration
 

@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from data_prep.cli import main as data_prep_main
-from data_prep.fets2022 import PrepError, prepare
-from data_prep.layout import subject_file
-from data_prep.materialise import uncrop
+from fedseg.data_prep.cli import main as data_prep_main
+from fedseg.data_prep.fets2022 import PrepError, prepare
+from fedseg.data_prep.layout import subject_file
+from fedseg.data_prep.materialise import uncrop
 from fets_factory import (
     FETS_SHAPE, build_from_csv, read_csv, save, sri24_affine, tree_digest, volumes, write_csv, write_subject,
 )

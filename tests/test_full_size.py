@@ -15,13 +15,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from app.artifacts import load_run
-from data_prep.fets2022 import prepare_sites
-from data_prep.synthetic import Institution, SyntheticConfig, generate
+from fedseg.app.artifacts import load_run
+from fedseg.data_prep.fets2022 import prepare_sites
+from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 from fedseg.cache import CACHE_SUFFIX
 from fedseg.checkpoint import load_network
 from fedseg.settings import profile
-from jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings
+from fedseg.jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings
 
 pytestmark = pytest.mark.integration
 

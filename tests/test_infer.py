@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from app.infer import InferenceError, region_volumes, segment
+from fedseg.app.infer import InferenceError, region_volumes, segment
 from fedseg.network import FedSegUNet
 from fets_factory import FETS_SHAPE, save, sri24_affine, write_subject
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from commands import fedseg, ok
 
-from app.artifacts import load_run
-from app.infer import network_settings
+from fedseg.app.artifacts import load_run
+from fedseg.app.infer import network_settings
 from fedseg.checkpoint import load_network, load_state_dict
 
 pytestmark = pytest.mark.integration

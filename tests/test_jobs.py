@@ -9,8 +9,8 @@ import os
 import pytest
 from commands import make, ok
 
-from jobs.export import JOBS_DIR
-from jobs.recipes import ALGORITHMS
+from fedseg.jobs.export import JOBS_DIR
+from fedseg.jobs.recipes import ALGORITHMS
 
 
 def tree(folder: str) -> list[str]:
@@ -62,7 +62,7 @@ def test_fedref_hyperparameters_are_visible_in_the_config():
 
 
 def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):
-    from jobs.export import main
+    from fedseg.jobs.export import main
 
     assert main(["--profile", "fets2022", "--out", str(tmp_path)]) == 0
     client = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_client.json"))

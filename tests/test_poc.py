@@ -21,7 +21,7 @@ def flare_processes(workspace: str) -> list[str]:
 
 
 def test_make_poc_runs_fedref_on_the_demos_three_sites_and_stops_everything(tmp_path, tiny_fets):
-    from data_prep.fets2022 import prepare_sites
+    from fedseg.data_prep.fets2022 import prepare_sites
 
     demo = tmp_path / "demo"  # as `make demo` leaves it: three prepared sites under <demo>/sites
     prepare_sites(tiny_fets, str(demo / "sites"), partitions=[1, 2, 3], validation_fraction=0.34)

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from data_prep.fets2022 import prepare_sites, split_subjects
-from data_prep.partitions import PartitionCsvError, read_partitions
+from fedseg.data_prep.fets2022 import prepare_sites, split_subjects
+from fedseg.data_prep.partitions import PartitionCsvError, read_partitions
 from fedseg.data import load_site_datalist
 
 

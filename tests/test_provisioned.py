@@ -19,11 +19,11 @@ import time
 import pytest
 import yaml
 
-from app.poc import federation_processes, free_ports, stop_leftovers
+from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
 from commands import make, ok
-from data_prep.fets2022 import prepare_sites
-from jobs.export import export_job
-from jobs.recipes import REPO_ROOT, JobSettings
+from fedseg.data_prep.fets2022 import prepare_sites
+from fedseg.jobs.export import export_job
+from fedseg.jobs.recipes import REPO_ROOT, JobSettings
 
 pytestmark = pytest.mark.integration
 

@@ -9,8 +9,8 @@ import os
 import numpy as np
 import pytest
 
-from app.artifacts import RunArtifactsError, load_run
-from app.report import write_report
+from fedseg.app.artifacts import RunArtifactsError, load_run
+from fedseg.app.report import write_report
 
 
 def scores(dice: float, n: int) -> dict:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from app.artifacts import load_run
-from app.render import find_chromium, screenshot
-from app.report import write_report
+from fedseg.app.artifacts import load_run
+from fedseg.app.render import find_chromium, screenshot
+from fedseg.app.report import write_report
 from test_report import run_folder  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (.ci/run installs it)")

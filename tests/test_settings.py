@@ -9,10 +9,10 @@ from dataclasses import fields
 
 import pytest
 
-from app.cli import _settings, build_parser
+from fedseg.app.cli import _settings, build_parser
 from fedseg.settings import PROFILES, TrainingSettings, profile, settings_from_arguments
 from fedseg.trainer import parse_args
-from jobs.recipes import REPO_ROOT, JobSettings
+from fedseg.jobs.recipes import REPO_ROOT, JobSettings
 
 TRAINING_FIELDS = [f.name for f in fields(TrainingSettings)]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from data_prep.fets2022 import prepare
+from fedseg.data_prep.fets2022 import prepare
 from fedseg.cache import CACHE_SUFFIX, CaseCache, case_name, decode_transforms
 from fedseg.data import cache_folder, load_site_datalist, make_site_data, validation_subset
 from fedseg.settings import TrainingSettings

@@ -10,8 +10,8 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
-from data_prep.layout import MODALITIES, TRAINING_FOLDER
-from data_prep.synthetic import generate
+from fedseg.data_prep.layout import MODALITIES, TRAINING_FOLDER
+from fedseg.data_prep.synthetic import generate
 
 from conftest import TINY_SHAPE, tiny_config
 
