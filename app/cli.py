@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -187,6 +188,17 @@ def _segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
     return result.overlay
 
 
+def cmd_install_policy(args: argparse.Namespace) -> int:
+    from fedseg.app.kit_policy import install_policy, planned_files
+
+    if args.show:
+        print(json.dumps(planned_files(args.kit, args.data_root, args.cache_dir, args.store), indent=2))
+        return 0
+    for path in install_policy(args.kit, args.data_root, args.cache_dir, args.store, force=args.force):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Synthetic data -> 3 sites -> FedRef in the simulator -> report."""
     from fedseg.app.artifacts import load_run
@@ -296,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")
     p.add_argument("--out", default=None, help="report folder (default: <run>/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("install-policy", help="FedRef-Seg's site or server policy files into a startup kit's local/")
+    p.add_argument("kit", help="the startup kit folder (a site's or the server's)")
+    p.add_argument("--data-root", help="site: the folder holding this site's prepared folder (<data-root>/<site>)")
+    p.add_argument("--cache-dir", help="site: where decoded cases are cached (default: fedseg_cache in the workspace)")
+    p.add_argument("--store", help="server: folder of the job store and snapshots (default: <kit>/store)")
+    p.add_argument("--force", action="store_true", help="replace policy files that differ (old ones kept)")
+    p.add_argument("--show", action="store_true", help="print the files instead of writing them")
+    p.set_defaults(func=cmd_install_policy)
 
     p = sub.add_parser("demo", help="synthetic data, 3 sites, FedRef in the simulator, report")
     p.add_argument("--out", default="demo_output")

@@ -20,8 +20,8 @@ import time
 import yaml
 
 from fedseg.controller import ROUND_METRICS_FILE
-from fedseg.data import DATA_ROOT_ENV
-from fedseg.jobs.recipes import CUSTOM_DIR, RUN_INFO_FILE, JobSettings, build_recipe
+from fedseg.site_config import site_environment
+from fedseg.jobs.recipes import RUN_INFO_FILE, JobSettings, build_recipe
 
 PROJECT_NAME = "fedseg_poc"
 ADMIN = "admin@fedseg.local"
@@ -88,15 +88,16 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     data_root = os.path.abspath(data_root)
     workspace = os.path.abspath(workspace)
     os.makedirs(workspace, exist_ok=True)
-    settings.data_root = None  # the job names no path; each site reads FEDSEG_DATA_ROOT
     fed_learn_port, admin_port = free_ports(2)
     project_path = os.path.join(workspace, "project.yml")
     with open(project_path, "w", encoding="utf-8") as f:
         yaml.safe_dump(poc_project(settings.sites, fed_learn_port, admin_port), f, sort_keys=False)
     poc_workspace = os.path.join(workspace, "poc")
-    saved_env = {k: os.environ.get(k) for k in ("NVFLARE_POC_WORKSPACE", DATA_ROOT_ENV)}
+    saved_poc_workspace = os.environ.get("NVFLARE_POC_WORKSPACE")
     os.environ["NVFLARE_POC_WORKSPACE"] = poc_workspace
-    os.environ[DATA_ROOT_ENV] = data_root  # inherited by the site processes POC starts
+    # the site processes POC starts inherit this environment: each reads its data folder from it
+    restore = contextlib.ExitStack()
+    restore.enter_context(site_environment(data_root, settings.cache_dir, allow_drills=bool(settings.faults)))
     print(f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
           flush=True)
     # num_clients too: PocEnv defaults it to 2 and refuses a clients list of any other length
@@ -105,8 +106,7 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     recipe = build_recipe(settings)
     started = time.time()
     try:
-        with contextlib.chdir(CUSTOM_DIR):
-            run = recipe.run(env)
+        run = recipe.run(env)
         job_id = run.get_job_id()
         print(f"submitted job {job_id}", flush=True)
         shown = 0
@@ -138,11 +138,11 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     finally:
         env.stop(clean_up=False)
         left = stop_leftovers(poc_workspace)
-        for key, value in saved_env.items():  # this process's environment as it was
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        restore.close()  # this process's environment as it was
+        if saved_poc_workspace is None:
+            os.environ.pop("NVFLARE_POC_WORKSPACE", None)
+        else:
+            os.environ["NVFLARE_POC_WORKSPACE"] = saved_poc_workspace
         print(f"POC federation stopped{f' ({left} lingering processes ended)' if left else ''}", flush=True)
 
 

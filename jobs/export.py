@@ -1,12 +1,15 @@
 """Export one job folder per algorithm (``make jobs``), ready for ``submit_job`` / ``nvflare job submit``.
 
-Each folder is self-contained: the site script and the ``fedseg`` package travel in its ``custom``
-folders, and it names no path of the machine that exported it. Each site finds its prepared data through
-its own ``FEDSEG_DATA_ROOT`` environment variable (see the README's operator guide). Every
-hyperparameter is written out in the configs, defaults included, so that it can be read and edited there.
+Each folder is configuration only: the sites and the server run the installed fedref-seg package of the
+version the job names, and the job names no path of the machine that exported it (each site reads its data
+folder from its own kit, see docs/operations.md). Every hyperparameter is written out in the configs,
+defaults included, so that it can be read and edited there.
 
     python -m fedseg.jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
-                          [--quantization float16]
+                          [--quantization float16] [--byoc]
+
+``--byoc`` also puts the ``fedseg`` package in the job's custom folders (bring-your-own-code), for POC or
+experiments on sites without it installed; a hospital's site policy refuses such jobs.
 
 ``--profile`` picks the sites' training settings (``fedseg.settings``): the committed jobs use ``demo``;
 ``fets2022`` is the full-size FeTS2022 profile (128^3 crops, bounded local steps and validation).
@@ -18,7 +21,6 @@ the committed jobs are full precision.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -27,7 +29,7 @@ from collections.abc import Sequence
 
 from fedseg.settings import DEFAULT_PROFILE, PROFILES
 from fedseg.wire import QUANTIZATION_TYPES
-from fedseg.jobs.recipes import ALGORITHMS, CUSTOM_DIR, REPO_ROOT, JobSettings, build_recipe
+from fedseg.jobs.recipes import ALGORITHMS, REPO_ROOT, JobSettings, build_recipe
 
 JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
 FEDREF_ARGS = ("buffer_size", "lambda1", "lambda2", "reference_weighting", "lambda2_factor", "lambda2_every",
@@ -71,10 +73,10 @@ def _clean(job_dir: str) -> None:
 def export_job(settings: JobSettings, out_dir: str) -> str:
     """Export one job into ``out_dir/<algorithm>`` (replaced atomically); returns its path."""
     target = os.path.join(out_dir, settings.algorithm)
+    os.makedirs(out_dir, exist_ok=True)
     recipe = build_recipe(settings)
     with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        with contextlib.chdir(CUSTOM_DIR):
-            recipe.export(tmp)
+        recipe.export(tmp)
         exported = os.path.join(tmp, settings.job_name)
         _explicit_server_args(exported, settings)
         _clean(exported)
@@ -85,10 +87,10 @@ def export_job(settings: JobSettings, out_dir: str) -> str:
 
 
 def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3"),
-                     quantization: str | None = None, profile: str = DEFAULT_PROFILE) -> JobSettings:
+                     quantization: str | None = None, profile: str = DEFAULT_PROFILE, byoc: bool = False) -> JobSettings:
     """The committed jobs: a profile's training settings, no data or cache path (each site sets its own)."""
     return JobSettings.for_profile(profile, algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None,
-                                   threads=0, quantization=quantization)
+                                   threads=0, quantization=quantization, byoc=byoc)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -99,10 +101,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--quantization", choices=QUANTIZATION_TYPES, help="compress the training transfer")
     parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help="the sites' training settings")
+    parser.add_argument("--byoc", action="store_true", help="ship the fedseg package in the job (POC, experiments)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     for algorithm in args.algorithms:
-        print(export_job(default_settings(algorithm, args.rounds, args.sites, args.quantization, args.profile), args.out))
+        settings = default_settings(algorithm, args.rounds, args.sites, args.quantization, args.profile, args.byoc)
+        print(export_job(settings, args.out))
     return 0
 
 

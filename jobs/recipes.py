@@ -1,17 +1,23 @@
 """The job builder: one recipe per algorithm from one set of settings, run in FLARE's simulator or exported.
 
-Everything a researcher tunes lives in ``JobSettings``; the trainer's settings travel as its command-line
-arguments in the job config, the server's as the controller's constructor arguments, so both are visible
-and editable in an exported job folder.
+Everything a researcher tunes lives in ``JobSettings``. A job carries configuration only: the sites run
+the installed ``fedseg`` package through ``fedseg.executor.SiteExecutor`` (the training settings are its
+arguments), the server its controllers (their settings are constructor arguments), and both sides check
+that they have the fedref-seg version the job was built for. Where the sites' data and caches are is the
+sites' own business (``fedseg.site_config``); the simulator and POC set it for their local sites.
+``byoc=True`` also ships the ``fedseg`` package inside the job, for sites without it installed (simulator,
+POC, experiments); a hospital's policy refuses such jobs.
 """
 
 from __future__ import annotations
 
-import contextlib
+import atexit
+import functools
 import glob
 import os
 import shlex
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
@@ -23,14 +29,16 @@ from fedseg.data_prep.atomic import write_json
 from fedseg.controller import (
     REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )
+import fedseg
+from fedseg.executor import TRAINER_SCRIPT, SiteExecutor, VersionGuard
 from fedseg.network import FedSegUNet
-from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile, training_arguments
+from fedseg.policy import with_allow_list
+from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile
+from fedseg.site_config import site_environment
 from fedseg.wire import GPU_QUANTIZATION, WireSizeMeter, check_quantization, quantization_filters
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CUSTOM_DIR = os.path.join(REPO_ROOT, "custom")
-CLIENT_SCRIPT_NAME = "client.py"  # found in the job's custom folder at run time: no path of this machine
-PACKAGE_DIR = os.path.join(CUSTOM_DIR, "fedseg")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a source checkout (tests, make jobs)
+PACKAGE_DIR = os.path.dirname(os.path.abspath(fedseg.__file__))  # what a BYOC job ships
 ALGORITHMS = {
     "fedref": FedRefController,
     "fedavg": RecordingFedAvg,
@@ -53,8 +61,10 @@ class JobSettings(TrainingSettings):
     sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
     num_rounds: int = 10
     min_clients: int | None = None
+    # the local sites' data and caches, for the simulator and POC only: set in the environment of the site
+    # processes they start (fedseg.site_config), never written into the job
     data_root: str | None = None
-    cache_dir: str | None = None  # sites' decoded-case caches (default: each site's own; see fedseg.data)
+    cache_dir: str | None = None
     # FedRef server step (see fedseg.fedref)
     buffer_size: int = 3
     lambda1: float = 0.1
@@ -70,7 +80,7 @@ class JobSettings(TrainingSettings):
     # resilience: accepted updates needed to change the global model (default: a majority of the sites),
     # and how long a round waits for the others once that many have answered
     wait_after_min_seconds: int = 60
-    faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (tests only)
+    faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (sites must allow them)
     cross_site_eval: bool = True
     # compressed transfer of the training task's models and updates through NVFlare's quantisation
     # filters: "float16" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
@@ -78,6 +88,8 @@ class JobSettings(TrainingSettings):
     name: str | None = None
     # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
     resume_from: str | None = None
+    # ship the fedseg package inside the job (bring-your-own-code) for sites that do not have it installed
+    byoc: bool = False
 
     @classmethod
     def for_profile(cls, name: str = DEFAULT_PROFILE, **overrides) -> JobSettings:
@@ -105,16 +117,9 @@ class JobSettings(TrainingSettings):
     def job_name(self) -> str:
         return self.name or f"fedseg_{self.algorithm}"
 
-    def train_args(self) -> str:
-        """The trainer's command line, as it appears in the job config."""
-        args = training_arguments(self)
-        if self.data_root:
-            args += ["--data_root", self.data_root]
-        if self.cache_dir:
-            args += ["--cache_dir", self.cache_dir]
-        for fault in self.faults:
-            args += ["--fault", fault]
-        return " ".join(shlex.quote(str(a)) for a in args)
+    def site_executor(self) -> SiteExecutor:
+        """What every site runs: the installed trainer with these training settings (and drills, if any)."""
+        return SiteExecutor(package_version=fedseg.__version__, training=self.training_values(), drills=self.faults)
 
     def resume_files(self) -> tuple[str, str, int] | None:
         """(global model checkpoint, reference buffer, next round) of the run to continue, if any."""
@@ -151,12 +156,16 @@ class FedSegRecipe(FedAvgRecipe):
             model=settings.network(),
             min_clients=len(settings.sites),  # every site is asked every round
             num_rounds=settings.num_rounds,
-            train_script=CLIENT_SCRIPT_NAME,
-            train_args=settings.train_args(),
+            train_script=TRAINER_SCRIPT,  # NVFlare's check only: the sites get SiteExecutor, not a script
             key_metric="dice_mean",
         )
+        self._job.to_server(VersionGuard(package_version=fedseg.__version__), id="version_guard")
         if settings.algorithm in ("fedadam", "fedavgm"):
             self._job.to_server(settings.network(), id=FEDOPT_MODEL_ID)  # FedOpt's server-side optimiser target
+
+    def _prepare_client_apps(self) -> None:
+        # instead of NVFlare's ScriptRunner (ClientAPIExecutor + the script copied into the job's custom folder)
+        self._job.to_clients(self.settings.site_executor(), tasks=["*"])
 
     def _create_controller(self, persistor_id, model_params, model_aggregator):
         s = self.settings
@@ -192,18 +201,29 @@ class FedSegRecipe(FedAvgRecipe):
 
 
 def build_recipe(settings: JobSettings) -> FedSegRecipe:
-    """The job for these settings: trainer + fedseg package on every site, controller on the server."""
-    with contextlib.chdir(CUSTOM_DIR):  # the client script is named relative to custom/, as it runs
-        recipe = FedSegRecipe(settings)
-        # custom/ holds client.py and the fedseg package: both travel with the job, as they are
-        recipe.add_client_file(CUSTOM_DIR)
-        recipe.add_server_file(CUSTOM_DIR)
-        add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
-        if settings.quantization:
-            add_compressed_transfer(recipe, settings.quantization)
-        if settings.cross_site_eval:
-            add_cross_site_evaluation(recipe)
+    """The job for these settings: SiteExecutor on every site, the algorithm's controller on the server."""
+    recipe = FedSegRecipe(settings)
+    if settings.byoc:  # the package travels in the job's custom folders, as it is
+        recipe.add_client_file(byoc_source())
+        recipe.add_server_file(byoc_source())
+    else:  # installed on every site and the server: FLARE must not copy our modules into the job
+        recipe._job.set_app_packages([fedseg.__name__])
+    add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
+    if settings.quantization:
+        add_compressed_transfer(recipe, settings.quantization)
+    if settings.cross_site_eval:
+        add_cross_site_evaluation(recipe)
     return recipe
+
+
+@functools.cache
+def byoc_source() -> str:
+    """A folder holding (a link to) the package as ``fedseg/``: FLARE copies a folder's contents into
+    ``custom/``, and the package must arrive there under its own name. Removed when this process ends."""
+    staging = tempfile.mkdtemp(prefix="fedseg_byoc_")
+    atexit.register(shutil.rmtree, staging, True)
+    os.symlink(PACKAGE_DIR, os.path.join(staging, fedseg.__name__))
+    return staging
 
 
 def add_compressed_transfer(recipe: FedSegRecipe, quantization: str) -> None:
@@ -250,11 +270,13 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     if not settings.cache_dir:  # the simulated sites' caches outlive a run: the next run starts at once
         settings = replace(settings, cache_dir=os.path.join(workspace_root, SIMULATOR_CACHE_NAME))
     recipe = build_recipe(settings)
+    # the simulator enforces a class allow-list on non-BYOC jobs: ours, the one a hospital installs
+    write_json(os.path.join(run_folder, "local", "resources.json"), with_allow_list({"format_version": 2}, "simulator"))
     env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=workspace_root)
     started = time.time()
     failure = None
     try:
-        with contextlib.chdir(CUSTOM_DIR):  # where the recipe finds client.py when it deploys the job
+        with site_environment(settings.data_root, settings.cache_dir, allow_drills=bool(settings.faults)):
             recipe.run(env)
     except Exception as exc:  # the simulator raises for a failed job; we still report what it left
         failure = exc

@@ -1,16 +1,19 @@
-"""The committed job folders: what `make jobs` writes, self-contained, editable."""
+"""The committed job folders: what `make jobs` writes, configuration only, editable."""
 
 from __future__ import annotations
 
 import filecmp
 import json
 import os
+import re
 
 import pytest
 from commands import make, ok
 
+import fedseg
 from fedseg.jobs.export import JOBS_DIR
 from fedseg.jobs.recipes import ALGORITHMS
+from fedseg.policy import allow_list
 
 
 def tree(folder: str) -> list[str]:
@@ -37,20 +40,44 @@ def test_committed_job_is_what_make_jobs_writes(made_jobs, algorithm):
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-def test_job_is_self_contained_and_names_no_local_path(algorithm):
+def test_job_is_configuration_only_and_names_no_local_path(algorithm):
     folder = os.path.join(JOBS_DIR, algorithm)
     files = tree(folder)
-    assert "app/custom/client.py" in files and "app/custom/fedseg/trainer.py" in files
+    assert files == ["app/config/config_fed_client.json", "app/config/config_fed_server.json", "meta.json"]
     for name in files:
         with open(os.path.join(folder, name), encoding="utf-8") as f:
             text = f.read()
         for fragment in (os.path.expanduser("~"), os.path.dirname(JOBS_DIR), "/tmp/"):
             assert fragment not in text, f"{name} names {fragment}"
     client = json.load(open(os.path.join(folder, "app", "config", "config_fed_client.json")))
-    executor = client["executors"][0]["executor"]["args"]
-    assert executor["task_script_path"] == "client.py"
-    assert "--data_root" not in executor["task_script_args"]  # each site sets FEDSEG_DATA_ROOT
-    assert "--local_epochs 2" in executor["task_script_args"]
+    (executor,) = client["executors"]
+    assert executor["executor"]["path"] == "fedseg.executor.SiteExecutor"
+    args = executor["executor"]["args"]
+    assert args["package_version"] == fedseg.__version__ and args["drills"] == []
+    assert args["training"]["local_epochs"] == 2
+    assert set(args) == {"package_version", "training", "drills"}  # no script, command, data or cache path
+    server = json.load(open(os.path.join(folder, "app", "config", "config_fed_server.json")))
+    assert {"id": "version_guard", "path": "fedseg.executor.VersionGuard",
+            "args": {"package_version": fedseg.__version__}} in server["components"]
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_class_a_job_names_is_on_the_allow_list_of_its_side(algorithm):
+    """A class missing from fedseg.policy would make a hospital's site refuse our own job."""
+    config = os.path.join(JOBS_DIR, algorithm, "app", "config")
+    for name, role in (("config_fed_client.json", "site"), ("config_fed_server.json", "server")):
+        paths = re.findall(r'"path": "([^"]+)"', open(os.path.join(config, name)).read())
+        assert paths and set(paths) <= set(allow_list(role)), (name, sorted(set(paths) - set(allow_list(role))))
+
+
+def test_byoc_export_ships_the_whole_package(tmp_path):
+    from fedseg.jobs.export import main
+
+    assert main(["--byoc", "--algorithms", "fedref", "--out", str(tmp_path)]) == 0
+    files = tree(str(tmp_path / "fedref"))
+    for module in ("client.py", "trainer.py", "executor.py", "controller.py", "fedref.py"):
+        assert f"app/custom/fedseg/{module}" in files, module
+    assert not any("__pycache__" in f for f in files)
 
 
 def test_fedref_hyperparameters_are_visible_in_the_config():
@@ -66,10 +93,10 @@ def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):
 
     assert main(["--profile", "fets2022", "--out", str(tmp_path)]) == 0
     client = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_client.json"))
-    script_args = client["executors"][0]["executor"]["args"]["task_script_args"]
-    for expected in ("--local_steps 50", "--crop 128 128 128", "--channels 32 64 128 256", "--batch_size 1",
-                     "--val_max_cases 8", "--threads 0"):
-        assert expected in script_args, expected
-    assert "--data_root" not in script_args and "--cache_dir" not in script_args  # each site sets its own
+    training = client["executors"][0]["executor"]["args"]["training"]
+    expected = {"local_steps": 50, "crop": [128, 128, 128], "channels": [32, 64, 128, 256], "batch_size": 1,
+                "val_max_cases": 8, "threads": 0}
+    assert {k: training[k] for k in expected} == expected
+    assert "data_root" not in json.dumps(client) and "cache_dir" not in json.dumps(client)  # each site sets its own
     server = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_server.json"))
     assert "channels" in json.dumps(server) and "256" in json.dumps(server)  # the server builds the same network

@@ -1,26 +1,34 @@
-"""A provisioned federation on localhost, from the startup kits `make provision` writes from
-app/provision/project.yml.
+"""A provisioned federation of hospitals on localhost, from the startup kits `make provision` writes from
+app/provision/project.yml, with the policies `fedseg install-policy` installs (docs/operations.md).
 
 `make provision` runs twice, the second time after a hospital is added to the project file, as a project
 admin does: the second run writes the next set of kits, with the same root CA. The server and site-2
-start from the new kits and site-1 from its first one, with mutual TLS; the researcher's kit submits the FedRef job and it completes; the
-clinician's kit is refused; a site whose certificate comes from another provisioning cannot join; nothing
-is left running afterwards.
+start from the new kits and site-1 from its first one, with mutual TLS. Every site refuses BYOC, enforces
+its class allow-list, filters what it sends (PercentilePrivacy) and reads its data folder from its own
+kit (the sites' environment names none). One federation serves every test here: the researcher's
+configuration-only FedRef job completes and the filter's effect shows in what the server received; a BYOC
+job, a job naming a command-running executor and a job built for another version are refused; the
+clinician's kit is refused; a site whose certificate comes from another provisioning cannot join;
+nothing is left running afterwards.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import pytest
 import yaml
 
 from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
-from commands import make, ok
+from commands import fedseg, make, ok
+
+import fedseg as fedseg_package
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.export import export_job
 from fedseg.jobs.recipes import REPO_ROOT, JobSettings
@@ -81,8 +89,9 @@ def connected(sess) -> list[str]:
     return sorted(c.name for c in sess.get_connected_client_list())
 
 
-@pytest.fixture
-def federation(tmp_path, tiny_fets):
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_fets):
+    tmp_path = tmp_path_factory.mktemp("hospitals")
     sites = tmp_path / "sites"
     prepare_sites(tiny_fets, str(sites), partitions=[1, 2], validation_fraction=0.34)
     fed_learn_port, admin_port = free_ports(2)
@@ -90,54 +99,137 @@ def federation(tmp_path, tiny_fets):
     # provisioned again after an edit: site-1 keeps the kit it was sent, everyone else starts from the new set
     prod = provision(str(tmp_path / "kits"), fed_learn_port, admin_port,
                      extra_participants=[{"name": "site-4", "type": "client", "org": "hospital_d"}])
-    env = dict(os.environ, FEDSEG_DATA_ROOT=str(sites),
-               PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    kits = {"server": os.path.join(prod, "server"), "site-1": os.path.join(handed_out, "site-1"),
+            "site-2": os.path.join(prod, "site-2")}
+    # as docs/operations.md writes it: the server's store out of /tmp, each hospital's policy and data folder
+    ok(fedseg("install-policy", "server", "--store", str(tmp_path / "store"), cwd=prod))
+    for site in ("site-1", "site-2"):
+        kit = kits[site]
+        ok(fedseg("install-policy", os.path.basename(kit), "--data-root", str(sites), cwd=os.path.dirname(kit)))
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    env.pop("FEDSEG_DATA_ROOT", None)  # each site's own kit says where its data is
     admin = None
     try:
-        start_kit(os.path.join(prod, "server"), env)
+        start_kit(kits["server"], env)
         time.sleep(5)
-        start_kit(os.path.join(handed_out, "site-1"), env)
-        start_kit(os.path.join(prod, "site-2"), env)
+        start_kit(kits["site-1"], env)
+        start_kit(kits["site-2"], env)
         admin = session(prod, "admin@fedseg.org")
         deadline = time.time() + 90
         while connected(admin) != ["site-1", "site-2"] and time.time() < deadline:
             time.sleep(2)
         assert connected(admin) == ["site-1", "site-2"], "sites did not connect to the server"
-        yield prod, admin, env, tmp_path
+        yield Federation(prod, admin, env, tmp_path, kits)
     finally:
         if admin is not None:
             with contextlib.suppress(Exception):
                 admin.shutdown("all")
         stop_leftovers(str(tmp_path), grace=30)
+        assert not federation_processes(str(tmp_path)), "processes left running"
 
 
-def test_provisioned_federation_roles_and_certificates(federation):
-    prod, admin, env, tmp_path = federation
-    job = export_job(JobSettings(algorithm="fedref", sites=["site-1", "site-2"], num_rounds=2, local_epochs=1,
-                                 crop=(32, 32, 24), channels=(8, 16, 32), threads=1), str(tmp_path))
+@dataclass
+class Federation:
+    prod: str
+    admin: object
+    env: dict
+    tmp_path: object
+    kits: dict
 
+    def submit(self, job: str, timeout: float = 600) -> tuple[str, dict]:
+        """The researcher submits ``job`` and waits for it to end; returns (job id, job meta)."""
+        researcher = session(self.prod, "researcher@fedseg.org")
+        try:
+            job_id = researcher.submit_job(job)
+            _, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=2)
+            if meta["status"] == "FINISHED:COMPLETED":
+                meta["download"] = researcher.download_job_result(job_id)
+            return job_id, meta
+        finally:
+            researcher.close()
+
+    def site_log(self, site: str, job_id: str) -> str:
+        with open(os.path.join(self.kits[site], job_id, "log.txt"), encoding="utf-8") as f:
+            return f.read()
+
+    def export(self, name: str, **settings) -> str:
+        return export_job(JobSettings(algorithm="fedref", name=name, **TINY_JOB, **settings),
+                          str(self.tmp_path / "jobs" / name))
+
+
+TINY_JOB = dict(sites=["site-1", "site-2"], num_rounds=2, local_epochs=1, crop=(32, 32, 24), channels=(8, 16, 32),
+                threads=1)
+
+
+def edit_client_config(job: str, change) -> None:
+    path = os.path.join(job, "app", "config", "config_fed_client.json")
+    with open(path) as f:
+        config = json.load(f)
+    change(config)
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+def test_config_only_fedref_job_completes_and_the_servers_records_show_the_privacy_filter(federation):
+    job_id, meta = federation.submit(federation.export("fedref"))
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    metrics = [os.path.join(d, "round_metrics.jsonl") for d, _, files in os.walk(meta["download"])
+               if "round_metrics.jsonl" in files]
+    rounds = [json.loads(line) for line in open(sorted(metrics, key=len)[0])]
+    assert [r["round"] for r in rounds] == [0, 1] and all(r["global_updated"] for r in rounds)
+    for record in rounds:  # PercentilePrivacy(percentile=10) zeroes a tenth of each update; training zeroes none
+        assert sorted(record["sites"]) == ["site-1", "site-2"]
+        for site in record["sites"].values():
+            assert 0.095 <= site["update_zero_fraction"] <= 0.2, site
+    # the job went to the store the project admin chose, not to /tmp
+    assert os.path.isdir(federation.tmp_path / "store" / "jobs-storage" / job_id)
+
+
+def test_a_byoc_job_is_refused_by_every_site(federation):
+    _, meta = federation.submit(federation.export("byoc", byoc=True), timeout=180)
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    for site in ("site-1", "site-2"):
+        assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in meta["job_deploy_detail"], meta["job_deploy_detail"]
+
+
+def test_a_job_naming_a_command_running_executor_is_refused_by_the_allow_list(federation):
+    marker = federation.tmp_path / "the_job_ran_a_command"
+    job = federation.export("external_command")
+    ran_anything = {"path": "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
+                    "args": {"execution_mode": "external_process", "command": f"touch {marker}"}}
+    edit_client_config(job, lambda config: config["executors"][0].update(executor=ran_anything))
+    job_id, meta = federation.submit(job, timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    assert not marker.exists()
+    for site in ("site-1", "site-2"):
+        assert "ClientAPIExecutor' at config path 'executors.#0.executor' is not in allow_list" in federation.site_log(
+            site, job_id)
+
+
+def test_a_job_built_for_another_version_is_refused_with_both_versions(federation):
+    job = federation.export("other_version")
+    edit_client_config(job, lambda config: config["executors"][0]["executor"]["args"].update(package_version="0.0.1"))
+    job_id, meta = federation.submit(job, timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    expected = (f"this site refuses the job: it was built for fedref-seg 0.0.1 and this machine has fedref-seg "
+                f"{fedseg_package.__version__} installed")
+    assert expected in federation.site_log("site-1", job_id)
+
+
+def test_roles_and_certificates(federation):
+    job = federation.export("clinician")
     # the clinician (member) may look but not submit
-    clinician = session(prod, "clinician@hospital-a.org")
+    clinician = session(federation.prod, "clinician@hospital-a.org")
     with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
         clinician.submit_job(job)
     clinician.close()
 
-    # the researcher (lead) submits the job with its custom code; it runs to completion
-    researcher = session(prod, "researcher@fedseg.org")
-    job_id = researcher.submit_job(job)
-    code, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=600, poll_interval=3)
-    assert meta["status"] == "FINISHED:COMPLETED", meta
-    result = researcher.download_job_result(job_id)
-    researcher.close()
-    metrics = [os.path.join(d, "round_metrics.jsonl") for d, _, files in os.walk(result) if "round_metrics.jsonl" in files]
-    assert metrics and sum(1 for _ in open(metrics[0])) == 2
-
     # a site from another provisioning (another root CA) cannot join
-    rogue_prod = provision(str(tmp_path / "rogue"), *_ports(prod))
-    start_kit(os.path.join(rogue_prod, "site-3"), env)
+    rogue_prod = provision(str(federation.tmp_path / "rogue"), *_ports(federation.prod))
+    start_kit(os.path.join(rogue_prod, "site-3"), federation.env)
     time.sleep(15)
-    assert connected(admin) == ["site-1", "site-2"]
-    assert federation_processes(str(tmp_path / "rogue"))  # it did start, and was refused
+    assert connected(federation.admin) == ["site-1", "site-2"]
+    assert federation_processes(str(federation.tmp_path / "rogue"))  # it did start, and was refused
 
 
 def _ports(prod: str) -> tuple[int, int]:

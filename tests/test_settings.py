@@ -11,6 +11,7 @@ import pytest
 
 from fedseg.app.cli import _settings, build_parser
 from fedseg.settings import PROFILES, TrainingSettings, profile, settings_from_arguments
+from fedseg.site_config import SiteConfig
 from fedseg.trainer import parse_args
 from fedseg.jobs.recipes import REPO_ROOT, JobSettings
 
@@ -25,7 +26,7 @@ def test_job_settings_start_from_the_demo_profile_and_any_profile_round_trips_th
     assert JobSettings().training_values() == PROFILES["demo"].training_values()
     for name in PROFILES:
         job = JobSettings.for_profile(name, local_steps=7)
-        trainer_args = parse_args(job.train_args().split())
+        trainer_args = parse_args(job.site_executor().script_arguments(SiteConfig()).split())
         assert settings_from_arguments(trainer_args, TrainingSettings()) == {**profile(name).training_values(), "local_steps": 7}
 
 
@@ -66,3 +67,13 @@ def test_no_second_definition_of_a_training_option():
             if match.group(1).replace("-", "_") not in allowed.get(relative, set()):
                 offenders.append(f"{relative}: --{match.group(1)}")
     assert offenders == []
+
+
+def test_the_readmes_settings_table_is_the_generated_one():
+    """`python -m fedseg.settings` writes it; edit settings.py and paste its output, never the table."""
+    from fedseg.settings import settings_markdown
+
+    readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
+    start = readme.index("<!-- settings table:")
+    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
+    assert block == settings_markdown(), "README's settings table is stale: paste `python -m fedseg.settings`"

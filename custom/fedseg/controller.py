@@ -81,6 +81,18 @@ def update_problem(update: dict | None, reference: dict) -> str | None:
     return None
 
 
+def zero_fraction(update: dict | None) -> float | None:
+    """Share of exactly-zero values in an update: what a site's sparsifying privacy filter left out."""
+    if not update:
+        return None
+    zeros = total = 0
+    for value in update.values():
+        array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+        zeros += int(array.size - np.count_nonzero(array))
+        total += int(array.size)
+    return zeros / total if total else None
+
+
 class RoundRecorder:
     """Mixin for NVFlare model controllers: update checks, round records, tolerance of silent sites."""
 
@@ -137,6 +149,7 @@ class RoundRecorder:
         # with a compressing filter the sizes on the wire come from WireSizeMeter (see fedseg.wire)
         record["bytes_received_by_site"] = meta.get(RECEIVED_WIRE_BYTES_KEY) or getattr(self, "_sent_bytes", None)
         record["bytes_sent_by_site"] = meta.get(WIRE_BYTES_KEY) or message_bytes(result)
+        record["update_zero_fraction"] = zero_fraction(result.params)
         if meta.get(RECEIVED_WIRE_BYTES_KEY):
             self._wire_bytes_out = meta[RECEIVED_WIRE_BYTES_KEY]
         reason = update_problem(result.params, self._reference_params) if self._reference_params else None

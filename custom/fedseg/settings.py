@@ -145,3 +145,19 @@ def training_arguments(settings: TrainingSettings) -> list[str]:
         else:
             out.append(str(value).lower() if isinstance(value, bool) else str(value))
     return out
+
+
+def settings_markdown() -> str:
+    """The README's settings table: every training setting, its value in each profile and what it does."""
+    names = sorted(PROFILES, key=lambda name: name != DEFAULT_PROFILE)
+    rows = ["| setting | " + " | ".join(f"`{name}`" for name in names) + " | what it does |",
+            "| --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    for f in fields(TrainingSettings):
+        values = [getattr(PROFILES[name], f.name) for name in names]
+        shown = [" ".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values]
+        rows.append(f"| `{option_name(f.name, dashes=True)}` | " + " | ".join(shown) + f" | {f.metadata['help']} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(settings_markdown(), end="")

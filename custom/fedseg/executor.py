@@ -1,0 +1,117 @@
+"""The one executor a hospital allow-lists: the installed FedRef-Seg trainer, run in the site's own process.
+
+NVFlare's ``ClientAPIExecutor`` can also start any command a job names (``external_process``), so a site
+that allow-lists it lets every job run code on its machine. ``SiteExecutor`` takes nothing from the job
+but training settings, a package version and (where the site allows them) resilience drills:
+- the script is the installed ``fedseg/client.py``, always run in-process;
+- the data and cache folders are the site's own (``fedseg.site_config``), never the job's;
+- a job built for another fedref-seg version is refused, naming both versions;
+- drills (deliberately bad updates, a site that stops) run only where the site allows them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from nvflare.apis.event_type import EventType
+from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_context import FLContext
+from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+from nvflare.client.config import ExchangeFormat
+from nvflare.widgets.widget import Widget
+
+import fedseg
+from fedseg.settings import TrainingSettings, training_arguments
+from fedseg.site_config import ALLOW_DRILLS_ENV, SITE_CONFIG_FILE, SiteConfig
+
+TRAINER_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(fedseg.__file__)), "client.py")
+PACKAGE_NAME = "fedref-seg"
+
+
+class VersionMismatch(RuntimeError):
+    """The job was built for another fedref-seg release than the one installed here."""
+
+
+def require_version(wanted: str, where: str) -> None:
+    """Raise ``VersionMismatch`` (one line, both versions) unless the installed package is ``wanted``."""
+    if str(wanted) != fedseg.__version__:
+        raise VersionMismatch(
+            f"{where} refuses the job: it was built for {PACKAGE_NAME} {wanted} and this machine has "
+            f"{PACKAGE_NAME} {fedseg.__version__} installed (install {PACKAGE_NAME}=={wanted}, or export the job "
+            f"again with {fedseg.__version__})")
+
+
+def training_settings(training: dict | None) -> TrainingSettings:
+    """The job's training settings, checked here: an unknown name is an error, not silently ignored."""
+    known = set(TrainingSettings.__dataclass_fields__)
+    unknown = sorted(set(training or {}) - known)
+    if unknown:
+        raise ValueError(f"unknown training setting(s) {unknown}; this site's {PACKAGE_NAME} {fedseg.__version__} "
+                         f"knows {sorted(known)}")
+    return TrainingSettings(**(training or {}))
+
+
+class SiteExecutor(ClientAPIExecutor):
+    """FedRef-Seg's site trainer (FLARE Client API, in-process) with the site's data and the job's settings.
+
+    Args:
+        package_version: the fedref-seg version the job was built for; another installed version refuses it.
+        training: ``TrainingSettings`` fields (epochs, crop, network, ...); the rest keep their defaults.
+        drills: resilience drills ``SITE:KIND:ROUND`` (tests of the server's defences); refused unless the
+            site allows drills in its ``local/fedseg_site.json`` or its environment.
+    """
+
+    def __init__(self, package_version: str, training: dict | None = None, drills: list[str] | None = None) -> None:
+        require_version(package_version, "this site")
+        # kept as given: FLARE's job exporter writes a component's arguments back from these attributes
+        self.package_version = package_version
+        self.training = dict(training or {})
+        self.drills = list(drills or [])
+        self.settings = training_settings(self.training)
+        super().__init__(execution_mode="in_process", task_script_path=TRAINER_SCRIPT,
+                         params_exchange_format=ExchangeFormat.PYTORCH)
+
+    def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
+        if event_type == EventType.START_RUN:
+            # the trainer's command line, from the site's own settings: set before the runner is built
+            try:
+                self._task_script_args = self.script_arguments(self.site_config(fl_ctx), fl_ctx.get_identity_name())
+            except (PermissionError, ValueError) as exc:
+                self.log_error(fl_ctx, str(exc))
+                self.system_panic(str(exc), fl_ctx)
+                return
+        super().handle_event(event_type, fl_ctx)
+
+    @staticmethod
+    def site_config(fl_ctx: FLContext) -> SiteConfig:
+        workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+        return SiteConfig.load(workspace.get_site_config_dir() if workspace else None)
+
+    def script_arguments(self, site: SiteConfig, site_name: str = "this site") -> str:
+        """The trainer's arguments: the job's training settings, the site's folders, drills if allowed."""
+        if self.drills and not site.allow_drills:
+            raise PermissionError(
+                f"{site_name} refuses the job: it asks for resilience drills {self.drills} and this site does not "
+                f"allow them (allow_drills in local/{SITE_CONFIG_FILE}, or {ALLOW_DRILLS_ENV}=1)")
+        args = training_arguments(self.settings)
+        if site.data_root:
+            args += ["--data_root", site.data_root]
+        if site.cache_dir:
+            args += ["--cache_dir", site.cache_dir]
+        for drill in self.drills:
+            args += ["--fault", drill]
+        args = [str(a) for a in args]
+        spaced = [a for a in args if not a or any(c.isspace() for c in a)]
+        if spaced:  # FLARE splits the trainer's command line on whitespace, and keeps quotes as they are
+            raise ValueError(f"{site_name}: {spaced[0]!r} cannot be passed to the trainer (empty or with whitespace); "
+                             f"use a folder without spaces in local/{SITE_CONFIG_FILE}")
+        return " ".join(args)
+
+
+class VersionGuard(Widget):
+    """Server side of the version check: the server refuses a job built for another fedref-seg release."""
+
+    def __init__(self, package_version: str) -> None:
+        super().__init__()
+        require_version(package_version, "the server")
+        self.package_version = package_version

@@ -1,0 +1,50 @@
+"""The private parts of NVFlare 2.9 that FedRef-Seg overrides or reads. NVFlare may change them in any
+release without notice; this test fails first, and its message names what to re-check before upgrading."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
+from nvflare.app_common.workflows.fedavg import FedAvg
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.job_config.api import FedJob
+
+# (NVFlare class, member, its parameters as we rely on them, what of ours depends on it)
+PRIVATE_SURFACE = [
+    (FedAvgRecipe, "_create_controller", ["self", "persistor_id", "model_params", "model_aggregator"],
+     "fedseg.jobs.recipes.FedSegRecipe._create_controller builds our controllers here"),
+    (FedAvgRecipe, "_prepare_client_apps", ["self"],
+     "fedseg.jobs.recipes.FedSegRecipe._prepare_client_apps puts SiteExecutor on the sites instead of a script"),
+    (FedAvg, "_aggregate_one_result", ["self", "result"],
+     "fedseg.controller.RecordingFedAvg holds results back to check them and sum them in site order"),
+    (FedAvg, "_get_aggregated_result", ["self"],
+     "fedseg.controller.RecordingFedAvg sums the held results here"),
+    (FedJob, "set_app_packages", ["self", "app_packages"],
+     "fedseg.jobs.recipes.build_recipe keeps the installed fedseg package out of the job"),
+]
+
+
+@pytest.mark.parametrize("owner, member, parameters, ours", PRIVATE_SURFACE,
+                         ids=[f"{o.__name__}.{m}" for o, m, _, _ in PRIVATE_SURFACE])
+def test_nvflare_members_we_override_keep_their_signature(owner, member, parameters, ours):
+    assert hasattr(owner, member), f"NVFlare's {owner.__name__}.{member} is gone: re-check {ours}"
+    found = list(inspect.signature(getattr(owner, member)).parameters)
+    assert found == parameters, f"NVFlare's {owner.__name__}.{member} now takes {found}: re-check {ours}"
+
+
+def test_the_recipe_still_keeps_its_job_where_we_read_it():
+    source = inspect.getsource(FedAvgRecipe.__mro__[1].__init__)
+    assert "Recipe.__init__(self, job)" in source, (
+        "NVFlare's FedAvgRecipe no longer hands its job to Recipe.__init__: re-check fedseg.jobs.recipes, which "
+        "adds components through recipe._job")
+
+
+def test_the_client_api_executor_still_reads_its_script_arguments_from_the_attribute_we_set():
+    executor = ClientAPIExecutor(execution_mode="in_process", task_script_path="x.py", task_script_args="--a 1")
+    assert executor._task_script_args == "--a 1", (
+        "NVFlare's ClientAPIExecutor keeps its script arguments elsewhere: re-check "
+        "fedseg.executor.SiteExecutor.handle_event, which sets them from the site's own settings at START_RUN")
+    assert "self._task_script_args" in inspect.getsource(ClientAPIExecutor), (
+        "NVFlare's ClientAPIExecutor no longer reads _task_script_args: re-check fedseg.executor.SiteExecutor")
