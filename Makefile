@@ -12,7 +12,7 @@ PROJECT_YML ?= app/provision/project.yml
 PROVISION_DIR ?= provision_workspace
 JOBS_DIR ?= jobs
 
-.PHONY: demo test test-fast install clean jobs poc provision bench
+.PHONY: demo test test-fast lint install clean jobs poc provision bench
 
 install: $(STAMP)
 
@@ -29,6 +29,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff: the lint rules and the formatter configured in pyproject.toml (`ruff format .` applies the format)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"

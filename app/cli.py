@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from fedseg.data_prep.cli import add_fets2022_arguments
+from fedseg.data_prep.cli import add_fets2022_arguments, add_synth_arguments
 from fedseg.settings import DEFAULT_PROFILE, PROFILES, add_training_arguments, profile, settings_from_arguments
 
 DEMO_ROUNDS = 20
@@ -32,12 +32,9 @@ def _progress(label: str):
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from fedseg.data_prep.synthetic import SyntheticConfig, generate
+    from fedseg.data_prep.cli import run_synth
 
-    config = SyntheticConfig(shape=tuple(args.shape), seed=args.seed)
-    folder = generate(args.out, config, progress=_progress("synthetic subjects"))
-    print(f"synthetic FeTS2022 data: {folder}")
-    return 0
+    return run_synth(args, progress=_progress("synthetic subjects"))
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -257,9 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic FeTS2022-layout data")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48])
-    p.add_argument("--seed", type=int, default=0)
+    add_synth_arguments(p)
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")

@@ -21,7 +21,7 @@ import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
 from fedseg.app.report import DISCLAIMER, communication_mb, curves, final_scores, pooled
-from fedseg.data_prep.atomic import atomic_directory, write_json
+from fedseg.atomic import atomic_directory, write_json
 
 REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
 

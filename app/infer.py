@@ -18,7 +18,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from fedseg.data_prep.atomic import atomic_path
+from fedseg.atomic import atomic_path
 from fedseg.checkpoint import load_network
 from fedseg.data import validation_transforms
 from fedseg.regions import ENHANCING, MODALITIES, NECROTIC_CORE, OEDEMA, REGIONS, regions_to_labels

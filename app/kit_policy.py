@@ -17,7 +17,7 @@ import os
 import shutil
 
 from fedseg.data import DATALIST_NAME
-from fedseg.data_prep.atomic import write_json
+from fedseg.atomic import write_json
 from fedseg.policy import with_allow_list
 from fedseg.site_config import SITE_CONFIG_FILE
 

@@ -19,7 +19,7 @@ import os
 import time
 
 from fedseg.app.artifacts import SERVER_MODEL_KEY, RunArtifacts
-from fedseg.data_prep.atomic import atomic_directory, write_json
+from fedseg.atomic import atomic_directory, write_json
 from fedseg.metrics import DICE_KEYS, HD95_KEYS
 
 SCORE_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS

@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 
+from fedseg.atomic import write_json
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -46,10 +48,7 @@ def write_result(name: str, payload: dict) -> str:
     path = os.path.join(RESULTS_DIR, f"{name}.json")
     payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
                "command": recorded_command(sys.argv), **payload}
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2)
-    os.replace(tmp, path)
+    write_json(path, payload)
     return path
 
 

@@ -49,10 +49,17 @@ def run_fets2022(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_synth(args: argparse.Namespace) -> int:
+def add_synth_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="output folder (MICCAI_FeTS2022_TrainingData is written inside)")
+    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48], help="volume size in voxels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the anatomy, tumours and scanner effects")
+
+
+def run_synth(args: argparse.Namespace, progress=None) -> int:
     from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
-    print(generate(args.out, SyntheticConfig(shape=tuple(args.shape), seed=args.seed)))
+    folder = generate(args.out, SyntheticConfig(shape=tuple(args.shape), seed=args.seed), progress=progress)
+    print(f"synthetic FeTS2022 data: {folder}")
     return 0
 
 
@@ -64,9 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_fets2022_arguments(p)
     p.set_defaults(func=run_fets2022)
     p = sub.add_parser("synth", help="synthetic data in the FeTS2022 layout")
-    p.add_argument("--out", required=True)
-    p.add_argument("--shape", type=int, nargs=3, default=[64, 64, 48])
-    p.add_argument("--seed", type=int, default=0)
+    add_synth_arguments(p)
     p.set_defaults(func=run_synth)
     args = parser.parse_args(argv)
     return args.func(args)

@@ -24,13 +24,13 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from fedseg.data_prep.atomic import write_json, write_text
+from fedseg.atomic import write_json, write_text
 from fedseg.data_prep.checks import KINDS, Problem, SubjectCheck, check_subject, signature
 from fedseg.data_prep.layout import MODALITIES, SEG, subject_file
+from fedseg.regions import DATALIST_NAME
 from fedseg.data_prep.materialise import MODES, materialise
 from fedseg.data_prep.partitions import PartitionCsvError, PartitionTable, parse_partitions
 
-DATALIST_NAME = "datalist.json"
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
 SUMMARY_NAME = "prep_summary.json"

@@ -17,7 +17,7 @@ import shutil
 import nibabel as nib
 import numpy as np
 
-from fedseg.data_prep.atomic import atomic_directory
+from fedseg.atomic import atomic_directory
 from fedseg.data_prep.checks import KINDS, SubjectCheck
 from fedseg.data_prep.layout import SEG, subject_file
 

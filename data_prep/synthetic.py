@@ -19,7 +19,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from fedseg.data_prep.atomic import atomic_directory, write_json
+from fedseg.atomic import atomic_directory, write_json
 from fedseg.data_prep.layout import MODALITIES, PARTITION_HEADER, TRAINING_FOLDER, subject_file, subject_id
 
 # Mean intensity of each tissue per modality (arbitrary units, before the institution's scale).

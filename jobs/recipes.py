@@ -25,7 +25,7 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
-from fedseg.data_prep.atomic import write_json
+from fedseg.atomic import write_json
 from fedseg.controller import (
     REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
 )

@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 
@@ -38,6 +37,8 @@ from monai.transforms import (
     LoadImaged,
     NormalizeIntensityd,
 )
+
+from fedseg.atomic import atomic_path
 
 logger = logging.getLogger("fedseg.cache")
 
@@ -170,19 +171,15 @@ class CaseCache(torch.utils.data.Dataset):
         path = self.path(index)
         if path is None or not self._disk_ok:
             return
-        fd, tmp = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=self.folder)
-        os.close(fd)
         try:
-            torch.save(case, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                torch.save(case, tmp)
         except OSError as exc:
             self._disk_ok = False
             why = "is full" if exc.errno in FULL_DISK else f"cannot be written ({exc.strerror or exc})"
             logger.warning("disk cache %s %s: case %s not cached; from now on cases are decoded from their NIfTI "
                            "files at every read (slower, same results); free space or set %s",
                            self.folder, why, case_name(self.items[index]), CACHE_DIR_ENV)
-        finally:
-            _remove(tmp)
 
     def warm(self, progress: Callable[[int, int, str], None] | None = None) -> list[str]:
         """Decode and cache every case now; drop the ones that fail. Returns one line per dropped case."""

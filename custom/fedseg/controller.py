@@ -30,6 +30,7 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
+from fedseg.atomic import atomic_path
 from fedseg.fedref import FedRefUpdater, ReferenceBuffer
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
@@ -328,12 +329,10 @@ class FedRefController(RecordingFedAvg):
         """Write the buffer atomically next to the run's checkpoints (a restart can resume from it)."""
         import torch
 
-        path = os.path.join(self.run_dir(), REFERENCE_BUFFER_FILE)
-        tmp = path + ".tmp"
         state = self.updater.buffer.state()
         state["round"] = self.current_round
-        torch.save(state, tmp)
-        os.replace(tmp, path)
+        with atomic_path(os.path.join(self.run_dir(), REFERENCE_BUFFER_FILE)) as tmp:
+            torch.save(state, tmp)
 
 
 class RecordingFedOpt(RecordingFedAvg, _FedOpt):

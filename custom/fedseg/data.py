@@ -33,12 +33,11 @@ from monai.transforms import (
 )
 
 from fedseg.cache import CACHE_DIR_ENV, CaseCache, Progress, cache_size_bytes
-from fedseg.regions import ENHANCING
+from fedseg.regions import DATALIST_NAME, ENHANCING
 from fedseg.settings import TrainingSettings
 
 logger = logging.getLogger("fedseg.data")
 
-DATALIST_NAME = "datalist.json"
 DATA_ROOT_ENV = "FEDSEG_DATA_ROOT"
 DEFAULT_CACHE_NAME = "fedseg_cache"
 

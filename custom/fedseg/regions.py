@@ -13,6 +13,8 @@ import numpy as np
 MODALITIES: tuple[str, ...] = ("t1", "t1ce", "t2", "flair")
 # File suffix of the segmentation in the FeTS layout.
 SEG_SUFFIX = "seg"
+# A prepared site folder's MONAI datalist: data_prep writes it, the site trainer reads it.
+DATALIST_NAME = "datalist.json"
 # Labels a FeTS segmentation may contain.
 VALID_LABELS: frozenset[int] = frozenset({0, 1, 2, 4})
 NECROTIC_CORE, OEDEMA, ENHANCING = 1, 2, 4

@@ -1,4 +1,4 @@
-"""Atomic outputs: a crash leaves either the old file or folder or the new one, never half of either."""
+"""Atomic outputs: a crash leaves either the old file or folder or the new one, never half of either (every writer of the project uses these)."""
 
 from __future__ import annotations
 
