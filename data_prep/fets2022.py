@@ -202,6 +202,17 @@ def _clean_leftovers(site_dir: str) -> None:
                 os.remove(path)
 
 
+@dataclass
+class SitePlan:
+    """One site to write: its name, partition and split, and the listed subjects that are not on disk."""
+
+    name: str
+    partition: int
+    training: list[str]
+    validation: list[str]
+    missing: list[str]
+
+
 def prepare(
     data_dir: str,
     out_dir: str,
@@ -219,6 +230,42 @@ def prepare(
 ) -> PrepResult:
     """Prepare one site folder per chosen partition; see the module docstring for the guarantees."""
     started = time.monotonic()
+    data_dir, out_dir = _checked_folders(data_dir, out_dir, mode)
+    workers = max(1, workers or os.cpu_count() or 1)
+    csv_path = csv_path or os.path.join(data_dir, DEFAULT_CSV)
+    table = parse_partitions(csv_path)  # PartitionCsvError when unusable
+    chosen = choose_partitions(table, partitions, largest)
+    rejected: list[Problem] = [Problem(p.subject, os.path.basename(csv_path), "csv", p.reason) for p in table.problems]
+    on_disk = {n for n in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, n)) and not n.startswith(".")}
+    warnings = _unlisted_warning(on_disk, table, csv_path)
+
+    os.makedirs(out_dir, exist_ok=True)
+    checks, read, reused = _check_subjects(table, chosen, on_disk, data_dir, out_dir, workers, show_progress, rejected)
+    plans = _plan_sites(table, chosen, on_disk, checks, name_template, validation_fraction, seed, min_subjects,
+                        rejected, warnings)
+
+    result = PrepResult([], rejected, warnings, read=read, reused=reused)
+    write_rejected(os.path.join(out_dir, REJECTED_NAME), rejected, table.partition_of())
+    if strict and rejected:
+        result.seconds = time.monotonic() - started
+        write_summary(out_dir, result, data_dir, csv_path, mode, strict=True)
+        raise PrepError(f"--strict: {len(rejected)} rejection(s), site folders left unchanged; see {os.path.join(out_dir, REJECTED_NAME)}")
+
+    for plan in plans:
+        site, written = _write_site(plan, out_dir, data_dir, csv_path, checks, mode, seed, validation_fraction,
+                                    workers, show_progress)
+        result.sites.append(site)
+        result.written += written
+
+    result.seconds = time.monotonic() - started
+    write_summary(out_dir, result, data_dir, csv_path, mode, strict=strict)
+    if not result.sites:
+        raise PrepError(f"no site has usable data; see {os.path.join(out_dir, REJECTED_NAME)}")
+    return result
+
+
+def _checked_folders(data_dir: str, out_dir: str, mode: str) -> tuple[str, str]:
+    """Absolute (data, output) folders, refusing an unknown mode, a missing source or an output inside it."""
     if mode not in MODES:
         raise PrepError(f"unknown mode {mode!r}; choose one of {MODES}")
     data_dir, out_dir = os.path.abspath(data_dir), os.path.abspath(out_dir)
@@ -226,26 +273,23 @@ def prepare(
         raise PrepError(f"{data_dir}: no such data folder")
     if _inside(out_dir, data_dir):
         raise PrepError(f"output folder {out_dir} is inside the source folder {data_dir}; sources are never written")
-    workers = max(1, workers or os.cpu_count() or 1)
-    csv_path = csv_path or os.path.join(data_dir, DEFAULT_CSV)
-    table = parse_partitions(csv_path)  # PartitionCsvError when unusable
-    chosen = choose_partitions(table, partitions, largest)
+    return data_dir, out_dir
 
-    rejected: list[Problem] = [Problem(p.subject, os.path.basename(csv_path), "csv", p.reason) for p in table.problems]
-    warnings: list[str] = []
-    listed = table.partition_of()
-    on_disk = {n for n in os.listdir(data_dir) if os.path.isdir(os.path.join(data_dir, n)) and not n.startswith(".")}
-    unlisted = sorted(on_disk - set(listed))
-    if unlisted:
-        shown = ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
-        warnings.append(f"{len(unlisted)} subject folder(s) on disk are in no partition of {os.path.basename(csv_path)}: {shown}")
 
-    # -- check every subject of the chosen partitions (cached by file signature) -----------------------
-    os.makedirs(out_dir, exist_ok=True)
+def _unlisted_warning(on_disk: set[str], table: PartitionTable, csv_path: str) -> list[str]:
+    unlisted = sorted(on_disk - set(table.partition_of()))
+    if not unlisted:
+        return []
+    shown = ", ".join(unlisted[:5]) + (" ..." if len(unlisted) > 5 else "")
+    return [f"{len(unlisted)} subject folder(s) on disk are in no partition of {os.path.basename(csv_path)}: {shown}"]
+
+
+def _check_subjects(table: PartitionTable, chosen: list[int], on_disk: set[str], data_dir: str, out_dir: str,
+                    workers: int, show_progress: bool, rejected: list[Problem]) -> tuple[dict[str, SubjectCheck], int, int]:
+    """Check every subject of the chosen partitions, reusing checks of unchanged files; (checks, read, reused)."""
     cache = _CheckCache(out_dir, data_dir)
     checks: dict[str, SubjectCheck] = {}
     to_read: list[tuple] = []
-    reused = 0
     for partition in chosen:
         for sid in table.partitions[partition]:
             if sid not in on_disk:
@@ -254,9 +298,9 @@ def prepare(
             cached = cache.get(sid, signature(data_dir, sid))
             if cached is not None:
                 checks[sid] = cached
-                reused += 1
             else:
                 to_read.append((data_dir, sid))
+    reused = len(checks)
 
     def keep(job, check):
         checks[check.subject] = check
@@ -264,11 +308,15 @@ def prepare(
 
     _run_parallel(to_read, check_subject, workers, "checking subjects", show_progress, keep)
     cache.save()
+    return checks, len(to_read), reused
 
-    # -- accept, reject, split ---------------------------------------------------------------------------
+
+def _plan_sites(table: PartitionTable, chosen: list[int], on_disk: set[str], checks: dict[str, SubjectCheck],
+                name_template: str, validation_fraction: float, seed: int, min_subjects: int,
+                rejected: list[Problem], warnings: list[str]) -> list[SitePlan]:
+    """Accept or reject each checked subject and split each partition with enough of them."""
     plans = []
     for index, partition in enumerate(chosen, start=1):
-        name = site_name(name_template, index, partition)
         present = [s for s in table.partitions[partition] if s in checks]
         for sid in present:
             rejected.extend(checks[sid].problems)
@@ -281,65 +329,59 @@ def prepare(
             continue
         training, validation = split_subjects(accepted, validation_fraction, seed)
         missing = [s for s in table.partitions[partition] if s not in on_disk]
-        plans.append((name, partition, training, validation, missing))
+        plans.append(SitePlan(site_name(name_template, index, partition), partition, training, validation, missing))
+    return plans
 
-    result = PrepResult([], rejected, warnings, read=len(to_read), reused=reused)
-    write_rejected(os.path.join(out_dir, REJECTED_NAME), rejected, listed)
-    if strict and rejected:
-        result.seconds = time.monotonic() - started
-        write_summary(out_dir, result, data_dir, csv_path, mode, strict=True)
-        raise PrepError(f"--strict: {len(rejected)} rejection(s), site folders left unchanged; see {os.path.join(out_dir, REJECTED_NAME)}")
 
-    # -- write the site folders (subject by subject, then datalist and manifest) -----------------------
-    for name, partition, training, validation, missing in plans:
-        site_dir = os.path.join(out_dir, name)
-        os.makedirs(site_dir, exist_ok=True)
-        _clean_leftovers(site_dir)
-        previous = _read_manifest(site_dir)
-        old_subjects = previous.get("subjects", {}) if previous.get("mode") == mode else {}
-        entries: dict[str, dict] = {}
-        jobs = []
-        for sid in training + validation:
-            check = checks[sid]
-            old = old_subjects.get(sid)
-            if old and old.get("signature") == check.signature and os.path.lexists(os.path.join(site_dir, sid)):
-                entries[sid] = dict(old)
-            else:
-                jobs.append((data_dir, check, site_dir, mode))
+def _write_site(plan: SitePlan, out_dir: str, data_dir: str, csv_path: str, checks: dict[str, SubjectCheck],
+                mode: str, seed: int, validation_fraction: float, workers: int,
+                show_progress: bool) -> tuple[SiteResult, int]:
+    """One site folder: its subjects (only what changed), then its datalist and manifest; (result, written)."""
+    site_dir = os.path.join(out_dir, plan.name)
+    os.makedirs(site_dir, exist_ok=True)
+    _clean_leftovers(site_dir)
+    previous = _read_manifest(site_dir)
+    old_subjects = previous.get("subjects", {}) if previous.get("mode") == mode else {}
+    entries: dict[str, dict] = {}
+    jobs = []
+    for sid in plan.training + plan.validation:
+        check = checks[sid]
+        old = old_subjects.get(sid)
+        if old and old.get("signature") == check.signature and os.path.lexists(os.path.join(site_dir, sid)):
+            entries[sid] = dict(old)
+        else:
+            jobs.append((data_dir, check, site_dir, mode))
 
-        def record(job, crop):
-            check = job[1]
-            entries[check.subject] = {"signature": check.signature, "crop": crop, "dtypes": check.dtypes}
+    def record(job, crop):
+        check = job[1]
+        entries[check.subject] = {"signature": check.signature, "crop": crop, "dtypes": check.dtypes}
 
-        _run_parallel(jobs, materialise, workers if mode == "preprocess" else 1, f"{name}: {mode}", show_progress, record)
-        result.written += len(jobs)
-        for sid in entries:
-            entries[sid]["split"] = "validation" if sid in validation else "training"
-        write_json(os.path.join(site_dir, DATALIST_NAME), {
-            "site": name, "partition": partition, "mode": mode, "modalities": list(MODALITIES),
-            "training": [datalist_entry(s) for s in training],
-            "validation": [datalist_entry(s) for s in validation],
-        })
-        write_json(os.path.join(site_dir, MANIFEST_NAME), {
-            "site": name, "partition": partition, "mode": mode, "source": data_dir, "csv": os.path.abspath(csv_path),
-            "seed": seed, "validation_fraction": validation_fraction,
-            "counts": {"training": len(training), "validation": len(validation)},
-            "files": list(KINDS), "subjects": {s: entries[s] for s in sorted(entries)},
-        })
-        keep_names = set(entries) | {DATALIST_NAME, MANIFEST_NAME}
-        for stale in set(os.listdir(site_dir)) - keep_names:  # subjects no longer in this site
-            path = os.path.join(site_dir, stale)
-            if os.path.islink(path) or os.path.isfile(path):
-                os.remove(path)
-            else:
-                shutil.rmtree(path, ignore_errors=True)
-        result.sites.append(SiteResult(name, partition, len(training), len(validation), missing))
+    _run_parallel(jobs, materialise, workers if mode == "preprocess" else 1, f"{plan.name}: {mode}", show_progress, record)
+    for sid in entries:
+        entries[sid]["split"] = "validation" if sid in plan.validation else "training"
+    write_json(os.path.join(site_dir, DATALIST_NAME), {
+        "site": plan.name, "partition": plan.partition, "mode": mode, "modalities": list(MODALITIES),
+        "training": [datalist_entry(s) for s in plan.training],
+        "validation": [datalist_entry(s) for s in plan.validation],
+    })
+    write_json(os.path.join(site_dir, MANIFEST_NAME), {
+        "site": plan.name, "partition": plan.partition, "mode": mode, "source": data_dir,
+        "csv": os.path.abspath(csv_path), "seed": seed, "validation_fraction": validation_fraction,
+        "counts": {"training": len(plan.training), "validation": len(plan.validation)},
+        "files": list(KINDS), "subjects": {s: entries[s] for s in sorted(entries)},
+    })
+    _remove_stale(site_dir, set(entries) | {DATALIST_NAME, MANIFEST_NAME})
+    return SiteResult(plan.name, plan.partition, len(plan.training), len(plan.validation), plan.missing), len(jobs)
 
-    result.seconds = time.monotonic() - started
-    write_summary(out_dir, result, data_dir, csv_path, mode, strict=strict)
-    if not result.sites:
-        raise PrepError(f"no site has usable data; see {os.path.join(out_dir, REJECTED_NAME)}")
-    return result
+
+def _remove_stale(site_dir: str, keep_names: set[str]) -> None:
+    """Remove what the site folder holds beyond ``keep_names``: subjects no longer in this site."""
+    for stale in set(os.listdir(site_dir)) - keep_names:
+        path = os.path.join(site_dir, stale)
+        if os.path.islink(path) or os.path.isfile(path):
+            os.remove(path)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def write_rejected(path: str, rejected: list[Problem], partition_of: dict[str, int]) -> None:
