@@ -57,6 +57,7 @@ def poc_project(sites: list[str], fed_learn_port: int, admin_port: int) -> dict:
             {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
              "args": {"template_file": ["master_template.yml"]}},
             {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
+            {"path": "fedseg.app.kit_policy.AllowListBuilder"},  # configuration-only jobs run our classes
             {"path": "nvflare.lighter.impl.cert.CertBuilder"},
             {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
         ],

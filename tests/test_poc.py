@@ -43,7 +43,8 @@ def test_make_poc_runs_fedref_on_the_demos_three_sites_and_stops_everything(tmp_
     assert flare_processes(str(out)) == []
     info = json.loads(next((out / "workspace").rglob("run.json")).read_text())
     assert info["mode"] == "poc" and info["status"].startswith("FINISHED")
-    assert info["settings"]["data_root"] is None  # the job carried no data path: the sites used their own
+    (client_config,) = (out / "workspace").rglob("site-1/*/app_site-1/config/config_fed_client.json")
+    assert str(demo) not in client_config.read_text()  # the job carried no data path: the sites used their own
 
 
 def test_poc_without_prepared_sites_says_so_in_one_line(tmp_path):
