@@ -80,17 +80,20 @@ def final_scores(run: RunArtifacts) -> tuple[str, dict[str, dict]]:
         if sites:
             return "cross_site_eval", sites
     last = run.rounds[-1]
-    return "last_round_validation", {site: _pick(m) for site, m in sorted(last.get("sites", {}).items())}
+    scored = {**last.get("validation_only", {}), **last.get("sites", {})}  # partial participation: every site
+    return "last_round_validation", {site: _pick(m) for site, m in sorted(scored.items())}
 
 
 def curves(run: RunArtifacts, final_source: str, final_sites: dict[str, dict]) -> list[dict]:
     """One row per (round, site) and per round for ``overall``; the final model is the last round + 1."""
     rows = []
     for record in run.rounds:
-        sites = {site: _pick(m) for site, m in sorted(record.get("sites", {}).items())}
+        # partial participation: the sites left out of a round validated the same global model
+        scored = {**record.get("validation_only", {}), **record.get("sites", {})}
+        sites = {site: _pick(m) for site, m in sorted(scored.items())}
         for site, scores in sites.items():
             rows.append({"round": record["round"], "site": site, "source": "round_validation", **scores,
-                         "train_loss": _number(record["sites"][site].get("train_loss"))})
+                         "train_loss": _number(scored[site].get("train_loss"))})
         if sites:
             rows.append({"round": record["round"], "site": "overall", "source": "round_validation",
                          **pooled(sites), "train_loss": None})
