@@ -250,12 +250,14 @@ def main() -> None:
         plan.sort(key=lambda item: (item[0] != CENTRALISED, item[2], item[0], item[1]))
 
     def save() -> str:
-        done = [runs[run_key(a, s, k, args.rounds)] for a, s, k in plan if run_key(a, s, k, args.rounds) in runs]
+        # every run in the file is kept (an earlier sitting may have run other seeds, arms or settings)
+        done = sorted(runs.values(), key=lambda r: (r["rounds"], r["clients_per_round"], r["seed"], r["arm"]))
+        missing = [item for item in plan if run_key(*item, args.rounds) not in runs]
         return write_result(name, {"screening": args.screening, "institutions": INSTITUTIONS, "rounds": args.rounds,
                                    "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in PROFILE.items()},
                                    "arms": {a: ARMS[a] for a in arms}, "targets": list(TARGETS),
-                                   "summary": summarise_runs(done), "runs": done,
-                                   "complete": len(done) == len(plan), "planned": len(plan)})
+                                   "summary": summarise_runs([r for r in done if r["rounds"] == args.rounds]), "runs": done,
+                                   "complete": not missing, "planned": len(plan), "missing": len(missing)})
 
     with tempfile.TemporaryDirectory(prefix="fedseg_long_horizon_") as tmp:
         work = os.path.abspath(args.work or tmp)
