@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 
 from fedseg.data_prep.cli import add_fets2022_arguments
+from fedseg.fedref import VARIANTS
 from fedseg.settings import DEFAULT_PROFILE, PROFILES, add_training_arguments, profile, settings_from_arguments
 
 DEMO_ROUNDS = 20
@@ -54,7 +55,8 @@ def _settings(args: argparse.Namespace):
         **training, profile=args.profile, algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds,
         data_root=args.data_root, cache_dir=args.cache_dir, buffer_size=args.p, lambda1=args.lambda1,
         lambda2=args.lambda2, reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
-        quantization=args.quantization,
+        quantization=args.quantization, fedref_variant=args.fedref_variant, fedref_momentum=args.fedref_momentum,
+        clients_per_round=args.clients_per_round,
     )
 
 
@@ -235,6 +237,13 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--lambda1", type=float, default=_job_default("lambda1"), help="FedRef: pull toward the last global model")
     p.add_argument("--lambda2", type=float, default=_job_default("lambda2"), help="FedRef: pull toward the reference model")
     p.add_argument("--reference-weighting", choices=["uniform", "linear"], default=_job_default("reference_weighting"))
+    p.add_argument("--fedref-variant", choices=VARIANTS, default=_job_default("fedref_variant"),
+                   help="FedRef's prior: mean of the last p globals, their trend one round ahead, or a per-layer "
+                        "(diagonal) prior on the trend")
+    p.add_argument("--fedref-momentum", type=float, default=_job_default("fedref_momentum"),
+                   help="FedRef: server momentum before the MAP pull (0: none)")
+    p.add_argument("--clients-per-round", type=int, default=_job_default("clients_per_round"),
+                   help="sites trained per round, drawn from the seed and the round (0: every site every round)")
     p.add_argument("--no-cross-site-eval", action="store_true")
     p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
                    help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")

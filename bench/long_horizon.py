@@ -5,8 +5,8 @@ own intensity scale, bias, noise and tumour sizes), every algorithm on the same 
 seed and participation setting: the seed fixes the initial model, the augmentation and, with partial
 participation, the sequence of sites per round (the same for every algorithm), so differences are paired.
 A centralised baseline trains one "site" holding the pooled training cases for the same number of
-optimiser steps as the full-participation federation (rounds x sites x local steps) and is scored on the
-pooled validation cases: FL Dice / centralised Dice says how much federation costs here.
+optimiser steps as the federation of each participation setting (rounds x sites per round x local steps)
+and is scored on the pooled validation cases: FL Dice / centralised Dice says how much federation costs here.
 
 Per run, from its artifacts (``fedseg.app.compare``): final mean Dice (the last round's global model on
 every validation case of every site), the mean of the last three rounds' curve, rounds to two targets, the area
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import tempfile
@@ -37,6 +36,7 @@ import time
 
 from bench.common import RESULTS_DIR, table, write_result
 from bench.convergence import INSTITUTIONS, first_complete_run, prepare, rounds_to
+from fedseg.app.compare import paired_interval  # the same 95% t-interval as `fedseg compare`
 
 RESULT_NAME = "long_horizon"
 SCREENING_NAME = "long_horizon_screening"
@@ -57,27 +57,8 @@ CENTRALISED = "centralised"
 PROFILE = {"channels": (8, 16, 32), "crop": (32, 32, 32), "local_steps": 8, "batch_size": 2, "samples_per_case": 2,
            "val_max_cases": 0, "sw_batch_size": 4, "lr": 3e-3}
 TARGETS = (0.4, 0.5)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         11: 2.201, 12: 2.179, 14: 2.145, 19: 2.093, 29: 2.045}
-
-
-def t_quantile(df: int) -> float:
-    """Student's t 0.975 quantile (table; the nearest lower tabulated df above 12)."""
-    return T_975.get(df) or T_975[max(k for k in T_975 if k <= df)] if df >= 1 else math.nan
-
-
-def paired_interval(differences: list[float]) -> dict:
-    """Mean of paired differences with its 95% t-interval (None-width with one pair: no interval from one seed)."""
-    n = len(differences)
-    mean = statistics.mean(differences)
-    if n < 2:
-        return {"n": n, "mean": mean, "low": None, "high": None}
-    half = t_quantile(n - 1) * statistics.stdev(differences) / math.sqrt(n)
-    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half}
-
-
 def area_under_curve(curve: list) -> float | None:
-    """Mean Dice over the rounds (the area under the curve per round): speed and level in one number."""
+    """Mean Dice over the rounds (as ``fedseg.app.compare.area_under_curve``, on a list of values)."""
     values = [v for v in curve if v is not None]
     return statistics.mean(values) if values else None
 
@@ -118,9 +99,9 @@ def run_arm(data_root: str, work: str, arm: str, seed: int, rounds: int, clients
     from fedseg.jobs.recipes import JobSettings, run_simulation
 
     started = time.time()
-    if arm == CENTRALISED:
+    if arm == CENTRALISED:  # as many optimiser steps per round as the federation's sites take together
         sites = ["site-1"]
-        overrides = {"algorithm": "fedavg", "local_steps": PROFILE["local_steps"] * len(INSTITUTIONS)}
+        overrides = {"algorithm": "fedavg", "local_steps": PROFILE["local_steps"] * (clients_per_round or len(INSTITUTIONS))}
     else:
         sites = [f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)]
         overrides = dict(ARMS[arm], clients_per_round=clients_per_round)
@@ -151,8 +132,8 @@ MEASURES = ("final_dice_mean", "last3_dice_mean", "auc", "forgetting")
 def summarise_runs(runs: list[dict]) -> list[dict]:
     """Per (participation, arm): means over seeds and paired differences to FedAvg with 95% t-intervals."""
     out = []
-    central = {r["seed"]: r for r in runs if r["arm"] == CENTRALISED}
-    for k in sorted({r["clients_per_round"] for r in runs if r["arm"] != CENTRALISED}):
+    for k in sorted({r["clients_per_round"] for r in runs}):
+        central = {r["seed"]: r for r in runs if r["arm"] == CENTRALISED and r["clients_per_round"] == k}
         setting = [r for r in runs if r["clients_per_round"] == k and r["arm"] != CENTRALISED]
         baseline = {r["seed"]: r for r in setting if r["arm"] == "fedavg"}
         for arm in dict.fromkeys(r["arm"] for r in setting):
@@ -176,11 +157,12 @@ def summarise_runs(runs: list[dict]) -> list[dict]:
                 row["beats_fedavg_seeds"] = (f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}"
                                              f"/{len(paired)}")
             out.append(row)
-    if central:
-        row = {"participation": "pooled data", "clients_per_round": None, "arm": CENTRALISED, "seeds": len(central)}
-        for m in MEASURES:
-            row[m] = statistics.mean(r[m] for r in central.values())
-        out.append(row)
+        if central:
+            row = {"participation": f"pooled data, the steps of {participation_label(k)}", "clients_per_round": k,
+                   "arm": CENTRALISED, "seeds": len(central)}
+            for m in MEASURES:
+                row[m] = statistics.mean(r[m] for r in central.values())
+            out.append(row)
     return out
 
 
@@ -242,9 +224,8 @@ def main() -> None:
                 runs[run_key(run["arm"], run["seed"], run["clients_per_round"], run["rounds"])] = run
     plan = []
     for seed in args.seeds:
-        if not args.no_centralised:
-            plan.append((CENTRALISED, seed, 0))
         for k in args.participation:
+            plan += [] if args.no_centralised else [(CENTRALISED, seed, k)]
             plan += [(arm, seed, k) for arm in arms]
     if args.order == "arm":
         plan.sort(key=lambda item: (item[0] != CENTRALISED, item[2], item[0], item[1]))
