@@ -87,11 +87,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not folders:
         if not args.data_root:
             raise ValueError("give --data-root (to run the algorithms) or --runs (finished run folders)")
-        for number, algorithm in enumerate(args.algorithms, start=1):
+        seeds = args.seeds or [None]  # None: the --seed option (or the profile's seed)
+        plan = [(algorithm, seed) for seed in seeds for algorithm in args.algorithms]
+        for number, (algorithm, seed) in enumerate(plan, start=1):
             args.algorithm = algorithm
             settings = _settings(args)
-            print(f"[{number}/{len(args.algorithms)}] {algorithm}: {settings.num_rounds} rounds on {', '.join(settings.sites)}",
-                  flush=True)
+            if seed is not None:  # one run folder per seed: the comparison pairs them seed by seed
+                settings.seed, settings.name = seed, f"{settings.job_name}_seed{seed}"
+            print(f"[{number}/{len(plan)}] {algorithm} (seed {settings.seed}): {settings.num_rounds} rounds on "
+                  f"{', '.join(settings.sites)}", flush=True)
             try:
                 folders.append(run_simulation(settings, args.workspace, data_source=os.path.abspath(args.data_root)))
             except SimulationError as exc:
@@ -278,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace_compare")
     p.add_argument("--out", default="comparison")
     p.add_argument("--target", type=float, default=0.8, help="mean Dice whose first reaching is counted")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run every algorithm once per seed; differences to FedAvg are then paired by seed, with a 95%% "
+                        "interval (default: one run at --seed)")
     _add_training_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_compare)
 

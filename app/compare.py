@@ -26,7 +26,9 @@ import statistics
 import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
-from fedseg.app.report import DISCLAIMER, communication_mb, curves, final_scores, pooled
+from fedseg.app.report import (
+    DISCLAIMER, area_under_curve, communication_mb, curves, final_scores, last_rounds_mean, participation, pooled,
+)
 from fedseg.data_prep.atomic import atomic_directory, write_json
 
 REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
@@ -61,27 +63,6 @@ def rounds_to_target(curve: list[dict], target: float) -> int | None:
         if row["dice_mean"] is not None and row["dice_mean"] >= target:
             return int(row["round"])
     return None
-
-
-def area_under_curve(curve: list[dict]) -> float | None:
-    """Mean over rounds of the global model's mean Dice (rounds' validation only, not the final evaluation)."""
-    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
-              and r["dice_mean"] is not None]
-    return statistics.mean(values) if values else None
-
-
-def last_rounds_mean(curve: list[dict], count: int = 3) -> float | None:
-    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
-              and r["dice_mean"] is not None][-count:]
-    return statistics.mean(values) if values else None
-
-
-def participation(run: RunArtifacts) -> str:
-    """How many sites trained per round, in words (from the run's settings)."""
-    settings = run.run_info.get("settings", {})
-    total = len(settings.get("sites") or run.sites or [])
-    k = settings.get("clients_per_round") or 0
-    return f"all {total} sites every round" if not k or k >= total else f"{k} of {total} sites per round"
 
 
 def run_label(run: RunArtifacts) -> str:

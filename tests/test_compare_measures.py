@@ -88,3 +88,19 @@ def test_paired_interval_uses_the_t_quantile_of_its_degrees_of_freedom():
     got = paired_interval([1.0, 2.0, 3.0, 4.0, 5.0])
     half = 2.776 * statistics.stdev([1, 2, 3, 4, 5]) / math.sqrt(5)
     assert (got["mean"], got["low"], got["high"]) == pytest.approx((3.0, 3.0 - half, 3.0 + half))
+
+
+def test_run_report_names_the_participation_and_the_area_under_the_curve(tmp_path):
+    from fedseg.app.artifacts import load_run
+    from fedseg.app.report import write_report
+
+    curve = [0.2, 0.4, 0.5, 0.6]
+    index = write_report(load_run(make_run(tmp_path, "run", "fedavg", 0, curve)), str(tmp_path / "report"))
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["participation"] == "2 of 3 sites per round"
+    assert summary["auc"] == pytest.approx(statistics.mean(pooled_curve(curve)))
+    assert summary["last3_dice_mean"] == pytest.approx(statistics.mean(pooled_curve(curve)[-3:]))
+    # the final scores cover the absent site too (it validated the last global model)
+    assert sorted(summary["final"]["sites"]) == SITES
+    page = open(index, encoding="utf-8").read()
+    assert "2 of 3 sites per round" in page and f"{summary['auc']:.3f}" in page
