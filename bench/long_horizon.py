@@ -56,7 +56,7 @@ CENTRALISED = "centralised"
 # the cheap regime of every run (TrainingSettings fields); local_steps per site per round
 PROFILE = {"channels": (8, 16, 32), "crop": (32, 32, 32), "local_steps": 8, "batch_size": 2, "samples_per_case": 2,
            "val_max_cases": 0, "sw_batch_size": 4, "lr": 3e-3}
-TARGETS = (0.4, 0.5)
+TARGETS = (0.7, 0.8)  # mean Dice; this profile passes 0.5 within 3-4 rounds, so lower targets tell nothing apart
 def area_under_curve(curve: list) -> float | None:
     """Mean Dice over the rounds (as ``fedseg.app.compare.area_under_curve``, on a list of values)."""
     values = [v for v in curve if v is not None]
@@ -118,7 +118,6 @@ def run_arm(data_root: str, work: str, arm: str, seed: int, rounds: int, clients
     return {"arm": arm, "seed": seed, "clients_per_round": clients_per_round, "rounds": rounds,
             "final_dice_mean": summary["final"]["overall"]["dice_mean"], "final_source": summary["final"]["source"],
             "last3_dice_mean": last_mean(curve), "auc": area_under_curve(curve),
-            **{f"rounds_to_{t}": rounds_to(curve, t) for t in TARGETS},
             "forgetting": summary["forgetting"]["total"], "curve": curve,
             "participants": [r.get("participants") for r in run.rounds],
             "step_ratio_mean": statistics.mean(ratios) if ratios else None,
@@ -141,8 +140,8 @@ def summarise_runs(runs: list[dict]) -> list[dict]:
             row = {"participation": participation_label(k), "clients_per_round": k, "arm": arm, "seeds": len(mine)}
             for m in MEASURES:
                 row[m] = statistics.mean(r[m] for r in mine)
-            for t in TARGETS:
-                reached = [r[f"rounds_to_{t}"] for r in mine if r[f"rounds_to_{t}"] is not None]
+            for t in TARGETS:  # from the stored curves: targets can be changed after the runs
+                reached = [rounds_to(r["curve"], t) for r in mine if rounds_to(r["curve"], t) is not None]
                 row[f"rounds_to_{t}"] = statistics.mean(reached) if reached else None
                 row[f"reached_{t}"] = f"{len(reached)}/{len(mine)}"
             ratios = [r["step_ratio_mean"] for r in mine if r.get("step_ratio_mean") is not None]
