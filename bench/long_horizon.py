@@ -149,6 +149,7 @@ def summarise_runs(runs: list[dict]) -> list[dict]:
             paired_central = [r["final_dice_mean"] / central[r["seed"]]["final_dice_mean"] for r in mine
                               if r["seed"] in central and central[r["seed"]]["final_dice_mean"]]
             row["fl_over_centralised"] = statistics.mean(paired_central) if paired_central else None
+            row["fl_over_centralised_seeds"] = len(paired_central)
             paired = [r for r in mine if r["seed"] in baseline]
             if arm != "fedavg" and paired:
                 for m in MEASURES:
@@ -188,7 +189,8 @@ def markdown(summary: list[dict]) -> str:
                    fmt(r["auc"]),
                    "-" if r.get(f"rounds_to_{TARGETS[0]}") is None else f"{r[f'rounds_to_{TARGETS[0]}']:.1f} ({r[f'reached_{TARGETS[0]}']})",
                    "-" if r.get(f"rounds_to_{TARGETS[1]}") is None else f"{r[f'rounds_to_{TARGETS[1]}']:.1f} ({r[f'reached_{TARGETS[1]}']})",
-                   fmt(r["forgetting"], 2), fmt(r.get("step_ratio_mean"), 2), fmt(r.get("fl_over_centralised"), 2),
+                   fmt(r["forgetting"], 2), fmt(r.get("step_ratio_mean"), 2), (f"{r['fl_over_centralised']:.2f} ({r['fl_over_centralised_seeds']} seed{'s' if r['fl_over_centralised_seeds'] > 1 else ''})"
+                    if r.get("fl_over_centralised") is not None else "-"),
                    interval_text(r.get("final_dice_mean_minus_fedavg")), interval_text(r.get("auc_minus_fedavg"))]
                   for r in summary])
 
