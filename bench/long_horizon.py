@@ -45,7 +45,8 @@ ARMS = {
     "fedavg": {"algorithm": "fedavg"},
     "fedavgm": {"algorithm": "fedavgm"},  # the project's FedAvgM: server lr 1, momentum 0.9
     "fedprox": {"algorithm": "fedprox"},
-    "fedref_mean": {"algorithm": "fedref", "fedref_variant": "mean"},  # today's defaults: p 3, lambda 0.1 / 0.1
+    # FedRef's defaults before this benchmark: the mean prior, p 3, lambda1 = lambda2 = 0.1
+    "fedref_mean": {"algorithm": "fedref", "fedref_variant": "mean", "lambda1": 0.1, "lambda2": 0.1},
     "fedref_trend": {"algorithm": "fedref", "fedref_variant": "trend", "lambda1": 0.0, "lambda2": 0.3},
     "fedref_diagonal": {"algorithm": "fedref", "fedref_variant": "diagonal", "lambda1": 0.0, "lambda2": 1.0},
     "fedref_momentum": {"algorithm": "fedref", "fedref_variant": "trend", "fedref_momentum": 0.5, "lambda1": 0.0,

@@ -53,4 +53,4 @@ def test_job_settings_check_the_participation_and_variant():
         JobSettings(sites=SITES, clients_per_round=6)
     with pytest.raises(ValueError, match="fedref_variant"):
         JobSettings(fedref_variant="median")
-    assert JobSettings().fedref_variant == "mean" and JobSettings().clients_per_round == 0
+    assert JobSettings().fedref_variant == "trend" and JobSettings().clients_per_round == 0
