@@ -21,8 +21,9 @@ absent -- is what is measured, not absolute Dice. Each finished run is written t
     .venv/bin/python -m bench.long_horizon --seeds 0 1 2 3 4 --rounds 35 --resume           # the full plan
     .venv/bin/python -m bench.long_horizon --screening --seeds 0 --rounds 20 --resume       # a screening pass
 
-The full plan (7 arms x 2 settings x 5 seeds + 5 centralised runs at 35 rounds) is about 75 runs; on a
-2-core machine a 35-round run of this profile takes about 2-3 minutes, so 3 to 4 hours in all.
+The full plan (7 arms x 2 settings x 5 seeds + 10 centralised runs, 35 rounds) is 80 runs. On a 2-core
+machine (measured, shared with other work) a round takes about 6 s with 2 of 5 sites, 10 s with all 5 and
+15 s for the centralised run of full participation's steps, plus about 20 s per run to start: about 7 hours.
 """
 
 from __future__ import annotations
