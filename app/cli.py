@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from fedseg.data_prep.cli import add_fets2022_arguments, add_synth_arguments
+from fedseg.fedref import VARIANTS
 from fedseg.settings import DEFAULT_PROFILE, PROFILES, add_training_arguments, profile, settings_from_arguments
 
 DEMO_ROUNDS = 20
@@ -52,7 +53,8 @@ def _settings(args: argparse.Namespace):
         **training, profile=args.profile, algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds,
         data_root=args.data_root, cache_dir=args.cache_dir, buffer_size=args.p, lambda1=args.lambda1,
         lambda2=args.lambda2, reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
-        quantization=args.quantization,
+        quantization=args.quantization, fedref_variant=args.fedref_variant, fedref_momentum=args.fedref_momentum,
+        clients_per_round=args.clients_per_round,
     )
 
 
@@ -83,11 +85,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not folders:
         if not args.data_root:
             raise ValueError("give --data-root (to run the algorithms) or --runs (finished run folders)")
-        for number, algorithm in enumerate(args.algorithms, start=1):
+        seeds = args.seeds or [None]  # None: the --seed option (or the profile's seed)
+        plan = [(algorithm, seed) for seed in seeds for algorithm in args.algorithms]
+        for number, (algorithm, seed) in enumerate(plan, start=1):
             args.algorithm = algorithm
             settings = _settings(args)
-            print(f"[{number}/{len(args.algorithms)}] {algorithm}: {settings.num_rounds} rounds on {', '.join(settings.sites)}",
-                  flush=True)
+            if seed is not None:  # one run folder per seed: the comparison pairs them seed by seed
+                settings.seed, settings.name = seed, f"{settings.job_name}_seed{seed}"
+            print(f"[{number}/{len(plan)}] {algorithm} (seed {settings.seed}): {settings.num_rounds} rounds on "
+                  f"{', '.join(settings.sites)}", flush=True)
             try:
                 folders.append(run_simulation(settings, args.workspace, data_source=os.path.abspath(args.data_root)))
             except SimulationError as exc:
@@ -244,6 +250,13 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--lambda1", type=float, default=_job_default("lambda1"), help="FedRef: pull toward the last global model")
     p.add_argument("--lambda2", type=float, default=_job_default("lambda2"), help="FedRef: pull toward the reference model")
     p.add_argument("--reference-weighting", choices=["uniform", "linear"], default=_job_default("reference_weighting"))
+    p.add_argument("--fedref-variant", choices=VARIANTS, default=_job_default("fedref_variant"),
+                   help="FedRef's prior: mean of the last p globals, their trend one round ahead, or a per-layer "
+                        "(diagonal) prior on the trend")
+    p.add_argument("--fedref-momentum", type=float, default=_job_default("fedref_momentum"),
+                   help="FedRef: server momentum before the MAP pull (0: none)")
+    p.add_argument("--clients-per-round", type=int, default=_job_default("clients_per_round"),
+                   help="sites trained per round, drawn from the seed and the round (0: every site every round)")
     p.add_argument("--no-cross-site-eval", action="store_true")
     p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
                    help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
@@ -276,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace_compare")
     p.add_argument("--out", default="comparison")
     p.add_argument("--target", type=float, default=0.8, help="mean Dice whose first reaching is counted")
+    p.add_argument("--seeds", type=int, nargs="+",
+                   help="run every algorithm once per seed; differences to FedAvg are then paired by seed, with a 95%% "
+                        "interval (default: one run at --seed)")
     _add_training_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_compare)
 

@@ -3,11 +3,15 @@
 Measures, all from the runs' artifacts:
 - Dice per region over rounds (pooled over all validation cases), final Dice overall and per site;
 - rounds to reach a target mean Dice (first round whose global model reaches it; None if never);
+- area under the Dice curve: the mean over rounds of the global model's mean Dice (speed and level in one
+  number), and the mean of the last three rounds (less noisy than the last round alone);
 - forgetting: per site, the drop of the global model's mean Dice below its best so far, summed over
   rounds (0 when every round is at least as good as all earlier ones), then summed over sites;
 - communication: megabytes moved per round (to and from every site) and in total;
 - wall time of the run.
-The report states the winner of each measure in plain words, FedRef or not.
+The report states the winner of each measure in plain words, FedRef or not, and the participation setting
+(every site every round, or k of K per round). With several seeds per algorithm, values are means over seeds
+and each algorithm's difference to FedAvg is paired seed by seed, with a 95% t-interval.
 """
 
 from __future__ import annotations
@@ -16,11 +20,15 @@ import base64
 import csv
 import html
 import io
+import math
 import os
+import statistics
 import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
-from fedseg.app.report import DISCLAIMER, communication_mb, curves, final_scores, pooled
+from fedseg.app.report import (
+    DISCLAIMER, area_under_curve, communication_mb, curves, final_scores, last_rounds_mean, participation, pooled,
+)
 from fedseg.atomic import atomic_directory, write_json
 
 REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
@@ -57,13 +65,23 @@ def rounds_to_target(curve: list[dict], target: float) -> int | None:
     return None
 
 
+def run_label(run: RunArtifacts) -> str:
+    """The algorithm, with FedRef's variant when it is not the default prior (fedref-trend, fedref-diagonal)."""
+    variant = run.run_info.get("settings", {}).get("fedref_variant", "mean")
+    return f"fedref-{variant}" if run.algorithm == "fedref" and variant != "mean" else run.algorithm
+
+
 def summarise(run: RunArtifacts, target: float) -> dict:
     source, sites = final_scores(run)
     curve = overall_curve(run)
     per_site_forgetting = {site: forgetting(v) for site, v in site_curves(run).items()}
     mb = communication_mb(run)
     return {
-        "algorithm": run.algorithm,
+        "algorithm": run_label(run),
+        "seed": run.run_info.get("settings", {}).get("seed"),
+        "participation": participation(run),
+        "auc": area_under_curve(curve),
+        "last3_dice_mean": last_rounds_mean(curve),
         "run_folder": run.folder,
         "rounds": len(run.rounds),
         "final": {"source": source, "overall": pooled(sites), "sites": sites},
@@ -84,6 +102,8 @@ MEASURES = [
     ("final_dice_et", "final Dice ET", "max", lambda s: s["final"]["overall"]["dice_et"]),
     ("worst_site_dice", "worst site's final mean Dice", "max",
      lambda s: min((v["dice_mean"] for v in s["final"]["sites"].values() if v["dice_mean"] is not None), default=None)),
+    ("last3_dice_mean", "mean Dice of the last 3 rounds", "max", lambda s: s["last3_dice_mean"]),
+    ("auc", "area under the Dice curve (mean over rounds)", "max", lambda s: s["auc"]),
     ("rounds_to_target", "rounds to the target mean Dice", "min", lambda s: s["rounds_to_target"]),
     ("forgetting", "forgetting (summed Dice drops)", "min", lambda s: s["forgetting"]["total"]),
     ("mb_total", "megabytes moved in total", "min", lambda s: s["mb_total"]),
@@ -91,11 +111,55 @@ MEASURES = [
 ]
 
 
+PAIRED_MEASURES = ("final_dice_mean", "auc", "last3_dice_mean", "forgetting")
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+
+
+def t_quantile(df: int) -> float:
+    """Student's t 0.975 quantile; between tabulated degrees of freedom the next lower one (a wider interval)."""
+    return T_975[max(k for k in T_975 if k <= df)]
+
+
+def paired_interval(differences: list[float]) -> dict:
+    """Mean of paired differences and its 95% t-interval; no interval from a single pair."""
+    n = len(differences)
+    mean = statistics.mean(differences)
+    if n < 2:
+        return {"n": n, "mean": mean, "low": None, "high": None}
+    half = t_quantile(n - 1) * statistics.stdev(differences) / math.sqrt(n)
+    return {"n": n, "mean": mean, "low": mean - half, "high": mean + half}
+
+
+def paired_differences(summaries: list[dict], baseline: str = "fedavg") -> list[dict]:
+    """Each algorithm minus the baseline, seed by seed (same seed: same initial model, data order and sites)."""
+    read = {key: fn for key, _, _, fn in MEASURES}
+    base = {s["seed"]: s for s in summaries if s["algorithm"] == baseline}
+    out = []
+    for algorithm in dict.fromkeys(s["algorithm"] for s in summaries if s["algorithm"] != baseline):
+        pairs = [(s, base[s["seed"]]) for s in summaries if s["algorithm"] == algorithm and s["seed"] in base]
+        for key in PAIRED_MEASURES:
+            diffs = [read[key](a) - read[key](b) for a, b in pairs if read[key](a) is not None and read[key](b) is not None]
+            if diffs:
+                out.append({"algorithm": algorithm, "baseline": baseline, "measure": key, **paired_interval(diffs)})
+    return out
+
+
+def interval_text(row: dict) -> str:
+    if row["low"] is None:
+        return f"{row['mean']:+.3f} (one seed: no interval)"
+    return f"{row['mean']:+.3f} [{row['low']:+.3f}, {row['high']:+.3f}]"
+
+
 def winners(summaries: list[dict]) -> list[dict]:
-    """For each measure: the best value, the algorithms that reach it, and where FedRef stands."""
+    """For each measure: the best value (the mean over seeds), the algorithms that reach it, where FedRef stands."""
     out = []
     for key, label, better, read in MEASURES:
-        values = {s["algorithm"]: read(s) for s in summaries}
+        per_algorithm: dict[str, list] = {}
+        for s in summaries:
+            per_algorithm.setdefault(s["algorithm"], []).append(read(s))
+        values = {a: (statistics.mean(v for v in vs if v is not None) if any(v is not None for v in vs) else None)
+                  for a, vs in per_algorithm.items()}
         present = {a: v for a, v in values.items() if v is not None}
         if not present:
             out.append({"measure": key, "label": label, "winners": [], "best": None, "values": values})
@@ -143,8 +207,10 @@ def curves_png(summaries: list[dict]) -> bytes:
             points = [(r["round"], r[key]) for r in s["curve"] if r[key] is not None]
             if points:
                 x, y = zip(*points)
-                style = dict(linewidth=2.4, color="black") if s["algorithm"] == "fedref" else dict(linewidth=1.3)
-                ax.plot(x, y, marker="o", markersize=3, label=s["algorithm"], **style)
+                style = dict(linewidth=2.4, color="black") if s["algorithm"].startswith("fedref") else dict(linewidth=1.3)
+                several = len({t.get("seed") for t in summaries}) > 1
+                label = f"{s['algorithm']} (seed {s.get('seed')})" if several else s["algorithm"]
+                ax.plot(x, y, marker="o", markersize=3, label=label, **style)
         ax.set_title(f"Dice {title} (all validation cases)")
         ax.set_xlabel("aggregation rounds")
         ax.set_ylim(0, 1)
@@ -159,8 +225,22 @@ def curves_png(summaries: list[dict]) -> bytes:
     return buffer.getvalue()
 
 
-def render(summaries: list[dict], results: list[dict], target: float, png: bytes) -> str:
-    algos = [s["algorithm"] for s in summaries]
+def participation_text(summaries: list[dict]) -> str:
+    """The participation setting(s) of the compared runs, for the report's header."""
+    settings = sorted({s.get("participation", "?") for s in summaries})
+    return settings[0] if len(settings) == 1 else "mixed: " + "; ".join(settings)
+
+
+def site_mean(summaries: list[dict], algorithm: str, site: str) -> float | None:
+    values = [s["final"]["sites"].get(site, {}).get("dice_mean") for s in summaries if s["algorithm"] == algorithm]
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def render(summaries: list[dict], results: list[dict], target: float, png: bytes,
+           paired: list[dict] | None = None) -> str:
+    algos = list(dict.fromkeys(s["algorithm"] for s in summaries))
+    seeds = sorted({s.get("seed") for s in summaries}, key=str)
     head = "".join(f"<th>{html.escape(a)}</th>" for a in algos)
     rows = ""
     for r in results:
@@ -173,8 +253,11 @@ def render(summaries: list[dict], results: list[dict], target: float, png: bytes
     sites = sorted({site for s in summaries for site in s["final"]["sites"]})
     site_rows = "".join(
         f"<tr><td>{html.escape(site)}</td>" + "".join(
-            f"<td>{_fmt(s['final']['sites'].get(site, {}).get('dice_mean'))}</td>" for s in summaries) + "</tr>"
+            f"<td>{_fmt(site_mean(summaries, a, site))}</td>" for a in algos) + "</tr>"
         for site in sites)
+    paired_rows = "".join(
+        f"<tr><td>{html.escape(r['algorithm'])}</td><td>{html.escape(r['measure'])}</td><td>{r['n']}</td>"
+        f"<td>{html.escape(interval_text(r))}</td></tr>" for r in paired or [])
     words = "".join(f"<li>{html.escape(line)}</li>" for line in sentences(results))
     image = base64.b64encode(png).decode("ascii")
     return f"""<!DOCTYPE html>
@@ -186,9 +269,12 @@ th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 <h1>Algorithm comparison</h1>
 <p class="note">{html.escape(DISCLAIMER)}</p>
 <p>Same prepared data, seeds, network, local epochs and rounds for every algorithm; target mean Dice {target:.2f}.
-Bold: the best value of each measure.</p>
+Participation: <b>{html.escape(participation_text(summaries))}</b>. Seeds: {html.escape(", ".join(map(str, seeds)))}
+(values are means over seeds). Bold: the best value of each measure.</p>
 <h2>Who won what</h2><ul>{words}</ul>
 <table><tr><th>measure</th>{head}</tr>{rows}</table>
+<h2>Difference to FedAvg, paired by seed (95% t-interval)</h2>
+<table><tr><th>algorithm</th><th>measure</th><th>seeds</th><th>mean difference [95% interval]</th></tr>{paired_rows}</table>
 <h2>Final mean Dice per site</h2><table><tr><th>site</th>{head}</tr>{site_rows}</table>
 <h2>Learning curves</h2><img alt="Dice per region over rounds, one line per algorithm" src="data:image/png;base64,{image}">
 <p>Forgetting: per site, the drop of the global model's mean Dice below its best so far, summed over rounds,
@@ -201,18 +287,23 @@ def write_comparison(run_folders: list[str], out_dir: str, target: float = 0.8) 
     """Compare finished runs; writes compare.html, compare.json and compare.csv atomically."""
     summaries = [summarise(load_run(folder), target) for folder in run_folders]
     results = winners(summaries)
+    paired = paired_differences(summaries)
     png = curves_png(summaries)
     with atomic_directory(out_dir) as tmp:
-        write_json(os.path.join(tmp, "compare.json"), {"target": target, "winners": results,
-                                                      "sentences": sentences(results), "runs": summaries})
+        write_json(os.path.join(tmp, "compare.json"), {"target": target, "participation": participation_text(summaries),
+                                                      "winners": results, "sentences": sentences(results),
+                                                      "paired_differences": paired, "runs": summaries})
         with open(os.path.join(tmp, "compare.csv"), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
-            writer.writerow(["measure"] + [s["algorithm"] for s in summaries] + ["winners"])
+            algos = list(dict.fromkeys(s["algorithm"] for s in summaries))
+            writer.writerow(["measure"] + algos + ["winners"])
             for r in results:
-                writer.writerow([r["measure"]] + [r["values"].get(s["algorithm"]) for s in summaries]
-                                + [" ".join(r["winners"])])
+                writer.writerow([r["measure"]] + [r["values"].get(a) for a in algos] + [" ".join(r["winners"])])
+            for r in paired:
+                writer.writerow([f"{r['measure']} minus {r['baseline']} (n={r['n']}, 95% low, high)", r["algorithm"],
+                                 r["mean"], r["low"], r["high"]])
         with open(os.path.join(tmp, "compare_curves.png"), "wb") as f:
             f.write(png)
         with open(os.path.join(tmp, "compare.html"), "w", encoding="utf-8") as f:
-            f.write(render(summaries, results, target, png))
+            f.write(render(summaries, results, target, png, paired))
     return os.path.join(os.path.abspath(out_dir), "compare.html")

@@ -16,6 +16,7 @@ import html
 import io
 import math
 import os
+import statistics
 import time
 
 from fedseg.app.artifacts import SERVER_MODEL_KEY, RunArtifacts
@@ -80,17 +81,20 @@ def final_scores(run: RunArtifacts) -> tuple[str, dict[str, dict]]:
         if sites:
             return "cross_site_eval", sites
     last = run.rounds[-1]
-    return "last_round_validation", {site: _pick(m) for site, m in sorted(last.get("sites", {}).items())}
+    scored = {**last.get("validation_only", {}), **last.get("sites", {})}  # partial participation: every site
+    return "last_round_validation", {site: _pick(m) for site, m in sorted(scored.items())}
 
 
 def curves(run: RunArtifacts, final_source: str, final_sites: dict[str, dict]) -> list[dict]:
     """One row per (round, site) and per round for ``overall``; the final model is the last round + 1."""
     rows = []
     for record in run.rounds:
-        sites = {site: _pick(m) for site, m in sorted(record.get("sites", {}).items())}
+        # partial participation: the sites left out of a round validated the same global model
+        scored = {**record.get("validation_only", {}), **record.get("sites", {})}
+        sites = {site: _pick(m) for site, m in sorted(scored.items())}
         for site, scores in sites.items():
             rows.append({"round": record["round"], "site": site, "source": "round_validation", **scores,
-                         "train_loss": _number(record["sites"][site].get("train_loss"))})
+                         "train_loss": _number(scored[site].get("train_loss"))})
         if sites:
             rows.append({"round": record["round"], "site": "overall", "source": "round_validation",
                          **pooled(sites), "train_loss": None})
@@ -161,10 +165,32 @@ def validation_note(summary: dict) -> str:
     return f"{curves}; {final}"
 
 
+def area_under_curve(curve: list[dict]) -> float | None:
+    """Mean over rounds of the global model's mean Dice (rounds' validation only, not the final evaluation)."""
+    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
+              and r["dice_mean"] is not None]
+    return statistics.mean(values) if values else None
+
+
+def last_rounds_mean(curve: list[dict], count: int = 3) -> float | None:
+    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
+              and r["dice_mean"] is not None][-count:]
+    return statistics.mean(values) if values else None
+
+
+def participation(run: RunArtifacts) -> str:
+    """How many sites trained per round, in words (from the run's settings)."""
+    settings = run.run_info.get("settings", {})
+    total = len(settings.get("sites") or run.sites or [])
+    k = settings.get("clients_per_round") or 0
+    return f"all {total} sites every round" if not k or k >= total else f"{k} of {total} sites per round"
+
+
 def build_summary(run: RunArtifacts) -> dict:
     """The ``summary.json`` contract: algorithm, rounds, final overall and per-site Dice (+ what else we know)."""
     source, sites = final_scores(run)
     overall = pooled(sites)
+    overall_rows = [row for row in curves(run, source, sites) if row["site"] == "overall"]
     info = run.run_info
     mb = communication_mb(run)
     training_cases = {}
@@ -180,6 +206,9 @@ def build_summary(run: RunArtifacts) -> dict:
         "algorithm": run.algorithm,
         "rounds": len(run.rounds),
         "sites": run.sites,
+        "participation": participation(run),
+        "auc": area_under_curve(overall_rows),
+        "last3_dice_mean": last_rounds_mean(overall_rows),
         "final": {"source": source, "overall": overall, "sites": sites},
         "settings": info.get("settings", {}),
         "wall_seconds": info.get("wall_seconds"),
@@ -297,8 +326,8 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>FedRef-Seg run report</h1>
 <p class="note">{html.escape(DISCLAIMER)}</p>
-<p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds, sites:
-{html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
+<p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds,
+{html.escape(summary.get('participation') or '')}, sites: {html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
 Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.{f' Cases: {case_text}.' if case_text else ''}</p>
 <h2>Final global model</h2>
 <p>Scores of the final global model on each site's validation split
@@ -308,6 +337,8 @@ overall is the mean over all validation cases.</p>
 <h2>What the numbers say</h2><ul>{notes}</ul>
 <h2>Learning curves</h2>
 <p>{html.escape(validation_note(summary))}</p>
+<p>Area under the overall mean-Dice curve (mean over rounds): {_fmt(summary.get('auc'))}; mean of the last
+3 rounds: {_fmt(summary.get('last3_dice_mean'))}.</p>
 <img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
 {cross}
 {comm_text}

@@ -108,3 +108,27 @@ def test_site_scale_summary_leaves_out_the_first_round_and_derives_each_institut
     assert rows[1][1] == 511 and rows[1][3] == f"{511 * 25.0 / 1024:.1f}" and rows[1][5] == "4.4"
     # institution 9: 4 subjects -> one validation case
     assert rows[9][1] == 4 and rows[9][5] == f"{(50 * 4 + 1 * 8) / 60:.1f}"
+
+
+def test_long_horizon_pairs_each_setting_with_its_own_fedavg_and_centralised_run():
+    from bench.long_horizon import CENTRALISED, summarise_runs
+
+    def record(arm, seed, k, final, auc):
+        return {"arm": arm, "seed": seed, "clients_per_round": k, "final_dice_mean": final, "last3_dice_mean": final,
+                "auc": auc, "forgetting": 0.0, "curve": [0.5, 0.75, 0.79], "step_ratio_mean": None}
+
+    runs = [record("fedavg", s, 2, 0.6 + 0.1 * s, 0.4) for s in range(3)]
+    runs += [record("fedref_trend", s, 2, 0.6 + 0.1 * s + d, 0.4 + d) for s, d in enumerate([0.01, 0.03, 0.02])]
+    runs += [record("fedavg", 0, 0, 0.9, 0.7), record(CENTRALISED, 0, 2, 0.8, 0.5), record(CENTRALISED, 1, 2, 0.75, 0.5)]
+    rows = {(r["clients_per_round"], r["arm"]): r for r in summarise_runs(runs)}
+    trend = rows[(2, "fedref_trend")]
+    assert trend["participation"] == "2 of 5 sites per round" and trend["seeds"] == 3
+    diff = trend["final_dice_mean_minus_fedavg"]
+    half = 4.303 * 0.01 / 3 ** 0.5  # t(0.975, 2) x sd(0.01, 0.03, 0.02) / sqrt(3)
+    assert (diff["mean"], diff["low"], diff["high"]) == pytest.approx((0.02, 0.02 - half, 0.02 + half))
+    assert trend["beats_fedavg_seeds"] == "3/3"
+    assert trend["reached_0.8"] == "0/3" and trend["rounds_to_0.7"] == 1 and trend["reached_0.7"] == "3/3"
+    # FL / centralised on the seeds that have both (0 and 1), within the same participation setting
+    assert trend["fl_over_centralised"] == pytest.approx((0.61 / 0.8 + 0.73 / 0.75) / 2)
+    assert rows[(0, "fedavg")]["fl_over_centralised"] is None  # no centralised run with full participation's steps
+    assert rows[(2, CENTRALISED)]["seeds"] == 2

@@ -85,7 +85,8 @@ def test_fedref_hyperparameters_are_visible_in_the_config():
     (controller,) = [w for w in server["workflows"] if w["id"] == "controller"]
     assert controller["path"] == "fedseg.controller.FedRefController"
     args = controller["args"]
-    assert (args["buffer_size"], args["lambda1"], args["lambda2"], args["num_rounds"]) == (3, 0.1, 0.1, 10)
+    assert (args["buffer_size"], args["lambda1"], args["lambda2"], args["num_rounds"]) == (3, 0.0, 0.3, 10)
+    assert args["variant"] == "trend"
 
 
 def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):

@@ -9,6 +9,11 @@
   that were rejected or missing, and the aggregate;
 - tolerance of a site that stops answering: a round waits for ``min_clients`` results and then
   ``wait_after_min_seconds`` for the rest.
+- partial participation: with ``clients_per_round`` = k > 0, each round trains k of the sites, drawn by
+  ``participants`` from (seed, round) alone, so a run repeats and every algorithm of a seed sees the same
+  sequence of sites; the round record names them (``participants``). The absent sites score the same
+  global model through a validate task (``validate_absent``), so every round's curve covers every site
+  (``validation_only`` in the record; their scores never enter the aggregate).
 ``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
 buffer with every global checkpoint; a restarted server resumes from that file.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import time
 from typing import Any
 
@@ -31,7 +37,7 @@ from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.atomic import atomic_path
-from fedseg.fedref import FedRefUpdater, ReferenceBuffer
+from fedseg.fedref import DEFAULT_ALPHA_MAX, FedRefUpdater, ReferenceBuffer
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
@@ -60,6 +66,20 @@ def message_bytes(model: FLModel | None) -> int:
     extra = sum(payload_bytes(v) for k, v in (model.meta or {}).items()
                 if isinstance(v, dict) and k not in SERVER_SIDE_META)
     return payload_bytes(model.params) + extra
+
+
+def participants(sites: list[str], clients_per_round: int, seed: int, round_number: int) -> list[str]:
+    """The sites that train in this round, sorted: k of them drawn from (seed, round) alone, or all when k is 0 or >= K.
+
+    Seeded by the pair (not seed + round, which would make seed s + 1 replay seed s one round later), so
+    the draw does not depend on the algorithm, on earlier rounds or on the order the sites connected.
+    """
+    ordered = sorted(sites)
+    if clients_per_round < 0:
+        raise ValueError(f"clients_per_round must be >= 0, got {clients_per_round}")
+    if not clients_per_round or clients_per_round >= len(ordered):
+        return ordered
+    return sorted(random.Random(f"participation:{seed}:{round_number}").sample(ordered, clients_per_round))
 
 
 def update_problem(update: dict | None, reference: dict) -> str | None:
@@ -99,8 +119,14 @@ class RoundRecorder:
 
     algorithm = "?"
 
-    def _init_recorder(self, min_clients: int, wait_after_min_seconds: int, metrics_filename: str) -> None:
+    def _init_recorder(self, min_clients: int, wait_after_min_seconds: int, metrics_filename: str,
+                       clients_per_round: int = 0, participation_seed: int = 0, validate_absent: bool = True) -> None:
         self.min_clients = int(min_clients)
+        self.validate_absent = bool(validate_absent)
+        self._all_sites: list[str] = []
+        self._absent_records: dict[str, dict] = {}
+        self.clients_per_round = int(clients_per_round)
+        self.participation_seed = int(participation_seed)
         self.wait_after_min_seconds = int(wait_after_min_seconds)
         self.metrics_filename = metrics_filename
         self._site_records: dict[str, dict] = {}
@@ -112,6 +138,15 @@ class RoundRecorder:
     # -- where files go --------------------------------------------------------------------------
     def run_dir(self) -> str:
         return self.engine.get_workspace().get_run_dir(self.fl_ctx.get_job_id())
+
+    # -- choosing: which sites train this round -----------------------------------------------------
+    def sample_clients(self, num_clients=None) -> list[str]:
+        """Every connected site, or ``clients_per_round`` of them drawn from (seed, round) (see ``participants``)."""
+        everyone = super().sample_clients(None)
+        self._all_sites = sorted(everyone)
+        chosen = participants(everyone, self.clients_per_round, self.participation_seed, self.current_round)
+        self.info(f"round {self.current_round}: training on {', '.join(chosen)}")
+        return chosen
 
     # -- sending: remember what went out, and do not wait forever for a silent site ----------------
     def broadcast_model(self, data=None, task_name=AppConstants.TASK_TRAIN, targets=None, min_responses=None,
@@ -125,9 +160,33 @@ class RoundRecorder:
             if min_responses is None and self.min_clients and self._targets:
                 min_responses = min(self.min_clients, len(self._targets))
                 wait_time_after_min_received = wait_time_after_min_received or self.wait_after_min_seconds
-        return super().broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
+        sent = super().broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
                                        timeout=timeout, wait_time_after_min_received=wait_time_after_min_received,
                                        blocking=blocking, callback=callback)
+        if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel) and not blocking:
+            self.validate_on_absent_sites(data, timeout)
+        return sent
+
+    def validate_on_absent_sites(self, model: FLModel, timeout: int) -> None:
+        """Partial participation: the sites left out of this round score the same global model (no training),
+        so that a round's Dice covers every site; the round waits for them as for the trainers."""
+        absent = [s for s in self._all_sites if s not in self._targets]
+        if not (self.validate_absent and absent):
+            return
+        # FLARE keeps the last broadcast's failure-tolerance counts on the controller: keep the training task's
+        kept = {k: getattr(self, k) for k in ("_current_min_responses", "_current_num_targets", "_current_failed_clients")
+                if hasattr(self, k)}
+        super().broadcast_model(data=FLModel(params=model.params, params_type=model.params_type,
+                                             current_round=model.current_round, meta=dict(model.meta or {})),
+                                task_name=AppConstants.TASK_VALIDATION, targets=absent, timeout=timeout,
+                                blocking=False, callback=self.record_absent_validation)
+        for name, value in kept.items():
+            setattr(self, name, value)
+
+    def record_absent_validation(self, result: FLModel) -> bool:
+        site = (result.meta or {}).get(CLIENT_NAME_KEY, AppConstants.CLIENT_UNKNOWN)
+        self._absent_records[site] = {k: _plain(v) for k, v in (result.metrics or {}).items()}
+        return True
 
     def send_model(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0,
                    callback=None):
@@ -162,8 +221,10 @@ class RoundRecorder:
         return reason is None
 
     def enough_updates(self) -> bool:
+        """min_clients accepted updates, or every participant's when fewer sites were asked (partial participation)."""
         accepted = [s for s in self._site_records if s not in self._rejected]
-        return len(accepted) >= max(1, self.min_clients)
+        needed = min(self.min_clients, len(self._targets)) if self._targets else self.min_clients
+        return len(accepted) >= max(1, needed)
 
     def write_round_record(self, aggregate_metrics: dict | None, nr_aggregated, applied_update: bool) -> None:
         missing = sorted(set(self._targets) - set(self._site_records))
@@ -175,6 +236,8 @@ class RoundRecorder:
             "sites": dict(sorted(self._site_records.items())),
             "rejected": dict(sorted(self._rejected.items())),
             "missing": missing,
+            "participants": sorted(self._targets),
+            "validation_only": dict(sorted(self._absent_records.items())),
             "aggregate": {k: _plain(v) for k, v in (aggregate_metrics or {}).items()},
             "nr_aggregated": nr_aggregated,
             "global_updated": applied_update,
@@ -188,7 +251,7 @@ class RoundRecorder:
             os.fsync(f.fileno())
         if missing:
             self.warning(f"round {self.current_round}: no result from {', '.join(missing)}")
-        self._site_records, self._rejected = {}, {}
+        self._site_records, self._rejected, self._absent_records = {}, {}, {}
         self.info(f"round {self.current_round}: metrics of {len(record['sites'])} sites written to {path}")
 
     def round_extra(self) -> dict:
@@ -202,9 +265,11 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
     algorithm = "fedavg"
 
     def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
-                 metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None, **kwargs) -> None:
+                 metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None,
+                 clients_per_round: int = 0, participation_seed: int = 0, validate_absent: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename, clients_per_round, participation_seed,
+                            validate_absent)
         self._accepted_results: dict[str, FLModel] = {}
         self.algorithm_name = algorithm_name
         if algorithm_name:
@@ -238,6 +303,7 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
 
     def _get_aggregated_result(self) -> FLModel:
         accepted, self._accepted_results = self._accepted_results, {}
+        self.remember_site_models(accepted)
         for site in sorted(accepted):
             super()._aggregate_one_result(accepted[site])
         if not self.enough_updates() and not self.aggregator:
@@ -247,6 +313,14 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         """Server-side step after aggregation (none for FedAvg)."""
         return model
+
+    def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
+        """The round's accepted site updates before they are summed (FedRef's diagonal prior needs them)."""
+
+    def aggregation_weight(self, site: str, result: FLModel) -> float:
+        """The weight FLARE's FedAvg gives a site: its aggregation weight x the steps it took this round."""
+        steps = (result.meta or {}).get(FLMetaKey.NUM_STEPS_CURRENT_ROUND) or 1.0
+        return float((self.aggregation_weights or {}).get(site, 1.0)) * float(steps)
 
 
 class FedRefController(RecordingFedAvg):
@@ -260,6 +334,9 @@ class FedRefController(RecordingFedAvg):
         lambda2_factor, lambda2_every, lambda2_max: optional schedule, lambda2 is multiplied by
             ``lambda2_factor`` every ``lambda2_every`` rounds, capped at ``lambda2_max`` (off by default).
         resume_buffer: a ``fedref_reference_buffer.pt`` saved by an earlier run, to continue it.
+        variant: the prior, ``mean`` | ``trend`` | ``diagonal`` (``fedseg.fedref.VARIANTS``).
+        momentum: server momentum before the MAP pull (0: none).
+        alpha_max: ``diagonal``: the largest share of the pull toward the prior centre.
     """
 
     algorithm = "fedref"
@@ -275,6 +352,9 @@ class FedRefController(RecordingFedAvg):
         lambda2_every: int = 0,
         lambda2_max: float | None = None,
         resume_buffer: str | None = None,
+        variant: str = "mean",
+        momentum: float = 0.0,
+        alpha_max: float = DEFAULT_ALPHA_MAX,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -286,13 +366,18 @@ class FedRefController(RecordingFedAvg):
         self.lambda2_every = lambda2_every
         self.lambda2_max = lambda2_max
         self.resume_buffer = resume_buffer
-        self.updater = FedRefUpdater(buffer_size, lambda1, lambda2, reference_weighting)
+        self.variant = variant
+        self.momentum = momentum
+        self.alpha_max = alpha_max
+        self.updater = FedRefUpdater(buffer_size, lambda1, lambda2, reference_weighting, variant, momentum, alpha_max)
         self._applied = False
+        self._site_models: list[tuple[float, dict]] = []
         if resume_buffer:
             import torch
 
             state = torch.load(resume_buffer, map_location="cpu", weights_only=False)
             self.updater.buffer = ReferenceBuffer.from_state(state)
+            self.updater.velocity = state.get("velocity")
             if self.updater.buffer.capacity != buffer_size:
                 raise ValueError(f"{resume_buffer}: buffer of size {self.updater.buffer.capacity}, job asks for p={buffer_size}")
 
@@ -306,8 +391,13 @@ class FedRefController(RecordingFedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         self.updater.lambda2 = self.lambda2_at(self.current_round)
         self.updater.start(previous_global)
-        model.params, self._applied = self.updater.update(model.params, previous_global)
+        model.params, self._applied = self.updater.update(model.params, previous_global, self._site_models)
+        self._site_models = []
         return model
+
+    def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
+        if self.variant == "diagonal":  # the others need only the average: hold no extra copies
+            self._site_models = [(self.aggregation_weight(site, r), r.params) for site, r in sorted(accepted.items())]
 
     def save_model(self, model: FLModel) -> None:
         super().save_model(model)
@@ -322,6 +412,10 @@ class FedRefController(RecordingFedAvg):
                 "lambda1": self.lambda1,
                 "lambda2": self.updater.lambda2,
                 "reference_weighting": self.reference_weighting,
+                "variant": self.variant,
+                "momentum": self.momentum,
+                "step_ratio": _plain(self.updater.last_step_ratio),
+                "alpha_mean": _plain(np.mean(list(self.updater.last_shares.values()))) if self.updater.last_shares else None,
             }
         }
 
@@ -331,6 +425,7 @@ class FedRefController(RecordingFedAvg):
 
         state = self.updater.buffer.state()
         state["round"] = self.current_round
+        state["velocity"] = self.updater.velocity
         with atomic_path(os.path.join(self.run_dir(), REFERENCE_BUFFER_FILE)) as tmp:
             torch.save(state, tmp)
 
@@ -362,9 +457,12 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
     algorithm = "scaffold"
 
     def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
-                 metrics_filename: str = ROUND_METRICS_FILE, **kwargs) -> None:
+                 metrics_filename: str = ROUND_METRICS_FILE, clients_per_round: int = 0, participation_seed: int = 0,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename)
+        # Scaffold sends its training task blocking: absent sites are not asked to validate
+        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename, clients_per_round, participation_seed,
+                            validate_absent=False)
         self.task_name = AppConstants.TASK_TRAIN
 
     def aggregate(self, results, aggregate_fn=None):
