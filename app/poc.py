@@ -18,6 +18,7 @@ import socket
 import time
 
 import yaml
+from nvflare.recipe import poc_env
 
 from fedseg.controller import ROUND_METRICS_FILE
 from fedseg.site_config import site_environment
@@ -63,6 +64,50 @@ def poc_project(sites: list[str], fed_learn_port: int, admin_port: int) -> dict:
     }
 
 
+def allow_fedseg_classes(poc_workspace: str) -> list[str]:
+    """Put FedRef-Seg's class allow-list (``fedseg.policy``) into every POC kit's ``local/resources.json``.
+
+    POC kits come with NVFlare's default allow-list, enforced, which refuses a configuration-only job's
+    classes (``fedseg.executor.SiteExecutor``, our controllers); a hospital gets ours from
+    ``fedseg install-policy``. Returns the files written.
+    """
+    from fedseg.app.kit_policy import kit_resources, kit_role
+    from fedseg.data_prep.atomic import write_json
+    from fedseg.policy import with_allow_list
+
+    written = []
+    for startup in sorted(glob.glob(os.path.join(poc_workspace, "**", "startup"), recursive=True)):
+        kit = os.path.dirname(startup)
+        if not os.path.isdir(os.path.join(kit, "local")):
+            continue
+        try:
+            role = kit_role(kit)
+        except ValueError:  # the admin's kit
+            continue
+        path = os.path.join(kit, "local", "resources.json")
+        write_json(path, with_allow_list(kit_resources(kit), role))
+        written.append(path)
+    return written
+
+
+class FedSegPocEnv(poc_env.PocEnv):
+    """NVFlare's ``PocEnv`` whose kits allow-list FedRef-Seg's classes before the federation starts."""
+
+    def deploy(self, job) -> str:
+        """``PocEnv.deploy`` (NVFlare 2.9: provision, start, submit) with the allow-list written before the start."""
+        if self._check_poc_running():
+            self.stop(clean_up=True)
+        poc_env.prepare_poc_provision(
+            clients=self.clients or [], number_of_clients=self.num_clients, workspace=self.poc_workspace,
+            docker_image=self.docker_image, use_he=self.use_he, project_conf_path=self.project_conf_path,
+            examples_dir=None)
+        allow_fedseg_classes(self.poc_workspace)
+        poc_env._start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username],
+                           services_list=[])
+        time.sleep(poc_env.SERVICE_START_TIMEOUT)
+        return self._get_session_manager().submit_job(job)
+
+
 def prepared_sites(data_root: str) -> list[str]:
     """Site names = the prepared partition folders (those holding a datalist)."""
     if not os.path.isdir(data_root):
@@ -81,10 +126,46 @@ def _rounds_done(poc_workspace: str, job_id: str) -> int:
         return sum(1 for line in f if line.strip())
 
 
+# what the server logs when it ends a job early, most telling first (NVFlare 2.9's wording)
+FAILURE_LOG_MARKERS = ("Failing job", "Aborting job", "Alive clients", "Required client(s) dead", "All clients are dead")
+
+
+def failure_reason(poc_workspace: str, job_id: str) -> str | None:
+    """The server's own line on why it ended the job early, from its logs (None if it logged none)."""
+    found: list[str] = []
+    logs = glob.glob(os.path.join(poc_workspace, "**", "server", "log.txt"), recursive=True)
+    logs += glob.glob(os.path.join(poc_workspace, "**", "server", job_id, "log.txt"), recursive=True)
+    for path in sorted(set(logs)):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            found += [line.strip() for line in f if any(m in line for m in FAILURE_LOG_MARKERS)]
+    if not found:
+        return None
+    for marker in FAILURE_LOG_MARKERS:  # the most telling kind of line, its last occurrence
+        lines = [line for line in found if marker in line]
+        if lines:
+            return lines[-1].split(" - ", 3)[-1]
+    return None
+
+
+def job_outcome(status: str, completed: int, planned: int, reason: str | None) -> dict:
+    """``run.json``'s verdict: completed only when FLARE says COMPLETED and every round was recorded."""
+    ok = status == "FINISHED:COMPLETED" and completed >= planned
+    if not ok and not reason:
+        reason = f"job status {status}" if status != "FINISHED:COMPLETED" else "the server recorded fewer rounds"
+    return {"status": status, "completed": ok, "completed_rounds": completed, "planned_rounds": planned,
+            "reason": None if ok else reason}
+
+
+class JobFailed(RuntimeError):
+    """The POC job ended without completing its rounds; ``run_folder`` still holds what it left."""
+
+    def __init__(self, message: str, run_folder: str | None) -> None:
+        super().__init__(message)
+        self.run_folder = run_folder
+
+
 def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: float = 3600.0) -> str:
     """Run the job in a POC federation; returns the downloaded run folder (with ``run.json``)."""
-    from nvflare.recipe.poc_env import PocEnv
-
     data_root = os.path.abspath(data_root)
     workspace = os.path.abspath(workspace)
     os.makedirs(workspace, exist_ok=True)
@@ -101,7 +182,7 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     print(f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
           flush=True)
     # num_clients too: PocEnv defaults it to 2 and refuses a clients list of any other length
-    env = PocEnv(clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path,
+    env = FedSegPocEnv(clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path,
                  username=ADMIN)
     recipe = build_recipe(settings)
     started = time.time()
@@ -127,13 +208,17 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
             result = run.get_result(timeout=60, clean_up=False)
         if not result:
             raise RuntimeError(f"job {job_id} ended ({status}) but its result could not be downloaded")
-        wall = time.time() - started
-        info = {"settings": settings.to_json(), "data_source": data_root, "wall_seconds": wall, "mode": "poc",
-                "job_id": job_id, "status": status, "completed_rounds": _rounds_done(result, "")}
+        outcome = job_outcome(status, _rounds_done(result, ""), settings.num_rounds,
+                              failure_reason(poc_workspace, job_id))
+        info = {"settings": settings.to_json(), "data_source": data_root, "wall_seconds": time.time() - started,
+                "mode": "poc", "job_id": job_id, **outcome}
         with open(os.path.join(result, RUN_INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
-        if not status.startswith("FINISHED"):
-            raise RuntimeError(f"job {job_id} ended with status {status}; logs under {result}")
+        print(f"job {job_id}: {status}, {outcome['completed_rounds']} of {settings.num_rounds} rounds"
+              + (f" ({outcome['reason']})" if outcome["reason"] else ""), flush=True)
+        if not outcome["completed"]:
+            raise JobFailed(f"job {job_id} did not complete: {status}, {outcome['completed_rounds']} of "
+                            f"{settings.num_rounds} rounds ({outcome['reason']}); logs under {result}", result)
         return result
     finally:
         env.stop(clean_up=False)

@@ -77,9 +77,12 @@ class JobSettings(TrainingSettings):
     fedprox_mu: float = 0.01
     server_lr: float | None = None  # FedAdam: 0.03, FedAvgM: 1.0
     server_momentum: float = 0.9
-    # resilience: accepted updates needed to change the global model (default: a majority of the sites),
-    # and how long a round waits for the others once that many have answered
+    # resilience: accepted updates needed to change the global model (default: a majority of the sites; also
+    # the job's meta.json min_clients: FLARE deploys the job with that many sites and ends it when fewer stay
+    # alive), how long a round waits for the others once that many have answered, and how long the server
+    # waits before it treats a site whose job process is gone as dead (FLARE's dead-client grace period)
     wait_after_min_seconds: int = 60
+    dead_site_seconds: int = 60
     faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (sites must allow them)
     cross_site_eval: bool = True
     # compressed transfer of the training task's models and updates through NVFlare's quantisation
@@ -102,6 +105,8 @@ class JobSettings(TrainingSettings):
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
         if self.min_clients is None:
             self.min_clients = len(self.sites) // 2 + 1
+        if not 1 <= self.min_clients <= len(self.sites):
+            raise ValueError(f"min_clients must be between 1 and the {len(self.sites)} sites, got {self.min_clients}")
         if self.data_root:  # resolved now: the job is built from another working directory
             self.data_root = os.path.abspath(self.data_root)
         if self.cache_dir:
@@ -154,12 +159,15 @@ class FedSegRecipe(FedAvgRecipe):
             initial_ckpt=self.resume[0] if self.resume else None,
             name=settings.job_name,
             model=settings.network(),
-            min_clients=len(settings.sites),  # every site is asked every round
+            # meta.json's min_clients: FLARE starts the job with this many sites and fails it only when fewer
+            # stay alive; the controller asks every site each round and needs this many answers (one setting)
+            min_clients=settings.min_clients,
             num_rounds=settings.num_rounds,
             train_script=TRAINER_SCRIPT,  # NVFlare's check only: the sites get SiteExecutor, not a script
             key_metric="dice_mean",
         )
         self._job.to_server(VersionGuard(package_version=fedseg.__version__), id="version_guard")
+        self.add_server_config(dead_site_config(settings.dead_site_seconds))
         if settings.algorithm in ("fedadam", "fedavgm"):
             self._job.to_server(settings.network(), id=FEDOPT_MODEL_ID)  # FedOpt's server-side optimiser target
 
@@ -198,6 +206,12 @@ class FedSegRecipe(FedAvgRecipe):
                     "args": {"factor": 1.0, "total_iters": 1}}
         return RecordingFedOpt(source_model=FEDOPT_MODEL_ID, optimizer_args=optimizer, lr_scheduler_args=constant,
                                algorithm_name=s.algorithm, **fedavg)
+
+
+def dead_site_config(seconds: int) -> dict:
+    """FLARE's server settings for a site whose job process is gone: after ``seconds`` it counts as dead, and a
+    task waiting only for dead sites ends then (both default to 60 s and 30 s in FLARE)."""
+    return {"dead_client_grace_period": seconds, "dead_client_check_lead_time": seconds}
 
 
 def build_recipe(settings: JobSettings) -> FedSegRecipe:
@@ -282,13 +296,15 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
         failure = exc
     wall = time.time() - started
     completed = _completed_rounds(run_folder)
+    ok = failure is None and completed >= settings.num_rounds
+    reason = None if ok else (f"{failure.__class__.__name__}: {failure}" if failure else "no error raised")
     write_json(
         os.path.join(run_folder, RUN_INFO_FILE),
-        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall,
-         "completed_rounds": completed, "mode": "simulator"},
+        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall, "mode": "simulator",
+         "status": "COMPLETED" if ok else "FAILED", "completed": ok, "completed_rounds": completed,
+         "planned_rounds": settings.num_rounds, "reason": reason},
     )
-    if failure is not None or completed < settings.num_rounds:
-        reason = f"{failure.__class__.__name__}: {failure}" if failure else "no error raised"
+    if not ok:
         raise SimulationError(
             f"simulation of {settings.job_name} completed {completed} of {settings.num_rounds} rounds ({reason}); "
             f"logs: {run_folder}/<site>/log.txt"
