@@ -142,7 +142,9 @@ def _poc_demo_sites(demo_dir: str, seed: int) -> str:
 def cmd_poc(args: argparse.Namespace) -> int:
     """A POC federation (separate server and site processes) on prepared data, then the report."""
     from fedseg.app.artifacts import load_run
-    from fedseg.app.poc import JobFailed, prepared_sites, run_poc
+    from dataclasses import replace
+
+    from fedseg.app.poc import JobFailed, prepared_sites, resume_settings, run_poc
     from fedseg.app.report import write_report
 
     out = os.path.abspath(args.out)
@@ -150,6 +152,8 @@ def cmd_poc(args: argparse.Namespace) -> int:
         args.data_root = _poc_demo_sites(args.demo_dir, _seed(args))
     args.sites = args.sites or prepared_sites(args.data_root)
     settings = _settings(args)
+    if args.resume_from:
+        settings = resume_settings(replace(settings, resume_from=os.path.abspath(args.resume_from)), out)
     try:
         run, failure = run_poc(settings, args.data_root, os.path.join(out, "workspace")), None
     except JobFailed as exc:  # still reported: what the rounds that ran show, and why it stopped
@@ -308,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="poc_output")
     p.add_argument("--demo-dir", default="demo_output",
                    help="without --data-root: the demo's output folder; its sites are used if prepared, else made there")
+    p.add_argument("--resume-from", help="continue a stopped FedRef run from its last global model and reference "
+                                         "buffer (a folder holding them, e.g. the stopped run's --out); --rounds is "
+                                         "then the total the run should reach")
     _add_training_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
 

@@ -25,6 +25,8 @@ from fedseg.site_config import site_environment
 from fedseg.jobs.recipes import RUN_INFO_FILE, JobSettings, build_recipe
 
 PROJECT_NAME = "fedseg_poc"
+# a job whose server process has been gone this long without the job having ended: the server died
+SERVER_JOB_GONE_SECONDS = 20
 ADMIN = "admin@fedseg.local"
 
 
@@ -127,24 +129,27 @@ def _rounds_done(poc_workspace: str, job_id: str) -> int:
 
 
 # what the server logs when it ends a job early, most telling first (NVFlare 2.9's wording)
-FAILURE_LOG_MARKERS = ("Failing job", "Aborting job", "Alive clients", "Required client(s) dead", "All clients are dead")
+FAILURE_LOG_MARKERS = ("Alive clients", "Required client(s) dead", "All clients are dead", "Failing job",
+                       "Aborting job")
 
 
-def failure_reason(poc_workspace: str, job_id: str) -> str | None:
+def failure_reason(logs: list[str]) -> str | None:
     """The server's own line on why it ended the job early, from its logs (None if it logged none)."""
     found: list[str] = []
-    logs = glob.glob(os.path.join(poc_workspace, "**", "server", "log.txt"), recursive=True)
-    logs += glob.glob(os.path.join(poc_workspace, "**", "server", job_id, "log.txt"), recursive=True)
     for path in sorted(set(logs)):
         with open(path, encoding="utf-8", errors="replace") as f:
             found += [line.strip() for line in f if any(m in line for m in FAILURE_LOG_MARKERS)]
-    if not found:
-        return None
     for marker in FAILURE_LOG_MARKERS:  # the most telling kind of line, its last occurrence
         lines = [line for line in found if marker in line]
         if lines:
-            return lines[-1].split(" - ", 3)[-1]
+            return lines[-1].rsplit(" - ", 1)[-1]
     return None
+
+
+def server_logs(poc_workspace: str, result: str | None) -> list[str]:
+    """The server's log and, in the downloaded result, its job's log (where a job's end is explained)."""
+    logs = glob.glob(os.path.join(poc_workspace, "**", "server", "log.txt"), recursive=True)
+    return logs + (glob.glob(os.path.join(result, "**", "log.txt"), recursive=True) if result else [])
 
 
 def job_outcome(status: str, completed: int, planned: int, reason: str | None) -> dict:
@@ -191,14 +196,28 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
         job_id = run.get_job_id()
         print(f"submitted job {job_id}", flush=True)
         shown = 0
+        first = settings.resume_files()[2] if settings.resume_from else 0
+        seen, gone_since = False, None
         while True:
-            with contextlib.redirect_stdout(io.StringIO()):  # the session prints a line per connection
-                status = run.get_status() or ""
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # the session prints a line per connection
+                    status = run.get_status() or ""
+            except Exception:  # the server does not answer: judged below by its job process
+                status = ""
+            # a server that died and was restarted (POC's start script does that) reports the job RUNNING for
+            # ever, though nothing runs it: the server's job process tells
+            running = server_job_running(poc_workspace, job_id)
+            seen = seen or running
+            finished = status.startswith(("FINISHED", "ABORTED", "FAILED"))
+            gone_since = None if running or finished or not seen else (gone_since or time.time())
+            if gone_since and time.time() - gone_since > SERVER_JOB_GONE_SECONDS:
+                raise server_stopped(settings, poc_workspace, job_id, data_root, time.time() - started)
             done = _rounds_done(poc_workspace, job_id)
             for number in range(shown, done):
-                print(f"  round {number + 1}/{settings.num_rounds} finished ({time.time() - started:.0f} s)", flush=True)
+                print(f"  round {first + number + 1}/{first + settings.num_rounds} finished "
+                      f"({time.time() - started:.0f} s)", flush=True)
             shown = done
-            if status.startswith("FINISHED") or status.startswith("ABORTED") or status.startswith("FAILED"):
+            if finished:
                 break
             if time.time() - started > timeout:
                 run.abort()
@@ -209,7 +228,7 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
         if not result:
             raise RuntimeError(f"job {job_id} ended ({status}) but its result could not be downloaded")
         outcome = job_outcome(status, _rounds_done(result, ""), settings.num_rounds,
-                              failure_reason(poc_workspace, job_id))
+                              failure_reason(server_logs(poc_workspace, result)))
         info = {"settings": settings.to_json(), "data_source": data_root, "wall_seconds": time.time() - started,
                 "mode": "poc", "job_id": job_id, **outcome}
         with open(os.path.join(result, RUN_INFO_FILE), "w", encoding="utf-8") as f:
@@ -229,6 +248,50 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
         else:
             os.environ["NVFLARE_POC_WORKSPACE"] = saved_poc_workspace
         print(f"POC federation stopped{f' ({left} lingering processes ended)' if left else ''}", flush=True)
+
+
+def server_job_running(poc_workspace: str, job_id: str) -> bool:
+    """Whether the server's process for this job is there (it ends with the job, or with a dying server)."""
+    return any(any(part.endswith("server.runner_process") for part in cmdline) and job_id in cmdline
+               for cmdline in (process.info["cmdline"] or [] for process in federation_processes(poc_workspace)))
+
+
+def server_stopped(settings: JobSettings, poc_workspace: str, job_id: str, data_root: str, wall: float) -> JobFailed:
+    """The failure of a run whose server died: ``run.json`` in the server's job folder, which keeps the last
+    global model and FedRef's reference buffer, and the command that continues the run from them."""
+    folders = glob.glob(os.path.join(poc_workspace, "**", "server", job_id), recursive=True)
+    folder = folders[0] if folders else None
+    done = _rounds_done(poc_workspace, job_id)
+    reason = "the server process ended while the job was running"
+    if folder:
+        with open(os.path.join(folder, RUN_INFO_FILE), "w", encoding="utf-8") as f:
+            json.dump({"settings": settings.to_json(), "data_source": data_root, "wall_seconds": wall, "mode": "poc",
+                       "job_id": job_id, **job_outcome("SERVER_STOPPED", done, settings.num_rounds, reason)}, f,
+                      indent=2)
+    print(f"job {job_id}: SERVER_STOPPED, {done} of {settings.num_rounds} rounds ({reason})", flush=True)
+    return JobFailed(f"job {job_id} did not complete: the server stopped after {done} of {settings.num_rounds} rounds; "
+                     f"continue it with the same options and --resume-from {folder or poc_workspace}", folder)
+
+
+def resume_settings(settings: JobSettings, out: str) -> JobSettings:
+    """The settings that finish a stopped run: its last global model and reference buffer copied to
+    ``<out>/resumed_from`` (a new POC federation rebuilds its workspace), and only the rounds still to run
+    of the ``num_rounds`` planned; round numbers continue where the stopped run left off."""
+    import shutil
+    from dataclasses import replace
+
+    model, buffer, next_round = settings.resume_files()
+    left = settings.num_rounds - next_round
+    if left < 1:
+        raise ValueError(f"{settings.resume_from}: the run already did {next_round} of {settings.num_rounds} rounds; "
+                         "give --rounds the total the run should reach")
+    keep = os.path.join(os.path.abspath(out), "resumed_from")
+    os.makedirs(keep, exist_ok=True)
+    for path in (model, buffer):
+        if os.path.dirname(path) != keep:
+            shutil.copy2(path, os.path.join(keep, os.path.basename(path)))
+    print(f"continuing from round {next_round}: {model} and {buffer}; {left} round(s) to run", flush=True)
+    return replace(settings, resume_from=keep, num_rounds=left)
 
 
 def federation_processes(poc_workspace: str) -> list:

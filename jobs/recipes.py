@@ -133,11 +133,15 @@ class JobSettings(TrainingSettings):
         import torch
 
         found = {}
-        for name in ("FL_global_model.pt", REFERENCE_BUFFER_FILE):
-            hits = sorted(glob.glob(os.path.join(self.resume_from, "**", name), recursive=True), key=len)
+        for name in (REFERENCE_BUFFER_FILE, "FL_global_model.pt"):  # the newest buffer, then the model beside it
+            hits = glob.glob(os.path.join(self.resume_from, "**", name), recursive=True)
             if not hits:
                 raise FileNotFoundError(f"{self.resume_from}: no {name} to resume from")
-            found[name] = os.path.abspath(hits[0])
+            if name == REFERENCE_BUFFER_FILE:
+                found[name] = os.path.abspath(max(hits, key=os.path.getmtime))
+            else:  # saved in the same step: the one under the buffer's folder, else the newest
+                near = [h for h in hits if os.path.abspath(h).startswith(os.path.dirname(found[REFERENCE_BUFFER_FILE]))]
+                found[name] = os.path.abspath(min(near, key=len) if near else max(hits, key=os.path.getmtime))
         buffer = torch.load(found[REFERENCE_BUFFER_FILE], map_location="cpu", weights_only=False)
         return found["FL_global_model.pt"], found[REFERENCE_BUFFER_FILE], int(buffer.get("round", -1)) + 1
 

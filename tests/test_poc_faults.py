@@ -6,6 +6,10 @@ one site's job process is SIGKILLed once the server has recorded round 1, then
 - with min_clients 3 (every site needed) the server ends the job, and ``fedseg poc`` exits non-zero and says
   so in one line, and the report states the status, the rounds done of those planned and the reason.
 
+And the server (its process and its job's) SIGKILLed after round 1: ``fedseg poc`` exits non-zero naming the
+command that continues the run; ``fedseg poc --resume-from`` then finishes the planned rounds, round numbers
+continuing and FedRef's reference buffer restored.
+
 The kill waits for the server's round record, not for a time, and each drill must leave no process behind.
 """
 
@@ -59,9 +63,23 @@ def site_job_process(workspace: str, site: str):
     return None
 
 
-def poc_with_site_killed(sites: str, out: str, *options: str, timeout: float = 400) -> tuple[subprocess.Popen, str, list]:
-    """Run ``fedseg poc``; SIGKILL VICTIM's job process once round 1 is recorded. Returns (process, output,
-    the round records as they stood at the kill)."""
+def server_processes(workspace: str) -> list:
+    """The POC server's own process and its job process (the sites' are left alone)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(workspace in part for part in cmdline) and any(
+                part.endswith(("server_train", "server.runner_process")) for part in cmdline):
+            found.append(process)
+    return found
+
+
+def poc_with_site_killed(sites: str, out: str, *options: str, timeout: float = 400,
+                         victims=lambda workspace: [site_job_process(workspace, VICTIM)]) -> tuple[subprocess.Popen, str, list]:
+    """Run ``fedseg poc``; SIGKILL the ``victims`` (default VICTIM's job process) once round 1 is recorded.
+    Returns (process, output, the round records as they stood at the kill)."""
     command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", sites, "--out", out,
                "--rounds", str(ROUNDS), *TINY, *QUICK_FAULTS, *options]
     log = open(os.path.join(os.path.dirname(out), "poc_output.txt"), "w+", encoding="utf-8")
@@ -71,12 +89,13 @@ def poc_with_site_killed(sites: str, out: str, *options: str, timeout: float = 4
     try:
         while at_kill is None and time.time() < deadline and process.poll() is None:
             records = round_records(workspace)
-            victim = site_job_process(workspace, VICTIM) if records else None
-            if victim is not None:
-                victim.send_signal(signal.SIGKILL)
+            targets = [p for p in victims(workspace) if p is not None] if records else []
+            if targets:
+                for target in targets:
+                    target.send_signal(signal.SIGKILL)
                 at_kill = records
             time.sleep(0.3)
-        assert at_kill is not None, f"{VICTIM}'s job process was never killed after round 1"
+        assert at_kill is not None, "nothing was killed after round 1"
         process.wait(timeout=max(deadline - time.time(), 1))
     finally:
         if process.poll() is None:
@@ -122,7 +141,35 @@ def test_a_run_that_loses_a_site_it_needs_fails_and_says_so(three_sites, tmp_pat
     job = summary["job"]
     assert job["completed"] is False and job["status"] != "FINISHED:COMPLETED"
     assert job["rounds_done"] < ROUNDS and job["rounds_planned"] == ROUNDS
-    assert job["reason"] and "3" in job["reason"]
+    assert job["reason"] == "Alive clients 2 < required min 3"  # the server's own words
     page = (tmp_path / "poc" / "report" / "index.html").read_text()
     assert f"NOT completed, {job['rounds_done']} of {ROUNDS} rounds" in page
     assert no_process_left(out) == []
+
+
+def test_a_killed_server_loses_nothing_the_resume_command_finishes_the_rounds(three_sites, tmp_path):
+    out = str(tmp_path / "poc")
+    process, output, at_kill = poc_with_site_killed(three_sites, out, victims=server_processes)
+
+    assert process.returncode == 1, output[-4000:]
+    (verdict,) = [line for line in output.splitlines() if line.startswith("fedseg poc: job ")]
+    assert "the server stopped after" in verdict and "--resume-from " in verdict
+    stopped = verdict.split("--resume-from ", 1)[1].strip()
+    summary = json.loads((tmp_path / "poc" / "report" / "summary.json").read_text())
+    assert summary["job"]["status"] == "SERVER_STOPPED" and summary["job"]["completed"] is False
+    done = summary["job"]["rounds_done"]
+    assert 1 <= done < ROUNDS and done >= len(at_kill)
+    assert no_process_left(out) == []
+
+    again = str(tmp_path / "resumed")
+    command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", three_sites, "--out", again,
+               "--rounds", str(ROUNDS), "--resume-from", stopped, *TINY, *QUICK_FAULTS]
+    resumed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"continuing from round {done}" in resumed.stdout
+    assert f"round {ROUNDS}/{ROUNDS} finished" in resumed.stdout
+    records = [json.loads(line) for line in next((tmp_path / "resumed").rglob("round_metrics.jsonl")).read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(done, ROUNDS))  # numbering goes on
+    # the buffer came back: it holds the initial model and one per round done (a fresh one would hold 2)
+    assert records[0]["fedref"]["buffer"] == min(records[0]["fedref"]["p"], done + 2) > 2
+    assert no_process_left(again) == []
