@@ -310,7 +310,7 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     )
     if not ok:
         raise SimulationError(
-            f"simulation of {settings.job_name} completed {completed} of {settings.num_rounds} rounds ({reason}); "
+            f"simulation of {settings.job_name}: FAILED, {completed} of {settings.num_rounds} rounds ({reason}); "
             f"logs: {run_folder}/<site>/log.txt"
         ) from failure
     return run_folder
