@@ -5,6 +5,10 @@ time), starts the server and sites as separate processes, submits the job throug
 session (what the admin console does), prints each finished round, downloads the result, writes the
 report, and stops everything it started, also when interrupted. Each site finds its data through its
 own ``FEDSEG_DATA_ROOT`` (the job itself holds no path).
+
+A run that does not complete is a ``JobFailed`` naming the job's status, the rounds done of those planned
+and the server's reason; ``run.json`` records the same. A server that dies mid-run leaves its job folder
+(global model, reference buffer, round records): ``resume_settings`` continues the run from it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from fedseg.jobs.recipes import RUN_INFO_FILE, JobSettings, build_recipe
 PROJECT_NAME = "fedseg_poc"
 # a job whose server process has been gone this long without the job having ended: the server died
 SERVER_JOB_GONE_SECONDS = 20
+SITES_CONNECT_SECONDS = 180  # for every site to connect before the job is submitted
 ADMIN = "admin@fedseg.local"
 
 
@@ -107,7 +112,27 @@ class FedSegPocEnv(poc_env.PocEnv):
         poc_env._start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username],
                            services_list=[])
         time.sleep(poc_env.SERVICE_START_TIMEOUT)
+        self.wait_for_sites()
         return self._get_session_manager().submit_job(job)
+
+    def wait_for_sites(self, timeout: float = SITES_CONNECT_SECONDS) -> None:
+        """Submit only once every site is connected (an operator's ``check_status client``): the job starts as
+        soon as min_clients sites are there, and a site that connects later would sit the whole job out."""
+        session = self._get_session_manager()._get_session()
+        try:
+            deadline = time.time() + timeout
+            while True:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    connected = {client.name for client in session.get_system_info().client_info}
+                missing = sorted(set(self.clients) - connected)
+                if not missing:
+                    return
+                if time.time() > deadline:
+                    raise RuntimeError(f"POC: {', '.join(missing)} did not connect to the server in {timeout:.0f} s "
+                                       f"(see {self.poc_workspace}/*/{missing[0]}/log.txt)")
+                time.sleep(1)
+        finally:
+            session.close()
 
 
 def prepared_sites(data_root: str) -> list[str]:
