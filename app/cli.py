@@ -54,14 +54,17 @@ def _settings(args: argparse.Namespace):
         data_root=args.data_root, cache_dir=args.cache_dir, buffer_size=args.p, lambda1=args.lambda1,
         lambda2=args.lambda2, reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
         quantization=args.quantization, fedref_variant=args.fedref_variant, fedref_momentum=args.fedref_momentum,
-        clients_per_round=args.clients_per_round,
+        clients_per_round=args.clients_per_round, min_clients=args.min_clients,
+        wait_after_min_seconds=args.wait_after_min_seconds, dead_site_seconds=args.dead_site_seconds,
     )
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     from fedseg.jobs.recipes import run_simulation
 
-    run = run_simulation(_settings(args), args.workspace, data_source=os.path.abspath(args.data_root))
+    settings = _settings(args)
+    run = run_simulation(settings, args.workspace, data_source=os.path.abspath(args.data_root))
+    print(f"job {settings.job_name}: COMPLETED, {settings.num_rounds} of {settings.num_rounds} rounds")
     print(f"run folder: {run}")
     return 0
 
@@ -142,7 +145,9 @@ def _poc_demo_sites(demo_dir: str, seed: int) -> str:
 def cmd_poc(args: argparse.Namespace) -> int:
     """A POC federation (separate server and site processes) on prepared data, then the report."""
     from fedseg.app.artifacts import load_run
-    from fedseg.app.poc import prepared_sites, run_poc
+    from dataclasses import replace
+
+    from fedseg.app.poc import JobFailed, prepared_sites, resume_settings, run_poc
     from fedseg.app.report import write_report
 
     out = os.path.abspath(args.out)
@@ -150,9 +155,20 @@ def cmd_poc(args: argparse.Namespace) -> int:
         args.data_root = _poc_demo_sites(args.demo_dir, _seed(args))
     args.sites = args.sites or prepared_sites(args.data_root)
     settings = _settings(args)
-    run = run_poc(settings, args.data_root, os.path.join(out, "workspace"))
-    index = write_report(load_run(run), os.path.join(out, "report"))
-    print(f"report: {index}")
+    if args.resume_from:
+        settings = resume_settings(replace(settings, resume_from=os.path.abspath(args.resume_from)), out)
+    try:
+        run, failure = run_poc(settings, args.data_root, os.path.join(out, "workspace")), None
+    except JobFailed as exc:  # still reported: what the rounds that ran show, and why it stopped
+        run, failure = exc.run_folder, exc
+    if run:
+        try:
+            print(f"report: {write_report(load_run(run), os.path.join(out, 'report'))}")
+        except RuntimeError as exc:  # e.g. no round finished: nothing to report
+            print(f"no report: {exc}", file=sys.stderr)
+    if failure:
+        print(f"fedseg poc: {failure}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -258,6 +274,12 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     p.add_argument("--clients-per-round", type=int, default=_job_default("clients_per_round"),
                    help="sites trained per round, drawn from the seed and the round (0: every site every round)")
     p.add_argument("--no-cross-site-eval", action="store_true")
+    p.add_argument("--min-clients", type=int, default=_job_default("min_clients"),
+                   help="answers a round needs, and sites the job needs alive (default: a majority of the sites)")
+    p.add_argument("--wait-after-min-seconds", type=int, default=_job_default("wait_after_min_seconds"),
+                   help="how long a round waits for the other sites once --min-clients have answered")
+    p.add_argument("--dead-site-seconds", type=int, default=_job_default("dead_site_seconds"),
+                   help="how long the server waits before it treats a site whose job process is gone as dead")
     p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
                    help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
 
@@ -301,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="poc_output")
     p.add_argument("--demo-dir", default="demo_output",
                    help="without --data-root: the demo's output folder; its sites are used if prepared, else made there")
+    p.add_argument("--resume-from", help="continue a stopped FedRef run from its last global model and reference "
+                                         "buffer (a folder holding them, e.g. the stopped run's --out); --rounds is "
+                                         "then the total the run should reach")
     _add_training_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
 

@@ -17,8 +17,6 @@ import os
 import shutil
 
 
-from nvflare.lighter.spec import Builder
-
 from fedseg.atomic import write_json
 from fedseg.regions import DATALIST_NAME
 from fedseg.policy import with_allow_list
@@ -120,18 +118,3 @@ def install_policy(kit: str, data_root: str | None = None, cache_dir: str | None
         written.append(path)
     return written
 
-
-class AllowListBuilder(Builder):
-    """A provisioning step for POC federations: every server and site kit gets our class allow-list.
-
-    POC kits are provisioned and started in one go, with no moment for ``install-policy``; FLARE would
-    otherwise refuse our classes in a configuration-only job (its default allow-list names only its own).
-    It goes into ``resources.json.default``: POC then writes the server's ``resources.json`` from that file
-    (moving its storage into the POC workspace), and the sites read it as it is.
-    """
-
-    def build(self, project, ctx) -> None:
-        for participant in project.get_all_participants(["server", "client"]):
-            path = os.path.join(ctx.get_local_dir(participant), "resources.json.default")
-            role = "server" if participant.type == "server" else "site"
-            write_json(path, with_allow_list(_read_json(path), role))

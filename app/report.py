@@ -186,6 +186,27 @@ def participation(run: RunArtifacts) -> str:
     return f"all {total} sites every round" if not k or k >= total else f"{k} of {total} sites per round"
 
 
+def job_outcome(run: RunArtifacts) -> dict:
+    """How the job ended (``run.json``): FLARE's status, rounds done of planned, and why it stopped early."""
+    info = run.run_info
+    planned = info.get("planned_rounds") or info.get("settings", {}).get("num_rounds")
+    done = len(run.rounds)
+    completed = info.get("completed")
+    if completed is None:  # a run.json from before the verdict was recorded: judge by the rounds
+        completed = planned is not None and done >= planned
+    return {"status": info.get("status") or "not recorded", "completed": bool(completed), "rounds_done": done,
+            "rounds_planned": planned, "reason": info.get("reason")}
+
+
+def outcome_sentence(job: dict) -> str:
+    """One line a reader sees first: did the run finish, and if not, how far it got and why."""
+    rounds = f"{job['rounds_done']} of {job['rounds_planned'] or '?'} rounds"
+    if job["completed"]:
+        return f"Job status {job['status']}: completed, {rounds}."
+    return (f"Job status {job['status']}: NOT completed, {rounds}"
+            + (f"; reason: {job['reason']}" if job.get("reason") else "") + ". The scores below are from the rounds that ran.")
+
+
 def build_summary(run: RunArtifacts) -> dict:
     """The ``summary.json`` contract: algorithm, rounds, final overall and per-site Dice (+ what else we know)."""
     source, sites = final_scores(run)
@@ -199,6 +220,7 @@ def build_summary(run: RunArtifacts) -> dict:
             if metrics.get("n_train_cases") is not None:
                 training_cases[site] = int(metrics["n_train_cases"])
     return {
+        "job": job_outcome(run),
         "communication": {"mb_per_round": mb, "mb_total": sum(mb)},
         "events": events(run),
         "training_cases": training_cases,
@@ -326,6 +348,7 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>FedRef-Seg run report</h1>
 <p class="note">{html.escape(DISCLAIMER)}</p>
+<p class="{'outcome' if summary['job']['completed'] else 'note failed'}"><b>{html.escape(outcome_sentence(summary['job']))}</b></p>
 <p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds,
 {html.escape(summary.get('participation') or '')}, sites: {html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
 Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.{f' Cases: {case_text}.' if case_text else ''}</p>

@@ -85,9 +85,12 @@ class JobSettings(TrainingSettings):
     fedprox_mu: float = 0.01
     server_lr: float | None = None  # FedAdam: 0.03, FedAvgM: 1.0
     server_momentum: float = 0.9
-    # resilience: accepted updates needed to change the global model (default: a majority of the sites),
-    # and how long a round waits for the others once that many have answered
+    # resilience: accepted updates needed to change the global model (default: a majority of the sites; also
+    # the job's meta.json min_clients: FLARE deploys the job with that many sites and ends it when fewer stay
+    # alive), how long a round waits for the others once that many have answered, and how long the server
+    # waits before it treats a site whose job process is gone as dead (FLARE's dead-client grace period)
     wait_after_min_seconds: int = 60
+    dead_site_seconds: int = 60
     faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (sites must allow them)
     cross_site_eval: bool = True
     # compressed transfer of the training task's models and updates through NVFlare's quantisation
@@ -110,6 +113,8 @@ class JobSettings(TrainingSettings):
             raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
         if self.min_clients is None:
             self.min_clients = len(self.sites) // 2 + 1
+        if not 1 <= self.min_clients <= len(self.sites):
+            raise ValueError(f"min_clients must be between 1 and the {len(self.sites)} sites, got {self.min_clients}")
         if self.data_root:  # resolved now: the job is built from another working directory
             self.data_root = os.path.abspath(self.data_root)
         if self.cache_dir:
@@ -140,11 +145,15 @@ class JobSettings(TrainingSettings):
         import torch
 
         found = {}
-        for name in ("FL_global_model.pt", REFERENCE_BUFFER_FILE):
-            hits = sorted(glob.glob(os.path.join(self.resume_from, "**", name), recursive=True), key=len)
+        for name in (REFERENCE_BUFFER_FILE, "FL_global_model.pt"):  # the newest buffer, then the model beside it
+            hits = glob.glob(os.path.join(self.resume_from, "**", name), recursive=True)
             if not hits:
                 raise FileNotFoundError(f"{self.resume_from}: no {name} to resume from")
-            found[name] = os.path.abspath(hits[0])
+            if name == REFERENCE_BUFFER_FILE:
+                found[name] = os.path.abspath(max(hits, key=os.path.getmtime))
+            else:  # saved in the same step: the one under the buffer's folder, else the newest
+                near = [h for h in hits if os.path.abspath(h).startswith(os.path.dirname(found[REFERENCE_BUFFER_FILE]))]
+                found[name] = os.path.abspath(min(near, key=len) if near else max(hits, key=os.path.getmtime))
         buffer = torch.load(found[REFERENCE_BUFFER_FILE], map_location="cpu", weights_only=False)
         return found["FL_global_model.pt"], found[REFERENCE_BUFFER_FILE], int(buffer.get("round", -1)) + 1
 
@@ -166,12 +175,15 @@ class FedSegRecipe(FedAvgRecipe):
             initial_ckpt=self.resume[0] if self.resume else None,
             name=settings.job_name,
             model=settings.network(),
-            min_clients=len(settings.sites),  # every site is asked every round
+            # meta.json's min_clients: FLARE starts the job with this many sites and fails it only when fewer
+            # stay alive; the controller asks every site each round and needs this many answers (one setting)
+            min_clients=settings.min_clients,
             num_rounds=settings.num_rounds,
             train_script=TRAINER_SCRIPT,  # NVFlare's check only: the sites get SiteExecutor, not a script
             key_metric="dice_mean",
         )
         self._job.to_server(VersionGuard(package_version=fedseg.__version__), id="version_guard")
+        self.add_server_config(dead_site_config(settings.dead_site_seconds))
         if settings.algorithm in ("fedadam", "fedavgm"):
             self._job.to_server(settings.network(), id=FEDOPT_MODEL_ID)  # FedOpt's server-side optimiser target
 
@@ -214,6 +226,12 @@ class FedSegRecipe(FedAvgRecipe):
                     "args": {"factor": 1.0, "total_iters": 1}}
         return RecordingFedOpt(source_model=FEDOPT_MODEL_ID, optimizer_args=optimizer, lr_scheduler_args=constant,
                                algorithm_name=s.algorithm, **fedavg)
+
+
+def dead_site_config(seconds: int) -> dict:
+    """FLARE's server settings for a site whose job process is gone: after ``seconds`` it counts as dead, and a
+    task waiting only for dead sites ends then (both default to 60 s and 30 s in FLARE)."""
+    return {"dead_client_grace_period": seconds, "dead_client_check_lead_time": seconds}
 
 
 def build_recipe(settings: JobSettings) -> FedSegRecipe:
@@ -298,15 +316,17 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
         failure = exc
     wall = time.time() - started
     completed = _completed_rounds(run_folder)
+    ok = failure is None and completed >= settings.num_rounds
+    reason = None if ok else (f"{failure.__class__.__name__}: {failure}" if failure else "no error raised")
     write_json(
         os.path.join(run_folder, RUN_INFO_FILE),
-        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall,
-         "completed_rounds": completed, "mode": "simulator"},
+        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall, "mode": "simulator",
+         "status": "COMPLETED" if ok else "FAILED", "completed": ok, "completed_rounds": completed,
+         "planned_rounds": settings.num_rounds, "reason": reason},
     )
-    if failure is not None or completed < settings.num_rounds:
-        reason = f"{failure.__class__.__name__}: {failure}" if failure else "no error raised"
+    if not ok:
         raise SimulationError(
-            f"simulation of {settings.job_name} completed {completed} of {settings.num_rounds} rounds ({reason}); "
+            f"simulation of {settings.job_name}: FAILED, {completed} of {settings.num_rounds} rounds ({reason}); "
             f"logs: {run_folder}/<site>/log.txt"
         ) from failure
     return run_folder

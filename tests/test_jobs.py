@@ -101,3 +101,14 @@ def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):
     assert "data_root" not in json.dumps(client) and "cache_dir" not in json.dumps(client)  # each site sets its own
     server = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_server.json"))
     assert "channels" in json.dumps(server) and "256" in json.dumps(server)  # the server builds the same network
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_the_job_needs_as_many_live_sites_as_its_rounds_need_answers(algorithm):
+    """meta.json's min_clients (FLARE fails the job below it) is the controller's (answers a round needs):
+    a majority of the three sites, so one dead site does not end the job."""
+    meta = json.load(open(os.path.join(JOBS_DIR, algorithm, "meta.json")))
+    server = json.load(open(os.path.join(JOBS_DIR, algorithm, "app", "config", "config_fed_server.json")))
+    (controller,) = [w for w in server["workflows"] if w["id"] == "controller"]
+    assert meta["min_clients"] == controller["args"]["min_clients"] == 2
+    assert server["dead_client_grace_period"] == server["dead_client_check_lead_time"] == 60

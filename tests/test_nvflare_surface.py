@@ -48,3 +48,28 @@ def test_the_client_api_executor_still_reads_its_script_arguments_from_the_attri
         "fedseg.executor.SiteExecutor.handle_event, which sets them from the site's own settings at START_RUN")
     assert "self._task_script_args" in inspect.getsource(ClientAPIExecutor), (
         "NVFlare's ClientAPIExecutor no longer reads _task_script_args: re-check fedseg.executor.SiteExecutor")
+
+
+def test_poc_deploy_still_provisions_then_starts_where_we_put_the_allow_list_between():
+    from nvflare.recipe import poc_env
+
+    source = inspect.getsource(poc_env.PocEnv.deploy)
+    assert source.index("prepare_poc_provision(") < source.index("_start_poc("), (
+        "NVFlare's PocEnv.deploy changed: re-check fedseg.app.poc.FedSegPocEnv.deploy, a copy of it that writes "
+        "the class allow-list into the kits between provisioning and starting")
+    for name in ("prepare_poc_provision", "_start_poc", "SERVICE_START_TIMEOUT"):
+        assert hasattr(poc_env, name), f"nvflare.recipe.poc_env.{name} is gone: re-check fedseg.app.poc.FedSegPocEnv"
+
+
+def test_a_site_still_takes_its_job_process_exit_code_from_the_file_we_write():
+    from nvflare.apis.fl_constant import FLMetaKey
+    from nvflare.apis.job_launcher_spec import JobReturnCode
+    from nvflare.private.fed.server.fed_server import FederatedServer
+    from nvflare.private.fed.utils.fed_utils import get_return_code
+
+    assert "FLMetaKey.PROCESS_RC_FILE" in inspect.getsource(get_return_code) and FLMetaKey.PROCESS_RC_FILE
+    failing = inspect.getsource(FederatedServer.process_job_failure)
+    assert "ProcessExitCode.EXCEPTION" in failing and "UNKNOWN" not in failing, (
+        "NVFlare's server now judges other exit codes of a site's job process: re-check "
+        "fedseg.executor.mark_unfinished_run, which leaves JobReturnCode.UNKNOWN for a killed one")
+    assert JobReturnCode.UNKNOWN == 127

@@ -5,6 +5,7 @@ the prepared sites reused, and nothing left running."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -42,9 +43,12 @@ def test_make_poc_runs_fedref_on_the_demos_three_sites_and_stops_everything(tmp_
     assert "fed_learn_port: 8002" not in project  # ports picked free, not the fixed defaults
     assert flare_processes(str(out)) == []
     info = json.loads(next((out / "workspace").rglob("run.json")).read_text())
-    assert info["mode"] == "poc" and info["status"].startswith("FINISHED")
-    (client_config,) = (out / "workspace").rglob("site-1/*/app_site-1/config/config_fed_client.json")
-    assert str(demo) not in client_config.read_text()  # the job carried no data path: the sites used their own
+    assert info["mode"] == "poc" and info["status"] == "FINISHED:COMPLETED" and info["completed"] is True
+    assert (info["completed_rounds"], info["planned_rounds"]) == (2, 2)
+    # the submitted job carried no data path (the sites used their own); run.json records where the data was
+    submitted = [p for p in (out / "workspace").rglob("*.json") if f"{os.sep}job{os.sep}" in str(p)]
+    assert submitted and not any(str(demo) in p.read_text() for p in submitted)
+    assert info["settings"]["data_root"] == str(demo / "sites")
 
 
 def test_poc_without_prepared_sites_says_so_in_one_line(tmp_path):

@@ -130,3 +130,20 @@ def test_report_says_which_numbers_come_from_the_per_round_subset_and_which_from
     os.remove(run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json")
     index = write_report(load_run(str(run_folder)), str(tmp_path / "report2"))
     assert "final table: the last round&#x27;s validation, on that subset." in open(index, encoding="utf-8").read()
+
+
+@pytest.mark.parametrize("info, sentence", [
+    ({"status": "FINISHED:EXECUTION_EXCEPTION", "completed": False, "completed_rounds": 2, "planned_rounds": 5,
+      "reason": "Alive clients 1 < required min 2", "settings": {"num_rounds": 5}},
+     "Job status FINISHED:EXECUTION_EXCEPTION: NOT completed, 2 of 5 rounds; reason: Alive clients 1 &lt; required min 2."),
+    ({"status": "FINISHED:COMPLETED", "completed": True, "completed_rounds": 2, "planned_rounds": 2, "reason": None},
+     "Job status FINISHED:COMPLETED: completed, 2 of 2 rounds."),
+    ({"settings": {"num_rounds": 4}}, "Job status not recorded: NOT completed, 2 of 4 rounds."),  # an older run.json
+])
+def test_the_report_says_first_how_the_job_ended(run_folder, tmp_path, info, sentence):
+    (run_folder / "run.json").write_text(json.dumps(info))
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["job"]["completed"] is (sentence.count("NOT") == 0)
+    assert summary["job"]["rounds_done"] == 2
+    assert sentence in open(index, encoding="utf-8").read()

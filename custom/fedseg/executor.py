@@ -6,7 +6,11 @@ but training settings, a package version and (where the site allows them) resili
 - the script is the installed ``fedseg/client.py``, always run in-process;
 - the data and cache folders are the site's own (``fedseg.site_config``), never the job's;
 - a job built for another fedref-seg version is refused, naming both versions;
-- drills (deliberately bad updates, a site that stops) run only where the site allows them.
+- drills (deliberately bad updates, a site that stops) run only where the site allows them;
+- a job process that dies without ending its run (SIGKILL, the OOM killer, a reboot) leaves the exit code
+  "unknown" for the site's parent process to read, instead of NVFlare's "exception", so that the server
+  treats the site as dead (the round goes on without it) rather than failing everyone's job
+  (see ``mark_unfinished_run``).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from __future__ import annotations
 import os
 
 from nvflare.apis.event_type import EventType
-from nvflare.apis.fl_constant import FLContextKey
+from nvflare.apis.fl_constant import FLContextKey, FLMetaKey
+from nvflare.apis.job_launcher_spec import JobReturnCode
 from nvflare.apis.fl_context import FLContext
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 from nvflare.client.config import ExchangeFormat
@@ -51,6 +56,34 @@ def training_settings(training: dict | None) -> TrainingSettings:
     return TrainingSettings(**(training or {}))
 
 
+def mark_unfinished_run(run_dir: str) -> str:
+    """Record "unknown" as this job process's exit code until its run ends (``clear_unfinished_run``).
+
+    NVFlare's site parent reads the code from this file; without it a killed job process counts as an
+    exception, which the server answers by failing the whole job. With "unknown" the parent reports nothing
+    the server acts on; the server then finds the job gone from the site and, after its dead-client grace
+    period, goes on with the others (down to the job's min_clients). A run that ends normally removes
+    the file first, so NVFlare records its real exit code (errors included) as before.
+    """
+    path = os.path.join(run_dir, FLMetaKey.PROCESS_RC_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(str(JobReturnCode.UNKNOWN))
+    return path
+
+
+def clear_unfinished_run(run_dir: str) -> None:
+    """The run ended in this process: let NVFlare write the real exit code."""
+    path = os.path.join(run_dir, FLMetaKey.PROCESS_RC_FILE)
+    if os.path.exists(path):
+        os.remove(path)
+
+
+def _run_dir(fl_ctx: FLContext) -> str | None:
+    workspace = fl_ctx.get_prop(FLContextKey.WORKSPACE_OBJECT)
+    job_id = fl_ctx.get_job_id()
+    return workspace.get_run_dir(job_id) if workspace and job_id else None
+
+
 class SiteExecutor(ClientAPIExecutor):
     """FedRef-Seg's site trainer (FLARE Client API, in-process) with the site's data and the job's settings.
 
@@ -80,7 +113,16 @@ class SiteExecutor(ClientAPIExecutor):
                 self.log_error(fl_ctx, str(exc))
                 self.system_panic(str(exc), fl_ctx)
                 return
+            if _run_dir(fl_ctx) and not self._simulated(fl_ctx):
+                mark_unfinished_run(_run_dir(fl_ctx))
+        elif event_type == EventType.END_RUN and _run_dir(fl_ctx):
+            clear_unfinished_run(_run_dir(fl_ctx))
         super().handle_event(event_type, fl_ctx)
+
+    @staticmethod
+    def _simulated(fl_ctx: FLContext) -> bool:
+        """The simulator runs every site in one process and reads no exit-code file of ours."""
+        return bool(fl_ctx.get_prop(FLContextKey.SIMULATE_MODE, False))
 
     @staticmethod
     def site_config(fl_ctx: FLContext) -> SiteConfig:

@@ -1,0 +1,175 @@
+"""Faults in a real POC federation (server and three sites as separate processes), as an operator meets them:
+one site's job process is SIGKILLed once the server has recorded round 1, then
+
+- with the default min_clients (a majority, 2 of 3) the job completes its rounds with the other two sites,
+  the round records and the report list the dead site as missing, and ``fedseg poc`` exits 0;
+- with min_clients 3 (every site needed) the server ends the job, and ``fedseg poc`` exits non-zero and says
+  so in one line, and the report states the status, the rounds done of those planned and the reason.
+
+And the server (its process and its job's) SIGKILLed after round 1: ``fedseg poc`` exits non-zero naming the
+command that continues the run; ``fedseg poc --resume-from`` then finishes the planned rounds, round numbers
+continuing and FedRef's reference buffer restored.
+
+The kill waits for the server's round record, not for a time, and each drill must leave no process behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from commands import VENV
+
+pytestmark = pytest.mark.integration
+
+ROUNDS = 3
+TINY = ["--local-epochs", "1", "--crop", "32", "32", "24", "--channels", "8", "16", "32", "--threads", "1"]
+QUICK_FAULTS = ["--wait-after-min-seconds", "5", "--dead-site-seconds", "5"]
+VICTIM = "site-3"
+
+
+@pytest.fixture(scope="module")
+def three_sites(tmp_path_factory, tiny_fets) -> str:
+    from fedseg.data_prep.fets2022 import prepare_sites
+
+    root = tmp_path_factory.mktemp("poc_fault_sites")
+    prepare_sites(tiny_fets, str(root), partitions=[1, 2, 3], validation_fraction=0.34)
+    return str(root)
+
+
+def round_records(workspace: str) -> list[dict]:
+    """The server's round records of the running job, as far as written."""
+    for folder, _, files in os.walk(workspace):
+        if "round_metrics.jsonl" in files and os.sep + "server" + os.sep in folder + os.sep:
+            with open(os.path.join(folder, "round_metrics.jsonl"), encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip().endswith("}")]
+    return []
+
+
+def site_job_process(workspace: str, site: str):
+    """The job (worker) process of ``site`` in this POC workspace, or None."""
+    import psutil
+
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if (any(part.endswith("worker_process") for part in cmdline) and any(workspace in part for part in cmdline)
+                and any(part.rstrip("/").endswith(os.sep + site) for part in cmdline)):
+            return process
+    return None
+
+
+def server_processes(workspace: str) -> list:
+    """The POC server's own process and its job process (the sites' are left alone)."""
+    import psutil
+
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if any(workspace in part for part in cmdline) and any(
+                part.endswith(("server_train", "server.runner_process")) for part in cmdline):
+            found.append(process)
+    return found
+
+
+def poc_with_site_killed(sites: str, out: str, *options: str, timeout: float = 400,
+                         victims=lambda workspace: [site_job_process(workspace, VICTIM)]) -> tuple[subprocess.Popen, str, list]:
+    """Run ``fedseg poc``; SIGKILL the ``victims`` (default VICTIM's job process) once round 1 is recorded.
+    Returns (process, output, the round records as they stood at the kill)."""
+    command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", sites, "--out", out,
+               "--rounds", str(ROUNDS), *TINY, *QUICK_FAULTS, *options]
+    log = open(os.path.join(os.path.dirname(out), "poc_output.txt"), "w+", encoding="utf-8")
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
+    workspace = os.path.join(out, "workspace")
+    deadline, at_kill = time.time() + timeout, None
+    try:
+        while at_kill is None and time.time() < deadline and process.poll() is None:
+            records = round_records(workspace)
+            targets = [p for p in victims(workspace) if p is not None] if records else []
+            if targets:
+                for target in targets:
+                    target.send_signal(signal.SIGKILL)
+                at_kill = records
+            time.sleep(0.3)
+        assert at_kill is not None, "nothing was killed after round 1"
+        process.wait(timeout=max(deadline - time.time(), 1))
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log.seek(0)
+    return process, log.read(), at_kill
+
+
+def no_process_left(workspace: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if workspace in line]
+
+
+def test_a_killed_site_leaves_the_others_to_finish_the_rounds(three_sites, tmp_path):
+    out = str(tmp_path / "poc")
+    process, output, at_kill = poc_with_site_killed(three_sites, out)
+
+    assert process.returncode == 0, output[-4000:]
+    assert f"FINISHED:COMPLETED, {ROUNDS} of {ROUNDS} rounds" in output
+    assert f"round {ROUNDS}/{ROUNDS} finished" in output
+    summary = json.loads((tmp_path / "poc" / "report" / "summary.json").read_text())
+    assert summary["job"]["completed"] is True and summary["job"]["rounds_done"] == ROUNDS
+    records = summary["curves"]  # one overall point per round (+ the final model)
+    assert len(records) >= ROUNDS
+    assert all(VICTIM not in r.get("missing", []) for r in at_kill)  # answering until the kill
+    missing = {e["round"] for e in summary["events"] if e["site"] == VICTIM and "missing" in e["what"]}
+    last_round = max(r["round"] for r in at_kill) + (ROUNDS - len(at_kill))
+    assert last_round in missing  # the gap is in the records, and the report
+    assert not any(e["site"] in ("site-1", "site-2") for e in summary["events"])
+    assert f"{VICTIM}: no result (site missing)" in (tmp_path / "poc" / "report" / "index.html").read_text()
+    assert no_process_left(out) == []
+
+
+def test_a_run_that_loses_a_site_it_needs_fails_and_says_so(three_sites, tmp_path):
+    out = str(tmp_path / "poc")
+    process, output, _ = poc_with_site_killed(three_sites, out, "--min-clients", "3")
+
+    assert process.returncode == 1, output[-4000:]
+    verdict = [line for line in output.splitlines() if line.startswith("fedseg poc: job ")]
+    assert len(verdict) == 1 and "did not complete" in verdict[0] and f"of {ROUNDS} rounds" in verdict[0]
+    summary = json.loads((tmp_path / "poc" / "report" / "summary.json").read_text())
+    job = summary["job"]
+    assert job["completed"] is False and job["status"] != "FINISHED:COMPLETED"
+    assert job["rounds_done"] < ROUNDS and job["rounds_planned"] == ROUNDS
+    assert job["reason"] == "Alive clients 2 < required min 3"  # the server's own words
+    page = (tmp_path / "poc" / "report" / "index.html").read_text()
+    assert f"NOT completed, {job['rounds_done']} of {ROUNDS} rounds" in page
+    assert no_process_left(out) == []
+
+
+def test_a_killed_server_loses_nothing_the_resume_command_finishes_the_rounds(three_sites, tmp_path):
+    out = str(tmp_path / "poc")
+    process, output, at_kill = poc_with_site_killed(three_sites, out, victims=server_processes)
+
+    assert process.returncode == 1, output[-4000:]
+    (verdict,) = [line for line in output.splitlines() if line.startswith("fedseg poc: job ")]
+    assert "the server stopped after" in verdict and "--resume-from " in verdict
+    stopped = verdict.split("--resume-from ", 1)[1].strip()
+    summary = json.loads((tmp_path / "poc" / "report" / "summary.json").read_text())
+    assert summary["job"]["status"] == "SERVER_STOPPED" and summary["job"]["completed"] is False
+    done = summary["job"]["rounds_done"]
+    assert 1 <= done < ROUNDS and done >= len(at_kill)
+    assert no_process_left(out) == []
+
+    again = str(tmp_path / "resumed")
+    command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", three_sites, "--out", again,
+               "--rounds", str(ROUNDS), "--resume-from", stopped, *TINY, *QUICK_FAULTS]
+    resumed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    assert f"continuing from round {done}" in resumed.stdout
+    assert f"round {ROUNDS}/{ROUNDS} finished" in resumed.stdout
+    records = [json.loads(line) for line in next((tmp_path / "resumed").rglob("round_metrics.jsonl")).read_text().splitlines()]
+    assert [r["round"] for r in records] == list(range(done, ROUNDS))  # numbering goes on
+    # the buffer came back: it holds the initial model and one per round done (a fresh one would hold 2)
+    assert records[0]["fedref"]["buffer"] == min(records[0]["fedref"]["p"], done + 2) > 2
+    assert no_process_left(again) == []
