@@ -32,8 +32,11 @@ from fedseg.wire import QUANTIZATION_TYPES
 from fedseg.jobs.recipes import ALGORITHMS, REPO_ROOT, JobSettings, build_recipe
 
 JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
-FEDREF_ARGS = ("buffer_size", "lambda1", "lambda2", "reference_weighting", "lambda2_factor", "lambda2_every",
-               "lambda2_max")
+# controller argument -> JobSettings field: every FedRef setting is written out, defaults included
+FEDREF_ARGS = {"buffer_size": "buffer_size", "lambda1": "lambda1", "lambda2": "lambda2",
+               "reference_weighting": "reference_weighting", "lambda2_factor": "lambda2_factor",
+               "lambda2_every": "lambda2_every", "lambda2_max": "lambda2_max", "variant": "fedref_variant",
+               "momentum": "fedref_momentum", "alpha_max": "fedref_alpha_max"}
 
 
 def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
@@ -48,8 +51,8 @@ def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
             args["min_clients"] = settings.min_clients
             args["wait_after_min_seconds"] = settings.wait_after_min_seconds
             if settings.algorithm == "fedref":
-                for name in FEDREF_ARGS:
-                    args[name] = getattr(settings, name)
+                for name, setting in FEDREF_ARGS.items():
+                    args[name] = getattr(settings, setting)
             workflow["args"] = dict(sorted(args.items()))
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=4)

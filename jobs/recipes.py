@@ -31,7 +31,9 @@ from fedseg.controller import (
 )
 import fedseg
 from fedseg.executor import TRAINER_SCRIPT, SiteExecutor, VersionGuard
-from fedseg.fedref import DEFAULT_ALPHA_MAX, VARIANTS
+from fedseg.fedref import (
+    DEFAULT_ALPHA_MAX, DEFAULT_BUFFER_SIZE, DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, DEFAULT_VARIANT, VARIANTS,
+)
 from fedseg.network import FedSegUNet
 from fedseg.policy import with_allow_list
 from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile
@@ -68,14 +70,14 @@ class JobSettings(TrainingSettings):
     cache_dir: str | None = None  # sites' decoded-case caches (default: each site's own; see fedseg.data)
     # FedRef server step (see fedseg.fedref). Defaults from bench.long_horizon (docs/benchmarks.md): the trend
     # prior with lambda1 0, lambda2 0.3 beat the mean prior at 0.1/0.1 on every seed (area under the curve)
-    buffer_size: int = 3
-    lambda1: float = 0.0
-    lambda2: float = 0.3
+    buffer_size: int = DEFAULT_BUFFER_SIZE
+    lambda1: float = DEFAULT_LAMBDA1
+    lambda2: float = DEFAULT_LAMBDA2
     reference_weighting: str = "uniform"
     lambda2_factor: float = 1.0
     lambda2_every: int = 0
     lambda2_max: float | None = None
-    fedref_variant: str = "trend"  # the prior: mean | trend | diagonal (fedseg.fedref.VARIANTS)
+    fedref_variant: str = DEFAULT_VARIANT  # the prior: mean | trend | diagonal (fedseg.fedref.VARIANTS)
     fedref_momentum: float = 0.0  # server momentum before the MAP pull (0: none)
     fedref_alpha_max: float = DEFAULT_ALPHA_MAX  # diagonal: the largest share of the pull toward the prior
     # partial participation: sites trained per round, drawn from (seed, round); 0: every site every round

@@ -37,7 +37,10 @@ from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.atomic import atomic_path
-from fedseg.fedref import DEFAULT_ALPHA_MAX, FedRefUpdater, ReferenceBuffer
+from fedseg.fedref import (
+    DEFAULT_ALPHA_MAX, DEFAULT_BUFFER_SIZE, DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, DEFAULT_VARIANT, FedRefUpdater,
+    ReferenceBuffer,
+)
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
@@ -344,15 +347,15 @@ class FedRefController(RecordingFedAvg):
     def __init__(
         self,
         *args,
-        buffer_size: int = 3,
-        lambda1: float = 0.1,
-        lambda2: float = 0.1,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        lambda1: float = DEFAULT_LAMBDA1,
+        lambda2: float = DEFAULT_LAMBDA2,
         reference_weighting: str = "uniform",
         lambda2_factor: float = 1.0,
         lambda2_every: int = 0,
         lambda2_max: float | None = None,
         resume_buffer: str | None = None,
-        variant: str = "mean",
+        variant: str = DEFAULT_VARIANT,
         momentum: float = 0.0,
         alpha_max: float = DEFAULT_ALPHA_MAX,
         **kwargs,
