@@ -203,3 +203,41 @@ def test_negative_lambda_is_rejected():
         FedRefUpdater(3, -0.1, 0.1)
     with pytest.raises(ValueError, match="buffer size"):
         ReferenceBuffer(0)
+
+
+def test_reference_model_is_the_weighted_mean_of_all_p_buffered_models():
+    rng = np.random.default_rng(10)
+    models = [random_model(rng) for _ in range(4)]
+    buffer = ReferenceBuffer(3)
+    for model in models:
+        buffer.push(model)  # the first drops out
+    kept = [m["conv.weight"].astype(np.float64) for m in models[1:]]
+    np.testing.assert_allclose(buffer.reference_model()["conv.weight"], sum(kept) / 3, rtol=1e-5, atol=1e-6)
+    linear = (1 * kept[0] + 2 * kept[1] + 3 * kept[2]) / 6  # the newest weighs most
+    np.testing.assert_allclose(buffer.reference_model("linear")["conv.weight"], linear, rtol=1e-5, atol=1e-6)
+    assert set(buffer.reference_model()) == {"conv.weight", "conv.bias"}  # floating-point tensors only
+
+
+def test_each_round_buffers_fedrefs_output_and_the_next_round_uses_it():
+    """FedRef written out a second time, round by round, from the docs' definition: the buffer holds the
+    last p broadcast global models (FedRef's outputs, not the FedAvg models), theta_ref is their mean."""
+    rng = np.random.default_rng(11)
+    p, lam1, lam2 = 2, 0.3, 0.6
+    initial = random_model(rng)
+    averaged = [random_model(rng) for _ in range(5)]
+    updater = FedRefUpdater(p, lam1, lam2)
+    updater.start(initial)
+    broadcast = [initial["conv.bias"].astype(np.float64)]
+    current = initial
+    for bar in averaged:
+        current, applied = updater.update(bar, current)
+        assert applied == (len(broadcast) >= p)
+        if applied:
+            reference = sum(broadcast[-p:]) / p
+            expected = (bar["conv.bias"] + lam1 * broadcast[-1] + lam2 * reference) / (1 + lam1 + lam2)
+            assert not np.allclose(current["conv.bias"], bar["conv.bias"])
+        else:
+            expected = bar["conv.bias"]
+        np.testing.assert_allclose(current["conv.bias"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(updater.buffer.models[-1]["conv.bias"], current["conv.bias"])
+        broadcast.append(np.asarray(current["conv.bias"], dtype=np.float64))

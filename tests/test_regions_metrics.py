@@ -43,6 +43,17 @@ def test_non_nested_prediction_is_resolved_inside_whole_tumour():
         regions_to_labels(np.zeros((2, 3, 3, 3)))
 
 
+def test_tumour_core_outside_whole_tumour_is_not_turned_into_a_label():
+    """The `wt &` guard: TC (with or without ET) predicted where WT is not stays background."""
+    regions = np.zeros((3, 4, 1, 1), dtype=bool)
+    regions[0, 0] = True  # TC alone
+    regions[0, 1] = regions[2, 1] = True  # TC + ET without WT
+    regions[0, 2] = regions[1, 2] = True  # TC inside WT: necrotic core
+    regions[1, 3] = True  # WT alone: oedema
+    assert regions_to_labels(regions)[:, 0, 0].tolist() == [0, 0, 1, 2]
+    assert regions_to_labels(regions).dtype == np.uint8
+
+
 def test_invalid_labels_are_listed():
     assert invalid_labels(np.array([0, 1, 2, 4])) == []
     assert invalid_labels(np.array([0, 3, 4, 5.5])) == [3.0, 5.5]
