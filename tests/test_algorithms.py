@@ -45,13 +45,13 @@ def as_float64(model: dict) -> dict[str, np.ndarray]:
     return {k: np.asarray(v, dtype=np.float64) for k, v in model.items()}
 
 
-def first_update(fedref_run) -> tuple[dict, dict]:
+def first_update(run) -> tuple[dict, dict]:
     """(theta_0, u_0): the seeded initial model and the sites' first averaged update, from the FedRef run.
 
     Its round 0 is warm-up, plain FedAvg, so its buffer then holds theta_0 and theta_1 = theta_0 + u_0: the
     same models any algorithm started from and got after one FedAvg round of the same sites.
     """
-    theta0, theta1 = (as_float64(m) for m in fedref_step(fedref_run)["buffer"])
+    theta0, theta1 = (as_float64(m) for m in fedref_step(run)["buffer"])
     return theta0, {k: theta1[k] - theta0[k] for k in theta0}
 
 
@@ -113,7 +113,7 @@ def test_fedavgm_adds_the_momentum_of_the_first_update(fedref_run, federation):
     # same), round 1 adds 0.9 u_0 to what FedAvg does: theta_2(FedAvgM) - theta_2(FedAvg) = 0.9 u_0
     job, fedavgm = baseline(federation, "fedavgm")
     _, fedavg = baseline(federation, "fedavg")
-    _, u0 = first_update(fedref_run)
+    _, u0 = first_update(fedref_run[1])
     momentum, plain = weights(fedavgm.global_model), weights(fedavg.global_model)
     assert job.server_momentum == 0.9
     for name in plain:
@@ -125,7 +125,7 @@ def test_fedadam_takes_adams_first_step_on_the_averaged_update(fedref_run, feder
     # Adam's first step on the gradient -u_0 with bias correction: theta_0 + lr u_0 / (|u_0| + eps), lr 0.03,
     # eps 1e-3 -- nearly lr * sign(u_0) per weight, nothing like FedAvg's theta_0 + u_0
     job, fedadam = baseline(federation, "fedadam")
-    theta0, u0 = first_update(fedref_run)
+    theta0, u0 = first_update(fedref_run[1])
     initial = {k: v.detach().double().numpy() for k, v in job.network().state_dict().items()}
     saved = weights(fedadam.global_model)
     for name, value in saved.items():
@@ -137,8 +137,9 @@ def test_fedadam_takes_adams_first_step_on_the_averaged_update(fedref_run, feder
 
 def test_fedprox_adds_its_proximal_term_at_the_sites(federation):
     # FedProx aggregates as FedAvg does: what differs is the loss the sites minimise, loss + mu/2 |w - w_global|^2.
-    # The term is 0 at a round's first step and grows after it: the same site, from the same model, reports a
-    # different training loss and sends a different update.
+    # The term and its gradient are 0 at a round's first step (the weights are the global model's) and act from
+    # the second step on (TINY takes two): the same site, from the same model, reports a different training
+    # loss and sends a different update.
     _, fedprox = baseline(federation, "fedprox")
     _, fedavg = baseline(federation, "fedavg")
     for site in SITES:

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 
-from fedseg.data_prep.checks import Problem, SubjectCheck, check_subject, signature
+from fedseg.data_prep.checks import Problem, SubjectCheck, _short, check_subject, signature
 from fedseg.data_prep.layout import MODALITIES, subject_file
 from fedseg.data_prep.partitions import PartitionCsvError, parse_partitions, read_partitions
 from fets_factory import save, sri24_affine, volumes, write_subject
@@ -31,9 +31,16 @@ def subject(tmp_path, **changes) -> str:
     return root
 
 
+def problems(root: str) -> list[Problem]:
+    """The subject's problems, each naming the subject (rejected.csv is read by subject)."""
+    result = check_subject(root, SID)
+    assert result.subject == SID and all(p.subject == SID for p in result.problems), result.problems
+    return result.problems
+
+
 def only_problem(root: str) -> Problem:
     result = check_subject(root, SID)
-    assert len(result.problems) == 1, result.problems
+    assert result.subject == SID and [p.subject for p in result.problems] == [SID], result.problems
     assert result.brain_box is None  # a subject with a problem is not cropped
     return result.problems[0]
 
@@ -41,7 +48,7 @@ def only_problem(root: str) -> Problem:
 def test_a_valid_subject_passes_with_its_geometry_dtypes_and_brain_box(tmp_path):
     root = subject(tmp_path)
     result = check_subject(root, SID)
-    assert result.ok and result.problems == []
+    assert result.ok and result.problems == [] and result.subject == SID
     assert result.shape == list(SHAPE)
     np.testing.assert_array_equal(result.affine, sri24_affine(SHAPE))
     assert result.dtypes == {"t1": "int16", "t1ce": "int16", "t2": "int16", "flair": "int16", "seg": "uint8"}
@@ -73,11 +80,10 @@ def test_affine_tolerance_is_a_thousandth_of_a_mm(tmp_path, shift_mm, accepted):
     shifted = sri24_affine(SHAPE)
     shifted[0, 3] += shift_mm
     save(subject_file(root, SID, "t2"), volumes(SHAPE, np.random.default_rng(0))["t2"], shifted)
-    result = check_subject(root, SID)
     if accepted:
-        assert result.ok, result.problems
+        assert check_subject(root, SID).ok
     else:
-        (problem,) = result.problems
+        (problem,) = problems(root)
         assert (problem.file, problem.kind) == (f"{SID}_t2.nii.gz", "geometry")
         assert problem.reason == f"affine differs from {T1} by up to {shift_mm:.4g} mm"
 
@@ -99,7 +105,8 @@ def test_finite_float_images_pass(tmp_path):
 
 def test_missing_subject_folder(tmp_path):
     result = check_subject(str(tmp_path), SID)
-    assert [(p.file, p.kind, p.reason) for p in result.problems] == [("", "missing", f"no subject folder {SID} in {tmp_path}")]
+    assert [(p.file, p.kind, p.reason) for p in problems(str(tmp_path))] == [
+        ("", "missing", f"no subject folder {SID} in {tmp_path}")]
     assert result.signature == [[f"{SID}_{k}.nii.gz", None, None] for k in (*MODALITIES, "seg")]
 
 
@@ -108,11 +115,11 @@ def test_missing_and_unreadable_files_are_each_named(tmp_path):
     os.remove(subject_file(root, SID, "flair"))
     with open(subject_file(root, SID, "t1"), "wb") as f:
         f.write(b"not a NIfTI file")
-    problems = check_subject(root, SID).problems
-    assert [(p.file, p.kind) for p in problems] == [(T1, "unreadable"), (f"{SID}_flair.nii.gz", "missing")]
-    assert problems[0].reason.startswith("unreadable (ImageFileError: ") and problems[0].reason.endswith(")")
-    assert problems[1].reason == "file missing"
-    assert problems[0].line() == f"{SID}: {T1}: {problems[0].reason}"
+    found = problems(root)
+    assert [(p.file, p.kind) for p in found] == [(T1, "unreadable"), (f"{SID}_flair.nii.gz", "missing")]
+    assert found[0].reason.startswith("unreadable (ImageFileError: ") and found[0].reason.endswith(")")
+    assert found[1].reason == "file missing"
+    assert found[0].line() == f"{SID}: {T1}: {found[0].reason}"
 
 
 def test_a_truncated_file_is_unreadable(tmp_path):
@@ -139,9 +146,9 @@ def test_geometry_problems(tmp_path, kind, array, reason):
 def test_the_first_readable_file_is_the_geometry_reference(tmp_path):
     root = subject(tmp_path, t2=np.ones((8, 8, 5), np.int16))
     os.remove(subject_file(root, SID, "t1"))  # t1ce becomes the reference of shape and affine
-    problems = check_subject(root, SID).problems
-    assert [p.kind for p in problems] == ["missing", "geometry"]
-    assert problems[1].reason == f"shape (8, 8, 5) differs from {SID}_t1ce.nii.gz (8, 8, 6)"
+    found = problems(root)
+    assert [p.kind for p in found] == ["missing", "geometry"]
+    assert found[1].reason == f"shape (8, 8, 5) differs from {SID}_t1ce.nii.gz (8, 8, 6)"
 
 
 @pytest.mark.parametrize(
@@ -176,7 +183,51 @@ def test_every_problem_of_a_subject_is_reported(tmp_path):
     seg[0, 0, 0] = 3
     root = subject(tmp_path, t2=np.zeros(SHAPE, np.int16), seg=seg)
     os.remove(subject_file(root, SID, "flair"))
-    assert [p.kind for p in check_subject(root, SID).problems] == ["empty", "missing", "labels"]
+    assert [p.kind for p in problems(root)] == ["empty", "missing", "labels"]
+
+
+def shifted_t2(root: str) -> None:
+    affine = sri24_affine(SHAPE)
+    affine[2, 3] += 0.5
+    save(subject_file(root, SID, "t2"), volumes(SHAPE, np.random.default_rng(0))["t2"], affine)
+
+
+def nan_t2(root: str) -> None:
+    t2 = volumes(SHAPE, np.random.default_rng(0), image_dtype=np.float32)["t2"]
+    t2[1, 1, 1] = np.nan
+    save(subject_file(root, SID, "t2"), t2, sri24_affine(SHAPE))
+
+
+@pytest.mark.parametrize("defect, kind", [
+    (lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 5), np.int16), sri24_affine(SHAPE)), "geometry"),
+    (lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 6, 2), np.int16), sri24_affine(SHAPE)), "geometry"),
+    (shifted_t2, "geometry"),
+    (nan_t2, "non-finite"),
+])
+def test_a_bad_file_does_not_stop_the_checks_of_the_files_after_it(tmp_path, defect, kind):
+    seg = volumes(SHAPE, np.random.default_rng(0))["seg"]
+    seg[0, 0, 0] = 3
+    root = subject(tmp_path, seg=seg)
+    defect(root)
+    assert [(p.file, p.kind) for p in problems(root)] == [(f"{SID}_t2.nii.gz", kind), (f"{SID}_seg.nii.gz", "labels")]
+
+
+def test_a_problem_without_a_file_reads_with_a_dash():
+    assert Problem(SID, "", "absent", "listed but not on disk").line() == f"{SID}: -: listed but not on disk"
+
+
+def test_a_cached_check_without_problems_reads_back_as_valid():
+    check = SubjectCheck.from_json({"subject": SID, "signature": [], "shape": [8, 8, 6]})
+    assert check.ok and check.problems == [] and check.shape == [8, 8, 6]
+
+
+@pytest.mark.parametrize("exc, text", [
+    (ValueError(""), "ValueError"),
+    (OSError("  not a gzip file\nmore detail"), "OSError: not a gzip file"),
+    (EOFError("x" * 300), "EOFError: " + "x" * 190),
+])
+def test_a_read_error_is_one_short_line_for_rejected_csv(exc, text):
+    assert _short(exc) == text
 
 
 def test_a_check_survives_its_json_round_trip(tmp_path):
@@ -215,6 +266,7 @@ def test_bad_rows_are_left_out_with_their_line_and_reason(tmp_path):
                               " , \n"
                               "2,S5\n")
     table = parse_partitions(path)
+    assert table.path == path
     assert list(table.partitions.items()) == [(2, ["S1", "S5"]), (1, ["S2"])]  # file order, stripped
     assert table.partition_of() == {"S1": 2, "S5": 2, "S2": 1}
     assert [(p.line, p.subject, p.reason) for p in table.problems] == [

@@ -87,6 +87,15 @@ def test_update_checks(update, reason):
     assert update_problem(update, reference) == reason
 
 
+def test_an_update_of_parameters_that_require_grad_is_checked():
+    # e.g. a site that sends dict(model.named_parameters()): numpy cannot read such tensors directly
+    reference = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    good = {"w": torch.nn.Parameter(torch.zeros(3, 2)), "b": torch.nn.Parameter(torch.zeros(2))}
+    assert update_problem(good, reference) is None
+    bad = {"w": torch.nn.Parameter(torch.zeros(3, 2)), "b": torch.nn.Parameter(torch.tensor([0.0, float("nan")]))}
+    assert update_problem(bad, reference) == "non-finite values (NaN or Inf) in b"
+
+
 def test_the_first_bad_tensor_is_named():
     reference = {"a": np.zeros(2), "b": np.zeros(2), "c": np.zeros(2)}
     update = {"a": np.zeros(2), "b": torch.tensor([1.0, float("nan")]), "c": np.zeros(3)}

@@ -241,3 +241,47 @@ def test_each_round_buffers_fedrefs_output_and_the_next_round_uses_it():
         np.testing.assert_allclose(current["conv.bias"], expected, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(updater.buffer.models[-1]["conv.bias"], current["conv.bias"])
         broadcast.append(np.asarray(current["conv.bias"], dtype=np.float64))
+
+
+def test_defaults_are_p3_and_lambdas_of_a_tenth():
+    updater = FedRefUpdater()
+    assert (updater.buffer.capacity, updater.lambda1, updater.lambda2, updater.reference_weighting) == (3, 0.1, 0.1, "uniform")
+
+
+def test_an_unknown_reference_weighting_is_refused_when_the_updater_is_made():
+    with pytest.raises(ValueError, match="unknown reference weighting 'cubic'"):
+        FedRefUpdater(3, 0.1, 0.1, "cubic")
+    with pytest.raises(ValueError, match="^the reference buffer is empty$"):
+        ReferenceBuffer(2).reference_model()
+
+
+def test_torch_models_are_buffered_as_torch_copies():
+    buffer = ReferenceBuffer(2)
+    model = {"w": torch.ones(3), "steps": torch.tensor(5)}
+    buffer.push(model)
+    stored = buffer.models[-1]
+    assert set(stored) == {"w"} and isinstance(stored["w"], torch.Tensor)
+    model["w"].fill_(7.0)  # the site's tensor changes afterwards: the buffer keeps what it was given
+    torch.testing.assert_close(stored["w"], torch.ones(3))
+
+
+def test_start_only_seeds_an_empty_buffer():
+    rng = np.random.default_rng(12)
+    resumed = FedRefUpdater(3)
+    resumed.buffer = ReferenceBuffer.from_state({"capacity": 3, "models": [random_model(rng)]})
+    resumed.start(random_model(rng))  # a restarted server: its buffer came back, theta_0 is not pushed again
+    assert len(resumed.buffer) == 1
+    resumed.buffer.push(random_model(rng))
+    resumed.start(random_model(rng))
+    assert len(resumed.buffer) == 2
+
+
+def test_update_without_start_buffers_the_previous_global_first():
+    rng = np.random.default_rng(13)
+    initial, bar = random_model(rng), random_model(rng)
+    started, unstarted = FedRefUpdater(1, 0.2, 0.3), FedRefUpdater(1, 0.2, 0.3)
+    started.start(initial)
+    (a, _), (b, applied) = started.update(bar, initial), unstarted.update(bar, initial)
+    assert applied
+    np.testing.assert_array_equal(a["conv.weight"], b["conv.weight"])
+    np.testing.assert_array_equal(unstarted.buffer.models[0]["conv.weight"], b["conv.weight"])
