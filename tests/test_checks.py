@@ -59,11 +59,11 @@ def test_a_valid_subject_passes_with_its_geometry_dtypes_and_brain_box(tmp_path)
 def test_brain_box_is_the_exact_bounds_of_the_union_of_the_modalities(tmp_path):
     # the box that preprocess crops to: one voxel short on any side would cut brain away
     data = volumes(SHAPE, np.random.default_rng(0))
-    flair, t2 = data["flair"].copy(), data["t2"].copy()
-    flair[0, 3, 3] = 9  # reaches the first voxel along x
-    t2[7, 7, 5] = 9  # and the last voxel along every axis
-    root = subject(tmp_path, flair=flair, t2=t2)
-    union = np.any([data[m] != 0 for m in ("t1", "t1ce")] + [flair != 0, t2 != 0], axis=0)
+    t1, t2 = data["t1"].copy(), data["t2"].copy()
+    t1[0, 3, 3] = 9  # the first image reaches the first voxel along x
+    t2[7, 7, 5] = 9  # a middle one the last voxel along every axis
+    root = subject(tmp_path, t1=t1, t2=t2)
+    union = np.any([t1 != 0, data["t1ce"] != 0, t2 != 0, data["flair"] != 0], axis=0)
     expected = [[int(i.min()), int(i.max()) + 1] for i in np.nonzero(union)]
     assert check_subject(root, SID).brain_box == expected == [[0, 8], [1, 8], [1, 6]]
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 
-from fedseg.fedref import FedRefUpdater, ReferenceBuffer, map_step, reference_weights
+from fedseg.fedref import FedRefUpdater, ReferenceBuffer, is_float_tensor, map_step, reference_weights
 
 
 def random_model(rng: np.random.Generator, scale: float = 1.0) -> dict:
@@ -193,9 +193,34 @@ def test_buffer_state_round_trip_gives_the_same_next_global():
 def test_torch_tensors_are_supported():
     bar = {"w": torch.ones(3), "n": torch.tensor(4)}
     prev = {"w": torch.zeros(3), "n": torch.tensor(1)}
-    out = map_step(bar, prev, {"w": torch.full((3,), 2.0)}, 1.0, 1.0)
-    torch.testing.assert_close(out["w"], torch.ones(3))
+    out = map_step(bar, prev, {"w": torch.full((3,), 2.0)}, 1.0, 3.0)
+    torch.testing.assert_close(out["w"], torch.full((3,), 1.4))  # (1 + 0 + 3 * 2) / 5
     assert out["n"] is bar["n"]
+
+
+@pytest.mark.parametrize("make", [np.array, torch.tensor])
+def test_the_step_keeps_the_fedavg_models_dtype(make):
+    # a float16 average with float32 models around it (e.g. after a float16 transfer) stays float16
+    bar = {"w": make([1.0, 2.0]).astype(np.float16) if make is np.array else make([1.0, 2.0], dtype=torch.float16)}
+    prev = {"w": make([0.0, 0.0]).astype(np.float32) if make is np.array else make([0.0, 0.0], dtype=torch.float32)}
+    out = map_step(bar, prev, prev, 0.5, 0.5)
+    assert out["w"].dtype == bar["w"].dtype
+    np.testing.assert_allclose(np.asarray(out["w"], dtype=np.float64), [0.5, 1.0])
+
+
+def test_only_arrays_and_tensors_of_floats_are_moved():
+    assert is_float_tensor(np.zeros(2, np.float32)) and is_float_tensor(torch.zeros(2))
+    for value in (np.zeros(2, np.int64), torch.zeros(2, dtype=torch.int64), 0.5, [0.5], "w", None):
+        assert not is_float_tensor(value), value
+    out = map_step({"lr": 0.5, "w": np.ones(2)}, {"lr": 0.1, "w": np.zeros(2)}, {"lr": 0.1, "w": np.zeros(2)}, 1.0, 1.0)
+    assert out["lr"] == 0.5  # a plain number keeps the FedAvg value
+
+
+def test_map_step_refuses_either_negative_lambda():
+    model = {"w": np.zeros(2)}
+    for lam1, lam2 in ((-0.1, 0.1), (0.1, -0.1)):
+        with pytest.raises(ValueError, match=f"^lambda1 and lambda2 must be >= 0, got {lam1}, {lam2}$"):
+            map_step(model, model, model, lam1, lam2)
 
 
 def test_negative_lambda_is_rejected():

@@ -145,7 +145,7 @@ def test_pooled_sd_only_when_every_pooled_site_has_one():
 
 def test_pooled_leaves_out_sites_without_cases_or_without_the_score():
     sites = {"a": {"dice_tc": 0.2, "dice_tc_sd": 0.0, "hd95_tc": 5.0, "hd95_tc_sd": 1.0, "n_cases": 3},
-             "b": {"dice_tc": 0.9, "dice_tc_sd": 0.0, "n_cases": 0},  # no cases: no weight
+             "b": {"dice_tc": 0.9, "n_cases": 0},  # no cases: no weight, and its missing sd does not count
              "c": {"dice_tc": float("nan"), "hd95_tc": 9.0, "hd95_tc_sd": 3.0, "n_cases": 1},  # NaN: not a score
              "d": {"dice_tc": None, "n_cases": "2"}}
     overall = pooled(sites)
@@ -165,3 +165,14 @@ def test_final_scores_without_cross_site_sd_show_none_in_the_report(run_folder, 
     assert summary["final"]["overall"]["dice_wt_sd"] is None
     assert all(s["dice_wt_sd"] is None for s in summary["final"]["sites"].values())
     assert "&plusmn;" not in open(index, encoding="utf-8").read()
+
+
+def test_a_site_score_without_a_case_count_weighs_nothing(run_folder, tmp_path):
+    path = run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json"
+    cross = json.loads(path.read_text())
+    del cross["site-2"]["SRV_FL_global_model.pt"]["n_cases"]
+    path.write_text(json.dumps(cross))
+    write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    final = json.load(open(tmp_path / "report" / "summary.json"))["final"]
+    assert final["sites"]["site-2"]["n_cases"] == 0
+    assert final["overall"]["n_cases"] == 3 and final["overall"]["dice_wt"] == pytest.approx(0.9)
