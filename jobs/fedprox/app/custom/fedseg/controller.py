@@ -10,7 +10,9 @@
 - tolerance of a site that stops answering: a round waits for ``min_clients`` results and then
   ``wait_after_min_seconds`` for the rest.
 ``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
-buffer with every global checkpoint; a restarted server resumes from that file.
+buffer with every global checkpoint; a restarted server resumes from that file. Each round it also
+records the step's inputs (FedAvg model, previous global model, buffered models) in ``fedref_step.pt``,
+overwritten every round, so that anyone can recompute the last global model from the closed form.
 """
 
 from __future__ import annotations
@@ -30,11 +32,12 @@ from nvflare.app_common.workflows.fedavg import FedAvg
 from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
-from fedseg.fedref import FedRefUpdater, ReferenceBuffer
+from fedseg.fedref import FedRefUpdater, ReferenceBuffer, is_float_tensor
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
 REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
+FEDREF_STEP_FILE = "fedref_step.pt"  # the inputs of the last MAP step, to check it from the run's artifacts
 CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
 
 
@@ -292,8 +295,25 @@ class FedRefController(RecordingFedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         self.updater.lambda2 = self.lambda2_at(self.current_round)
         self.updater.start(previous_global)
+        averaged, buffered = model.params, self.updater.buffer.models
         model.params, self._applied = self.updater.update(model.params, previous_global)
+        self.save_step_record(averaged, previous_global, buffered)
         return model
+
+    def save_step_record(self, averaged: dict, previous_global: dict, buffered: list[dict]) -> None:
+        """Write this round's MAP step inputs (atomically, replacing the last round's): with the saved global
+        model they show that theta_{r+1} = (theta_bar + lambda1 theta_r + lambda2 theta_ref) / (1 + lambda1 + lambda2)."""
+        import torch
+
+        def floats(params: dict) -> dict:
+            return {k: v for k, v in params.items() if is_float_tensor(v)}
+
+        record = {"round": self.current_round, "applied": self._applied, "lambda1": self.updater.lambda1,
+                  "lambda2": self.updater.lambda2, "reference_weighting": self.reference_weighting,
+                  "averaged": floats(averaged), "previous_global": floats(previous_global), "buffer": buffered}
+        path = os.path.join(self.run_dir(), FEDREF_STEP_FILE)
+        torch.save(record, path + ".tmp")
+        os.replace(path + ".tmp", path)
 
     def save_model(self, model: FLModel) -> None:
         super().save_model(model)
