@@ -62,7 +62,7 @@ def federation(tmp_path_factory, two_sites):
 
 @pytest.fixture(scope="session")
 def fedref_run(federation):
-    """The shared 2-site, 2-round FedRef run (p = 2: round 1 applies the MAP step), with cross-site evaluation."""
+    """The shared 2-site, 2-round FedRef run (p = 2: round 1 applies the MAP step)."""
     from federations import FEDREF
 
     return federation(**FEDREF)

@@ -185,10 +185,14 @@ def test_a_stopped_fedref_run_resumes_with_its_buffer_and_global_model(fedref_ru
     (record,) = resumed.rounds
     assert record["round"] == 2
     assert record["fedref"]["applied"]  # a fresh server would still be warming up: the buffer came back
-    # the sites received the first run's final global model: their validation equals its cross-site scores
-    for site in SITES:
-        final = first.cross_site[site]["SRV_FL_global_model.pt"]
-        assert record["sites"][site]["dice_mean"] == pytest.approx(final["dice_mean"], abs=1e-6)
+    # the sites were sent the first run's final global model, and the MAP step used its buffer
+    step = fedref_step(resumed)
+    saved, previous = weights(first.global_model), as_float64(step["previous_global"])
+    buffered = [as_float64(m) for m in torch.load(first.reference_buffer, weights_only=False)["models"]]
+    for name, value in saved.items():
+        np.testing.assert_array_equal(previous[name], value, err_msg=name)
+        for got, want in zip(step["buffer"], buffered, strict=True):
+            np.testing.assert_array_equal(np.asarray(got[name], dtype=np.float64), want[name], err_msg=name)
 
 
 def test_float16_transfer_halves_the_bytes_and_keeps_the_server_in_full_precision(two_sites, tmp_path):

@@ -1,5 +1,6 @@
 """`fedseg compare --runs` on two finished runs (the shared FedRef run and FedAvg on the same sites): every
-table names the winner that the runs' own artifacts give, computed here from their round records."""
+table names the winner that the runs' own artifacts give, computed here from their round records. The
+command goes through the installed CLI's `main` in this process (the other CLI tests start the script)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import csv
 import json
 
 import pytest
-from commands import fedseg, ok
 from federations import SITES
+
+from fedseg.app.cli import main as fedseg_main
 
 pytestmark = pytest.mark.integration
 
@@ -31,17 +33,18 @@ def winners(values: dict[str, float], better) -> list[str]:
     return sorted(a for a, v in values.items() if abs(v - best) <= 1e-9)
 
 
-def test_compare_two_finished_runs_names_the_winner_of_each_measure(fedref_run, federation, tmp_path):
+def test_compare_two_finished_runs_names_the_winner_of_each_measure(fedref_run, federation, tmp_path, capsys):
     _, fedref = fedref_run
     _, fedavg = federation(algorithm="fedavg", cross_site_eval=False, num_rounds=2)
-    output = ok(fedseg("compare", "--runs", fedref.folder, fedavg.folder, "--out", "comparison", cwd=str(tmp_path)))
-    assert f"comparison: {tmp_path / 'comparison' / 'compare.html'}" in output
+    out = tmp_path / "comparison"
+    assert fedseg_main(["compare", "--runs", fedref.folder, fedavg.folder, "--out", str(out)]) == 0
+    assert f"comparison: {out / 'compare.html'}" in capsys.readouterr().out
     runs = {"fedref": fedref, "fedavg": fedavg}
     dice = {a: final_mean_dice(r) for a, r in runs.items()}
     mb = {a: megabytes(r) for a, r in runs.items()}
     assert mb["fedref"] == mb["fedavg"] > 0  # the same model each way: a tie, both win
 
-    with open(tmp_path / "comparison" / "compare.csv", newline="") as f:
+    with open(out / "compare.csv", newline="") as f:
         rows = {row["measure"]: row for row in csv.DictReader(f)}
     assert float(rows["final_dice_mean"]["fedref"]) == pytest.approx(dice["fedref"])
     assert float(rows["final_dice_mean"]["fedavg"]) == pytest.approx(dice["fedavg"])
@@ -49,12 +52,12 @@ def test_compare_two_finished_runs_names_the_winner_of_each_measure(fedref_run, 
     assert float(rows["mb_total"]["fedref"]) == pytest.approx(mb["fedref"])
     assert rows["mb_total"]["winners"].split() == ["fedavg", "fedref"]
 
-    report = json.loads((tmp_path / "comparison" / "compare.json").read_text())
+    report = json.loads((out / "compare.json").read_text())
     by_measure = {w["measure"]: w for w in report["winners"]}
     assert by_measure["final_dice_mean"]["winners"] == winners(dice, max)
     walls = {a: r.run_info["wall_seconds"] for a, r in runs.items()}
     assert by_measure["wall_seconds"]["winners"] == [min(walls, key=walls.get)]
     who = " and ".join(winners(dice, max))
     assert f"final mean Dice: {who} won ({max(dice.values()):.3f})." in report["sentences"]
-    page = (tmp_path / "comparison" / "compare.html").read_text(encoding="utf-8")
+    page = (out / "compare.html").read_text(encoding="utf-8")
     assert f"<b>{max(dice.values()):.3f}</b>" in page  # the winner's value in bold in the table
