@@ -33,8 +33,8 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not integration"
 
-# Mutation score of the core modules with mutmut, each on its own unit tests (not part of `make test`; about
-# 25 minutes on 2 CPU cores). Scores to bench/results/mutation.json; docs/testing.md explains the survivors.
+# Mutation score of the core modules with mutmut, each on its own unit tests (not part of `make test`; 35
+# minutes on 2 busy CPU cores). Scores to bench/results/mutation.json; docs/testing.md explains the survivors.
 mutation: $(STAMP)
 	@$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install --quiet -e '.[test,mutation]'
 	$(PY) -m bench.mutation $(MUTATION_ARGS)
