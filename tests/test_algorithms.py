@@ -37,12 +37,14 @@ def fedref_step(run) -> dict:
     return torch.load(os.path.join(run.server_dir, FEDREF_STEP_FILE), weights_only=False)
 
 
-def weights(path: str) -> dict[str, np.ndarray]:
-    return {k: np.asarray(v, dtype=np.float64) for k, v in load_state_dict(path).items()}
-
-
 def as_float64(model: dict) -> dict[str, np.ndarray]:
+    """Every tensor as float64, so that the rules are computed here in more precision than the server used."""
     return {k: np.asarray(v, dtype=np.float64) for k, v in model.items()}
+
+
+def weights(path: str) -> dict[str, np.ndarray]:
+    """A saved global model's tensors, as float64."""
+    return as_float64(load_state_dict(path))
 
 
 def first_update(run) -> tuple[dict, dict]:
