@@ -1,7 +1,9 @@
-"""Shared fixtures: one tiny synthetic FeTS2022 dataset per test session, and the official CSVs."""
+"""Shared fixtures: one tiny synthetic FeTS2022 dataset per test session, its two prepared sites, the tiny
+federations run on them (each distinct setting once), and the official CSVs."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -29,6 +31,41 @@ def tiny_config(seed: int = 0) -> SyntheticConfig:
 def tiny_fets(tmp_path_factory) -> str:
     """Path of a tiny MICCAI_FeTS2022_TrainingData folder (read-only by convention: copy before changing)."""
     return generate(str(tmp_path_factory.mktemp("synthetic")), tiny_config())
+
+
+@pytest.fixture(scope="session")
+def two_sites(tmp_path_factory, tiny_fets) -> str:
+    """Partitions 1 and 2 of the tiny data prepared as site-1 and site-2 (read-only by convention)."""
+    from fedseg.data_prep.fets2022 import prepare_sites
+
+    root = tmp_path_factory.mktemp("sites")
+    prepare_sites(tiny_fets, str(root), partitions=[1, 2], validation_fraction=0.34)
+    return str(root)
+
+
+@pytest.fixture(scope="session")
+def federation(tmp_path_factory, two_sites):
+    """``federation(**settings)`` -> (job settings, run artifacts) of a tiny 2-site simulation, run once per
+    distinct settings in the session: tests that read the same run share it (read-only by convention)."""
+    from federations import simulate
+
+    runs: dict[str, tuple] = {}
+
+    def run(**settings):
+        key = json.dumps(settings, sort_keys=True)
+        if key not in runs:
+            runs[key] = simulate(two_sites, tmp_path_factory.mktemp(settings.get("algorithm", "run")), **settings)
+        return runs[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def fedref_run(federation):
+    """The shared 2-site, 2-round FedRef run (p = 2: round 1 applies the MAP step)."""
+    from federations import FEDREF
+
+    return federation(**FEDREF)
 
 
 @pytest.fixture

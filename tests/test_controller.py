@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from fedseg.controller import FedRefController, update_problem
+from fedseg.controller import FedRefController, _plain, update_problem
 from fedseg.fedref import FedRefUpdater
 
 
@@ -69,8 +69,51 @@ def test_lambda2_schedule():
         ({"w": np.zeros((3, 2)), "b": np.zeros(2), "x": np.zeros(1)}, "1 unexpected key(s), e.g. x"),
         ({}, "empty update (no parameters)"),
         ({"w": torch.zeros(3, 2), "b": torch.zeros(2)}, None),
+        ({"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)}, "non-finite values (NaN or Inf) in w"),
+        ({"w": torch.zeros(3, 2), "b": torch.tensor([0.0, float("-inf")])}, "non-finite values (NaN or Inf) in b"),
+        ({"w": torch.zeros(3, 2, dtype=torch.float16), "b": torch.tensor([float("inf"), 0.0], dtype=torch.float16)},
+         "non-finite values (NaN or Inf) in b"),
+        ({"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "shape of w is (2, 3), expected (3, 2)"),
+        ({"w": np.zeros((3, 2), np.int64), "b": np.zeros(2, np.int32)}, None),
+        ({"b": np.zeros(2, np.float32), "w": np.zeros((3, 2), np.float32)}, None),
+        (None, "empty update (no parameters)"),
+        ({"w": np.zeros((3, 2)), "x": np.zeros(1), "y": np.zeros(1)}, "1 missing key(s), e.g. b"),
+        ({"w": np.zeros((3, 2)), "b": np.zeros(2), "x": np.zeros(1), "y": np.zeros(1)}, "2 unexpected key(s), e.g. x"),
     ],
 )
 def test_update_checks(update, reason):
+    """numpy arrays and torch tensors alike: a site may send either."""
     reference = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
     assert update_problem(update, reference) == reason
+
+
+def test_an_update_of_parameters_that_require_grad_is_checked():
+    # e.g. a site that sends dict(model.named_parameters()): numpy cannot read such tensors directly
+    reference = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+    good = {"w": torch.nn.Parameter(torch.zeros(3, 2)), "b": torch.nn.Parameter(torch.zeros(2))}
+    assert update_problem(good, reference) is None
+    bad = {"w": torch.nn.Parameter(torch.zeros(3, 2)), "b": torch.nn.Parameter(torch.tensor([0.0, float("nan")]))}
+    assert update_problem(bad, reference) == "non-finite values (NaN or Inf) in b"
+
+
+def test_the_first_bad_tensor_is_named():
+    reference = {"a": np.zeros(2), "b": np.zeros(2), "c": np.zeros(2)}
+    update = {"a": np.zeros(2), "b": torch.tensor([1.0, float("nan")]), "c": np.zeros(3)}
+    assert update_problem(update, reference) == "non-finite values (NaN or Inf) in b"
+    assert update_problem({"c": np.zeros(2)}, reference) == "2 missing key(s), e.g. a"
+
+
+@pytest.mark.parametrize("min_clients, rejected, enough", [(2, {}, True), (2, {"site-2": "NaN"}, False),
+                                                           (1, {"site-2": "NaN"}, True), (0, {"site-1": "x", "site-2": "y"}, False)])
+def test_a_round_needs_min_clients_accepted_updates_and_at_least_one(min_clients, rejected, enough):
+    controller = FedRefController(num_clients=2, num_rounds=1, min_clients=min_clients)
+    controller._site_records = {"site-1": {}, "site-2": {}}
+    controller._rejected = dict(rejected)
+    assert controller.enough_updates() is enough
+
+
+@pytest.mark.parametrize("value, plain", [(np.float32(2.5), 2.5), (torch.tensor(3.0), 3.0), (7, 7.0),
+                                          (float("nan"), None), (float("inf"), None), ("x", "x"), (None, None),
+                                          ([1, 2], "[1, 2]")])
+def test_round_records_hold_json_safe_values(value, plain):
+    assert _plain(value) == plain and type(_plain(value)) is type(plain)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
 
-from fedseg.fedref import FedRefUpdater, ReferenceBuffer, map_step, reference_weights
+from fedseg.fedref import FedRefUpdater, ReferenceBuffer, is_float_tensor, map_step, reference_weights
 
 
 def random_model(rng: np.random.Generator, scale: float = 1.0) -> dict:
@@ -193,9 +193,34 @@ def test_buffer_state_round_trip_gives_the_same_next_global():
 def test_torch_tensors_are_supported():
     bar = {"w": torch.ones(3), "n": torch.tensor(4)}
     prev = {"w": torch.zeros(3), "n": torch.tensor(1)}
-    out = map_step(bar, prev, {"w": torch.full((3,), 2.0)}, 1.0, 1.0)
-    torch.testing.assert_close(out["w"], torch.ones(3))
+    out = map_step(bar, prev, {"w": torch.full((3,), 2.0)}, 1.0, 3.0)
+    torch.testing.assert_close(out["w"], torch.full((3,), 1.4))  # (1 + 0 + 3 * 2) / 5
     assert out["n"] is bar["n"]
+
+
+@pytest.mark.parametrize("make", [np.array, torch.tensor])
+def test_the_step_keeps_the_fedavg_models_dtype(make):
+    # a float16 average with float32 models around it (e.g. after a float16 transfer) stays float16
+    bar = {"w": make([1.0, 2.0]).astype(np.float16) if make is np.array else make([1.0, 2.0], dtype=torch.float16)}
+    prev = {"w": make([0.0, 0.0]).astype(np.float32) if make is np.array else make([0.0, 0.0], dtype=torch.float32)}
+    out = map_step(bar, prev, prev, 0.5, 0.5)
+    assert out["w"].dtype == bar["w"].dtype
+    np.testing.assert_allclose(np.asarray(out["w"], dtype=np.float64), [0.5, 1.0])
+
+
+def test_only_arrays_and_tensors_of_floats_are_moved():
+    assert is_float_tensor(np.zeros(2, np.float32)) and is_float_tensor(torch.zeros(2))
+    for value in (np.zeros(2, np.int64), torch.zeros(2, dtype=torch.int64), 0.5, [0.5], "w", None):
+        assert not is_float_tensor(value), value
+    out = map_step({"lr": 0.5, "w": np.ones(2)}, {"lr": 0.1, "w": np.zeros(2)}, {"lr": 0.1, "w": np.zeros(2)}, 1.0, 1.0)
+    assert out["lr"] == 0.5  # a plain number keeps the FedAvg value
+
+
+def test_map_step_refuses_either_negative_lambda():
+    model = {"w": np.zeros(2)}
+    for lam1, lam2 in ((-0.1, 0.1), (0.1, -0.1)):
+        with pytest.raises(ValueError, match=f"^lambda1 and lambda2 must be >= 0, got {lam1}, {lam2}$"):
+            map_step(model, model, model, lam1, lam2)
 
 
 def test_negative_lambda_is_rejected():
@@ -203,3 +228,86 @@ def test_negative_lambda_is_rejected():
         FedRefUpdater(3, -0.1, 0.1)
     with pytest.raises(ValueError, match="buffer size"):
         ReferenceBuffer(0)
+
+
+def test_reference_model_is_the_weighted_mean_of_all_p_buffered_models():
+    rng = np.random.default_rng(10)
+    models = [random_model(rng) for _ in range(4)]
+    buffer = ReferenceBuffer(3)
+    for model in models:
+        buffer.push(model)  # the first drops out
+    kept = [m["conv.weight"].astype(np.float64) for m in models[1:]]
+    np.testing.assert_allclose(buffer.reference_model()["conv.weight"], sum(kept) / 3, rtol=1e-5, atol=1e-6)
+    linear = (1 * kept[0] + 2 * kept[1] + 3 * kept[2]) / 6  # the newest weighs most
+    np.testing.assert_allclose(buffer.reference_model("linear")["conv.weight"], linear, rtol=1e-5, atol=1e-6)
+    assert set(buffer.reference_model()) == {"conv.weight", "conv.bias"}  # floating-point tensors only
+
+
+def test_each_round_buffers_fedrefs_output_and_the_next_round_uses_it():
+    """FedRef written out a second time, round by round, from the docs' definition: the buffer holds the
+    last p broadcast global models (FedRef's outputs, not the FedAvg models), theta_ref is their mean."""
+    rng = np.random.default_rng(11)
+    p, lam1, lam2 = 2, 0.3, 0.6
+    initial = random_model(rng)
+    averaged = [random_model(rng) for _ in range(5)]
+    updater = FedRefUpdater(p, lam1, lam2, variant="mean")
+    updater.start(initial)
+    broadcast = [initial["conv.bias"].astype(np.float64)]
+    current = initial
+    for bar in averaged:
+        current, applied = updater.update(bar, current)
+        assert applied == (len(broadcast) >= p)
+        if applied:
+            reference = sum(broadcast[-p:]) / p
+            expected = (bar["conv.bias"] + lam1 * broadcast[-1] + lam2 * reference) / (1 + lam1 + lam2)
+            assert not np.allclose(current["conv.bias"], bar["conv.bias"])
+        else:
+            expected = bar["conv.bias"]
+        np.testing.assert_allclose(current["conv.bias"], expected, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(updater.buffer.models[-1]["conv.bias"], current["conv.bias"])
+        broadcast.append(np.asarray(current["conv.bias"], dtype=np.float64))
+
+
+def test_defaults_are_the_benchmarks_choice_trend_p3_lambda1_0_lambda2_0_3():
+    updater = FedRefUpdater()
+    assert (updater.buffer.capacity, updater.lambda1, updater.lambda2, updater.reference_weighting, updater.variant) == (
+        3, 0.0, 0.3, "uniform", "trend")
+
+
+def test_an_unknown_reference_weighting_is_refused_when_the_updater_is_made():
+    with pytest.raises(ValueError, match="unknown reference weighting 'cubic'"):
+        FedRefUpdater(3, 0.1, 0.1, "cubic")
+    with pytest.raises(ValueError, match="^the reference buffer is empty$"):
+        ReferenceBuffer(2).reference_model()
+
+
+def test_torch_models_are_buffered_as_torch_copies():
+    buffer = ReferenceBuffer(2)
+    model = {"w": torch.ones(3), "steps": torch.tensor(5)}
+    buffer.push(model)
+    stored = buffer.models[-1]
+    assert set(stored) == {"w"} and isinstance(stored["w"], torch.Tensor)
+    model["w"].fill_(7.0)  # the site's tensor changes afterwards: the buffer keeps what it was given
+    torch.testing.assert_close(stored["w"], torch.ones(3))
+
+
+def test_start_only_seeds_an_empty_buffer():
+    rng = np.random.default_rng(12)
+    resumed = FedRefUpdater(3)
+    resumed.buffer = ReferenceBuffer.from_state({"capacity": 3, "models": [random_model(rng)]})
+    resumed.start(random_model(rng))  # a restarted server: its buffer came back, theta_0 is not pushed again
+    assert len(resumed.buffer) == 1
+    resumed.buffer.push(random_model(rng))
+    resumed.start(random_model(rng))
+    assert len(resumed.buffer) == 2
+
+
+def test_update_without_start_buffers_the_previous_global_first():
+    rng = np.random.default_rng(13)
+    initial, bar = random_model(rng), random_model(rng)
+    started, unstarted = FedRefUpdater(1, 0.2, 0.3), FedRefUpdater(1, 0.2, 0.3)
+    started.start(initial)
+    (a, _), (b, applied) = started.update(bar, initial), unstarted.update(bar, initial)
+    assert applied
+    np.testing.assert_array_equal(a["conv.weight"], b["conv.weight"])
+    np.testing.assert_array_equal(unstarted.buffer.models[0]["conv.weight"], b["conv.weight"])

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import nibabel as nib
 import numpy as np
@@ -234,6 +233,9 @@ def test_modes_write_what_they_promise(full_size_tree, tmp_path, mode):
         np.testing.assert_allclose(prepared_seg.affine @ [0, 0, 0, 1], source_seg.affine @ [*start, 1])
         restored = uncrop(np.asarray(prepared_seg.dataobj), crop)
         np.testing.assert_array_equal(restored, np.asarray(source_seg.dataobj).astype(np.uint8))
+        for kind in ("t1", "flair"):  # the images too: a brain box one voxel short would cut brain away
+            restored = uncrop(np.asarray(nib.load(subject_file(site, sid, kind)).dataobj), crop)
+            np.testing.assert_array_equal(restored, np.asarray(nib.load(subject_file(root, sid, kind)).dataobj))
     assert tree_digest(root) == before
 
 
@@ -253,23 +255,36 @@ def test_demo_trainer_trains_on_a_prepared_site(tiny_fets, tmp_path, mode):
 
 # -- a killed run ------------------------------------------------------------------------------------------
 
+# The preparation, killed by SIGKILL at a fixed point: just after its first save of the check cache, with
+# subjects still unchecked (no timing involved: the process kills itself there).
+KILLED_AFTER_FIRST_CACHE_SAVE = """
+import os, signal, sys
+from fedseg.data_prep import fets2022
+from fedseg.data_prep.cli import main
+
+save = fets2022._CheckCache.save
+
+def save_then_die(cache):
+    save(cache)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+fets2022._CheckCache.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
 def test_killed_run_resumes_and_ends_correct(official_tree, tmp_path):
-    root, _ = official_tree
+    root, rows = official_tree
     out = str(tmp_path / "killed")
-    command = [sys.executable, "-m", "data_prep", "fets2022", root, "--out", out, "--mode", "copy",
-               "--workers", "1", "--quiet"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    cache = os.path.join(out, ".prep_cache.json")
-    deadline = time.monotonic() + 60
-    while not os.path.exists(cache) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
-    killed_midway = process.poll() is None
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert killed_midway, "the run finished before it could be killed; give it more subjects"
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_FIRST_CACHE_SAVE, "fets2022", root, "--out", out,
+                             "--mode", "copy", "--workers", "1", "--quiet"], capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    with open(os.path.join(out, ".prep_cache.json")) as f:
+        checked = len(json.load(f)["entries"])
+    assert 0 < checked < len(rows)  # killed midway through the checks
+    assert not os.path.exists(os.path.join(out, "site-1", "datalist.json"))
     resumed = prepare(root, out, mode="copy", show_progress=False)
-    assert resumed.reused > 0  # what the killed run had read was not read again
+    assert resumed.reused == checked  # what the killed run had read was not read again
     clean = prepare(root, str(tmp_path / "clean"), mode="copy", show_progress=False)
     assert [vars(s) for s in resumed.sites] == [vars(s) for s in clean.sites]
     for site in clean.sites:

@@ -43,6 +43,17 @@ def test_non_nested_prediction_is_resolved_inside_whole_tumour():
         regions_to_labels(np.zeros((2, 3, 3, 3)))
 
 
+def test_tumour_core_outside_whole_tumour_is_not_turned_into_a_label():
+    """The `wt &` guard: TC (with or without ET) predicted where WT is not stays background."""
+    regions = np.zeros((3, 4, 1, 1), dtype=bool)
+    regions[0, 0] = True  # TC alone
+    regions[0, 1] = regions[2, 1] = True  # TC + ET without WT
+    regions[0, 2] = regions[1, 2] = True  # TC inside WT: necrotic core
+    regions[1, 3] = True  # WT alone: oedema
+    assert regions_to_labels(regions)[:, 0, 0].tolist() == [0, 0, 1, 2]
+    assert regions_to_labels(regions).dtype == np.uint8
+
+
 def test_invalid_labels_are_listed():
     assert invalid_labels(np.array([0, 1, 2, 4])) == []
     assert invalid_labels(np.array([0, 3, 4, 5.5])) == [3.0, 5.5]
@@ -68,6 +79,7 @@ def test_dice_known_answers():
     assert scores["dice_tc"] == pytest.approx(1.0)
     assert scores["dice_wt"] == pytest.approx(2 * 500 / 1500)
     assert scores["dice_et"] == 1.0  # empty in both: BraTS convention
+    assert scores["hd95_et"] == 0.0
     assert scores["dice_mean"] == pytest.approx((1 + 2 / 3 + 1) / 3)
 
 
@@ -100,3 +112,36 @@ def test_region_metrics_summary_means_over_cases():
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="must both be"):
         case_scores(torch.zeros(3, 4, 4, 4), torch.zeros(3, 4, 4, 5))
+
+
+def test_hd95_default_spacing_is_one_mm():
+    shape = (30, 20, 20)
+    truth, shifted = cube(shape, (5, 5, 5), 6), cube(shape, (8, 5, 5), 6)
+    scores = case_scores(stack(truth, shifted, truth), stack(truth, truth, truth))
+    assert scores["hd95_wt"] == pytest.approx(3.0)
+    assert scores["hd95_tc"] == scores["hd95_et"] == 0.0
+
+
+def test_hd95_is_the_95th_percentile_not_the_maximum():
+    # truth: a line of 20 voxels along x; prediction: the diagonal (i, i). Each predicted voxel lies i voxels
+    # from the truth, so the distances are 0..19: the 95th percentile is 18.05, the maximum 19
+    shape = (20, 20, 1)
+    truth, diagonal = np.zeros(shape, bool), np.zeros(shape, bool)
+    truth[:, 0, 0] = True
+    diagonal[np.arange(20), np.arange(20), 0] = True
+    scores = case_scores(stack(truth, diagonal, truth), stack(truth, truth, truth))
+    assert scores["hd95_wt"] == pytest.approx(np.percentile(np.arange(20), 95))
+
+
+def test_region_metrics_use_the_case_spacing_and_give_population_sd():
+    shape = (30, 20, 20)
+    truth, shifted = cube(shape, (5, 5, 5), 6), cube(shape, (8, 5, 5), 6)
+    metrics = RegionMetrics()
+    metrics.add(stack(truth, shifted, truth), stack(truth, truth, truth), spacing=(2.0, 1.0, 1.0))
+    metrics.add(stack(truth, truth, truth), stack(truth, truth, truth), spacing=(2.0, 1.0, 1.0))
+    summary = metrics.summary()
+    assert summary["hd95_wt"] == pytest.approx(3.0)  # (6 mm + 0 mm) / 2
+    assert summary["hd95_wt_sd"] == pytest.approx(3.0)  # population sd of {6, 0}
+    assert summary["dice_wt_sd"] == pytest.approx(np.std([0.5, 1.0]))  # 3 of 6 slices overlap: Dice 0.5
+    assert summary["dice_tc_sd"] == 0.0
+    assert np.isnan(RegionMetrics().summary()["dice_mean_sd"])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedseg.app.artifacts import RunArtifactsError, load_run
-from fedseg.app.report import write_report
+from fedseg.app.report import pooled, write_report
 
 
 def scores(dice: float, n: int) -> dict:
@@ -147,3 +147,49 @@ def test_the_report_says_first_how_the_job_ended(run_folder, tmp_path, info, sen
     assert summary["job"]["completed"] is (sentence.count("NOT") == 0)
     assert summary["job"]["rounds_done"] == 2
     assert sentence in open(index, encoding="utf-8").read()
+
+
+def test_pooled_sd_only_when_every_pooled_site_has_one():
+    with_sd = {"dice_wt": 0.8, "dice_wt_sd": 0.1, "n_cases": 2}
+    without_sd = {"dice_wt": 0.4, "n_cases": 2}  # e.g. cross-site scores, which carry no sd
+    both = pooled({"site-1": with_sd, "site-2": without_sd})
+    assert both["dice_wt"] == pytest.approx(0.6) and both["dice_wt_sd"] is None
+    alone = pooled({"site-1": with_sd})
+    assert alone["dice_wt"] == pytest.approx(0.8) and alone["dice_wt_sd"] == pytest.approx(0.1)
+    nobody = pooled({"site-2": without_sd})
+    assert nobody["dice_wt"] == pytest.approx(0.4) and nobody["dice_wt_sd"] is None
+
+
+def test_pooled_leaves_out_sites_without_cases_or_without_the_score():
+    sites = {"a": {"dice_tc": 0.2, "dice_tc_sd": 0.0, "hd95_tc": 5.0, "hd95_tc_sd": 1.0, "n_cases": 3},
+             "b": {"dice_tc": 0.9, "n_cases": 0},  # no cases: no weight, and its missing sd does not count
+             "c": {"dice_tc": float("nan"), "hd95_tc": 9.0, "hd95_tc_sd": 3.0, "n_cases": 1},  # NaN: not a score
+             "d": {"dice_tc": None, "n_cases": "2"}}
+    overall = pooled(sites)
+    assert overall["dice_tc"] == pytest.approx(0.2) and overall["dice_tc_sd"] == pytest.approx(0.0)
+    assert overall["hd95_tc"] == pytest.approx((5.0 * 3 + 9.0) / 4)
+    # sd over the 4 cases from (n, mean, sd): E[x^2] - mean^2
+    second_moment = (3 * (1.0 + 25.0) + 1 * (9.0 + 81.0)) / 4
+    assert overall["hd95_tc_sd"] == pytest.approx(np.sqrt(second_moment - overall["hd95_tc"] ** 2))
+    assert overall["dice_et"] is None and overall["dice_et_sd"] is None  # no site has it
+    assert overall["n_cases"] == 6
+
+
+def test_final_scores_without_cross_site_sd_show_none_in_the_report(run_folder, tmp_path):
+    # the cross-site results of run_folder carry no sd: no "±" may appear for them or for the overall row
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary["final"]["overall"]["dice_wt_sd"] is None
+    assert all(s["dice_wt_sd"] is None for s in summary["final"]["sites"].values())
+    assert "&plusmn;" not in open(index, encoding="utf-8").read()
+
+
+def test_a_site_score_without_a_case_count_weighs_nothing(run_folder, tmp_path):
+    path = run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json"
+    cross = json.loads(path.read_text())
+    del cross["site-2"]["SRV_FL_global_model.pt"]["n_cases"]
+    path.write_text(json.dumps(cross))
+    write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    final = json.load(open(tmp_path / "report" / "summary.json"))["final"]
+    assert final["sites"]["site-2"]["n_cases"] == 0
+    assert final["overall"]["n_cases"] == 3 and final["overall"]["dice_wt"] == pytest.approx(0.9)

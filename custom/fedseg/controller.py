@@ -15,7 +15,9 @@
   global model through a validate task (``validate_absent``), so every round's curve covers every site
   (``validation_only`` in the record; their scores never enter the aggregate).
 ``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
-buffer with every global checkpoint; a restarted server resumes from that file.
+buffer with every global checkpoint; a restarted server resumes from that file. Each round it also
+records the step's inputs (FedAvg model, previous global model, buffered models) in ``fedref_step.pt``,
+overwritten every round, so that anyone can recompute the last global model from the closed form.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 from fedseg.atomic import atomic_path
 from fedseg.fedref import (
     DEFAULT_ALPHA_MAX, DEFAULT_BUFFER_SIZE, DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, DEFAULT_VARIANT, FedRefUpdater,
-    ReferenceBuffer,
+    ReferenceBuffer, is_float_tensor,
 )
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
 REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
+FEDREF_STEP_FILE = "fedref_step.pt"  # the inputs of the last MAP step, to check it from the run's artifacts
 CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
 
 
@@ -394,9 +397,26 @@ class FedRefController(RecordingFedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         self.updater.lambda2 = self.lambda2_at(self.current_round)
         self.updater.start(previous_global)
+        averaged, buffered = model.params, self.updater.buffer.models
         model.params, self._applied = self.updater.update(model.params, previous_global, self._site_models)
         self._site_models = []
+        self.save_step_record(averaged, previous_global, buffered)
         return model
+
+    def save_step_record(self, averaged: dict, previous_global: dict, buffered: list[dict]) -> None:
+        """Write this round's MAP step inputs (atomically, replacing the last round's): with the saved global
+        model they show that the step is the closed form of ``fedseg.fedref`` for this variant."""
+        import torch
+
+        def floats(params: dict) -> dict:
+            return {k: v for k, v in params.items() if is_float_tensor(v)}
+
+        record = {"round": self.current_round, "applied": self._applied, "lambda1": self.updater.lambda1,
+                  "lambda2": self.updater.lambda2, "reference_weighting": self.reference_weighting,
+                  "variant": self.variant, "momentum": self.momentum,
+                  "averaged": floats(averaged), "previous_global": floats(previous_global), "buffer": buffered}
+        with atomic_path(os.path.join(self.run_dir(), FEDREF_STEP_FILE)) as tmp:
+            torch.save(record, tmp)
 
     def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
         if self.variant == "diagonal":  # the others need only the average: hold no extra copies
