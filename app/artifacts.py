@@ -36,7 +36,9 @@ class RunArtifacts:
 
     @property
     def algorithm(self) -> str:
-        return self.run_info.get("settings", {}).get("algorithm") or (self.rounds[-1].get("algorithm") if self.rounds else "?")
+        return self.run_info.get("settings", {}).get("algorithm") or (
+            self.rounds[-1].get("algorithm") if self.rounds else "?"
+        )
 
     @property
     def sites(self) -> list[str]:

@@ -1,10 +1,10 @@
 """``fedseg`` / ``python -m fedseg.app``: the commands behind the Makefile.
 
-    synth     synthetic FeTS2022-layout data (MNI152 anatomy, non-IID institutions)
-    prepare   FeTS2022 folder + partitioning CSV -> one prepared folder per FLARE site
-    simulate  run a federation in FLARE's simulator
-    report    the HTML/CSV/JSON report of a finished run
-    demo      all of the above on synthetic data, with settings that learn on a CPU in minutes
+synth     synthetic FeTS2022-layout data (MNI152 anatomy, non-IID institutions)
+prepare   FeTS2022 folder + partitioning CSV -> one prepared folder per FLARE site
+simulate  run a federation in FLARE's simulator
+report    the HTML/CSV/JSON report of a finished run
+demo      all of the above on synthetic data, with settings that learn on a CPU in minutes
 """
 
 from __future__ import annotations
@@ -50,12 +50,25 @@ def _settings(args: argparse.Namespace):
 
     training = settings_from_arguments(args, profile(args.profile))
     return JobSettings(
-        **training, profile=args.profile, algorithm=args.algorithm, sites=args.sites, num_rounds=args.rounds,
-        data_root=args.data_root, cache_dir=args.cache_dir, buffer_size=args.p, lambda1=args.lambda1,
-        lambda2=args.lambda2, reference_weighting=args.reference_weighting, cross_site_eval=not args.no_cross_site_eval,
-        quantization=args.quantization, fedref_variant=args.fedref_variant, fedref_momentum=args.fedref_momentum,
-        clients_per_round=args.clients_per_round, min_clients=args.min_clients,
-        wait_after_min_seconds=args.wait_after_min_seconds, dead_site_seconds=args.dead_site_seconds,
+        **training,
+        profile=args.profile,
+        algorithm=args.algorithm,
+        sites=args.sites,
+        num_rounds=args.rounds,
+        data_root=args.data_root,
+        cache_dir=args.cache_dir,
+        buffer_size=args.p,
+        lambda1=args.lambda1,
+        lambda2=args.lambda2,
+        reference_weighting=args.reference_weighting,
+        cross_site_eval=not args.no_cross_site_eval,
+        quantization=args.quantization,
+        fedref_variant=args.fedref_variant,
+        fedref_momentum=args.fedref_momentum,
+        clients_per_round=args.clients_per_round,
+        min_clients=args.min_clients,
+        wait_after_min_seconds=args.wait_after_min_seconds,
+        dead_site_seconds=args.dead_site_seconds,
     )
 
 
@@ -95,8 +108,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
             settings = _settings(args)
             if seed is not None:  # one run folder per seed: the comparison pairs them seed by seed
                 settings.seed, settings.name = seed, f"{settings.job_name}_seed{seed}"
-            print(f"[{number}/{len(plan)}] {algorithm} (seed {settings.seed}): {settings.num_rounds} rounds on "
-                  f"{', '.join(settings.sites)}", flush=True)
+            print(
+                f"[{number}/{len(plan)}] {algorithm} (seed {settings.seed}): {settings.num_rounds} rounds on "
+                f"{', '.join(settings.sites)}",
+                flush=True,
+            )
             try:
                 folders.append(run_simulation(settings, args.workspace, data_source=os.path.abspath(args.data_root)))
             except SimulationError as exc:
@@ -144,9 +160,9 @@ def _poc_demo_sites(demo_dir: str, seed: int) -> str:
 
 def cmd_poc(args: argparse.Namespace) -> int:
     """A POC federation (separate server and site processes) on prepared data, then the report."""
-    from fedseg.app.artifacts import load_run
     from dataclasses import replace
 
+    from fedseg.app.artifacts import load_run
     from fedseg.app.poc import JobFailed, prepared_sites, resume_settings, run_poc
     from fedseg.app.report import write_report
 
@@ -201,8 +217,14 @@ def _segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
     case = validation[0]
     sid = os.path.basename(os.path.dirname(case["label"]))
     model, config, roi = network_settings(run)
-    result = segment(case["image"], model, os.path.join(out, f"{sid}_seg.nii.gz"), config, roi=roi,
-                     overlay=os.path.join(out, f"{sid}_overlay.png"))
+    result = segment(
+        case["image"],
+        model,
+        os.path.join(out, f"{sid}_seg.nii.gz"),
+        config,
+        roi=roi,
+        overlay=os.path.join(out, f"{sid}_overlay.png"),
+    )
     print(f"  {sid}: segmentation {result.output}, whole tumour {result.volumes_ml['WT']:.1f} ml")
     return result.overlay
 
@@ -230,8 +252,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     source, args.data_root = _demo_sites(out, _seed(args))
     args.sites = [f"site-{i}" for i in range(1, 4)]
     settings = _settings(args)
-    print(f"[3/4] {settings.algorithm} federation, {settings.num_rounds} rounds, in the FLARE simulator "
-          f"(logs: {out}/workspace/{settings.job_name})")
+    print(
+        f"[3/4] {settings.algorithm} federation, {settings.num_rounds} rounds, in the FLARE simulator "
+        f"(logs: {out}/workspace/{settings.job_name})"
+    )
     run = run_simulation(settings, os.path.join(out, "workspace"), data_source=f"synthetic ({source})")
     print("[4/4] report, and one validation case segmented by the final model")
     artifacts = load_run(run)
@@ -256,36 +280,78 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     """The run's options; the sites' training options come from ``fedseg.settings`` (one per field)."""
     p.add_argument("--algorithm", choices=ALGORITHM_NAMES, default=_job_default("algorithm"))
     p.add_argument("--rounds", type=int, default=rounds)
-    p.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE,
-                   help="named training settings: demo (synthetic 64x64x48) or fets2022 (full-size FeTS2022); "
-                        "the options below override single values")
-    p.add_argument("--cache-dir", help="where the sites cache decoded cases (default: each site's FEDSEG_CACHE_DIR, "
-                                       "else fedseg_cache in its workspace)")
+    p.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default=DEFAULT_PROFILE,
+        help="named training settings: demo (synthetic 64x64x48) or fets2022 (full-size FeTS2022); "
+        "the options below override single values",
+    )
+    p.add_argument(
+        "--cache-dir",
+        help="where the sites cache decoded cases (default: each site's FEDSEG_CACHE_DIR, "
+        "else fedseg_cache in its workspace)",
+    )
     add_training_arguments(p, None, dashes=True)
-    p.add_argument("--p", type=int, default=_job_default("buffer_size"), help="FedRef: global models in the reference buffer")
-    p.add_argument("--lambda1", type=float, default=_job_default("lambda1"), help="FedRef: pull toward the last global model")
-    p.add_argument("--lambda2", type=float, default=_job_default("lambda2"), help="FedRef: pull toward the reference model")
+    p.add_argument(
+        "--p", type=int, default=_job_default("buffer_size"), help="FedRef: global models in the reference buffer"
+    )
+    p.add_argument(
+        "--lambda1", type=float, default=_job_default("lambda1"), help="FedRef: pull toward the last global model"
+    )
+    p.add_argument(
+        "--lambda2", type=float, default=_job_default("lambda2"), help="FedRef: pull toward the reference model"
+    )
     p.add_argument("--reference-weighting", choices=["uniform", "linear"], default=_job_default("reference_weighting"))
-    p.add_argument("--fedref-variant", choices=VARIANTS, default=_job_default("fedref_variant"),
-                   help="FedRef's prior: mean of the last p globals, their trend one round ahead, or a per-layer "
-                        "(diagonal) prior on the trend")
-    p.add_argument("--fedref-momentum", type=float, default=_job_default("fedref_momentum"),
-                   help="FedRef: server momentum before the MAP pull (0: none)")
-    p.add_argument("--clients-per-round", type=int, default=_job_default("clients_per_round"),
-                   help="sites trained per round, drawn from the seed and the round (0: every site every round)")
+    p.add_argument(
+        "--fedref-variant",
+        choices=VARIANTS,
+        default=_job_default("fedref_variant"),
+        help="FedRef's prior: mean of the last p globals, their trend one round ahead, or a per-layer "
+        "(diagonal) prior on the trend",
+    )
+    p.add_argument(
+        "--fedref-momentum",
+        type=float,
+        default=_job_default("fedref_momentum"),
+        help="FedRef: server momentum before the MAP pull (0: none)",
+    )
+    p.add_argument(
+        "--clients-per-round",
+        type=int,
+        default=_job_default("clients_per_round"),
+        help="sites trained per round, drawn from the seed and the round (0: every site every round)",
+    )
     p.add_argument("--no-cross-site-eval", action="store_true")
-    p.add_argument("--min-clients", type=int, default=_job_default("min_clients"),
-                   help="answers a round needs, and sites the job needs alive (default: a majority of the sites)")
-    p.add_argument("--wait-after-min-seconds", type=int, default=_job_default("wait_after_min_seconds"),
-                   help="how long a round waits for the other sites once --min-clients have answered")
-    p.add_argument("--dead-site-seconds", type=int, default=_job_default("dead_site_seconds"),
-                   help="how long the server waits before it treats a site whose job process is gone as dead")
-    p.add_argument("--quantization", choices=["float16", "blockwise8", "float4", "normfloat4"],
-                   help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)")
+    p.add_argument(
+        "--min-clients",
+        type=int,
+        default=_job_default("min_clients"),
+        help="answers a round needs, and sites the job needs alive (default: a majority of the sites)",
+    )
+    p.add_argument(
+        "--wait-after-min-seconds",
+        type=int,
+        default=_job_default("wait_after_min_seconds"),
+        help="how long a round waits for the other sites once --min-clients have answered",
+    )
+    p.add_argument(
+        "--dead-site-seconds",
+        type=int,
+        default=_job_default("dead_site_seconds"),
+        help="how long the server waits before it treats a site whose job process is gone as dead",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=["float16", "blockwise8", "float4", "normfloat4"],
+        help="compress the training transfer with NVFlare's quantisation filters (8/4-bit need a GPU)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="fedseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="write synthetic FeTS2022-layout data")
@@ -311,9 +377,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", default="workspace_compare")
     p.add_argument("--out", default="comparison")
     p.add_argument("--target", type=float, default=0.8, help="mean Dice whose first reaching is counted")
-    p.add_argument("--seeds", type=int, nargs="+",
-                   help="run every algorithm once per seed; differences to FedAvg are then paired by seed, with a 95%% "
-                        "interval (default: one run at --seed)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        help="run every algorithm once per seed; differences to FedAvg are then paired by seed, with a 95%% "
+        "interval (default: one run at --seed)",
+    )
     _add_training_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_compare)
 
@@ -321,11 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="prepared site folders (default: the demo's sites, see --demo-dir)")
     p.add_argument("--sites", nargs="+", help="default: every prepared site folder")
     p.add_argument("--out", default="poc_output")
-    p.add_argument("--demo-dir", default="demo_output",
-                   help="without --data-root: the demo's output folder; its sites are used if prepared, else made there")
-    p.add_argument("--resume-from", help="continue a stopped FedRef run from its last global model and reference "
-                                         "buffer (a folder holding them, e.g. the stopped run's --out); --rounds is "
-                                         "then the total the run should reach")
+    p.add_argument(
+        "--demo-dir",
+        default="demo_output",
+        help="without --data-root: the demo's output folder; its sites are used if prepared, else made there",
+    )
+    p.add_argument(
+        "--resume-from",
+        help="continue a stopped FedRef run from its last global model and reference "
+        "buffer (a folder holding them, e.g. the stopped run's --out); --rounds is "
+        "then the total the run should reach",
+    )
     _add_training_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
 
@@ -333,8 +409,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("case", nargs="+", help="a FeTS subject folder, or the four files in the order t1 t1ce t2 flair")
     p.add_argument("--run", help="a finished run folder (finds the global model and the network settings)")
     p.add_argument("--model", help="a checkpoint (FL_global_model.pt) instead of --run")
-    p.add_argument("--channels", type=int, nargs="+", default=list(PROFILES[DEFAULT_PROFILE].channels),
-                   help="network channels (with --model)")
+    p.add_argument(
+        "--channels",
+        type=int,
+        nargs="+",
+        default=list(PROFILES[DEFAULT_PROFILE].channels),
+        help="network channels (with --model)",
+    )
     p.add_argument("--roi", type=int, nargs=3, default=None, help="sliding-window size (default: the run's crop)")
     p.add_argument("--out", required=True, help="output segmentation .nii.gz")
     p.add_argument("--overlay", help="also write an overlay PNG here")

@@ -27,7 +27,14 @@ import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
 from fedseg.app.report import (
-    DISCLAIMER, area_under_curve, communication_mb, curves, final_scores, last_rounds_mean, participation, pooled,
+    DISCLAIMER,
+    area_under_curve,
+    communication_mb,
+    curves,
+    final_scores,
+    last_rounds_mean,
+    participation,
+    pooled,
 )
 from fedseg.atomic import atomic_directory, write_json
 
@@ -100,8 +107,14 @@ MEASURES = [
     ("final_dice_tc", "final Dice TC", "max", lambda s: s["final"]["overall"]["dice_tc"]),
     ("final_dice_wt", "final Dice WT", "max", lambda s: s["final"]["overall"]["dice_wt"]),
     ("final_dice_et", "final Dice ET", "max", lambda s: s["final"]["overall"]["dice_et"]),
-    ("worst_site_dice", "worst site's final mean Dice", "max",
-     lambda s: min((v["dice_mean"] for v in s["final"]["sites"].values() if v["dice_mean"] is not None), default=None)),
+    (
+        "worst_site_dice",
+        "worst site's final mean Dice",
+        "max",
+        lambda s: min(
+            (v["dice_mean"] for v in s["final"]["sites"].values() if v["dice_mean"] is not None), default=None
+        ),
+    ),
     ("last3_dice_mean", "mean Dice of the last 3 rounds", "max", lambda s: s["last3_dice_mean"]),
     ("auc", "area under the Dice curve (mean over rounds)", "max", lambda s: s["auc"]),
     ("rounds_to_target", "rounds to the target mean Dice", "min", lambda s: s["rounds_to_target"]),
@@ -112,8 +125,22 @@ MEASURES = [
 
 
 PAIRED_MEASURES = ("final_dice_mean", "auc", "last3_dice_mean", "forgetting")
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042}
+T_975 = {
+    1: 12.706,
+    2: 4.303,
+    3: 3.182,
+    4: 2.776,
+    5: 2.571,
+    6: 2.447,
+    7: 2.365,
+    8: 2.306,
+    9: 2.262,
+    10: 2.228,
+    12: 2.179,
+    15: 2.131,
+    20: 2.086,
+    30: 2.042,
+}
 
 
 def t_quantile(df: int) -> float:
@@ -139,7 +166,9 @@ def paired_differences(summaries: list[dict], baseline: str = "fedavg") -> list[
     for algorithm in dict.fromkeys(s["algorithm"] for s in summaries if s["algorithm"] != baseline):
         pairs = [(s, base[s["seed"]]) for s in summaries if s["algorithm"] == algorithm and s["seed"] in base]
         for key in PAIRED_MEASURES:
-            diffs = [read[key](a) - read[key](b) for a, b in pairs if read[key](a) is not None and read[key](b) is not None]
+            diffs = [
+                read[key](a) - read[key](b) for a, b in pairs if read[key](a) is not None and read[key](b) is not None
+            ]
             if diffs:
                 out.append({"algorithm": algorithm, "baseline": baseline, "measure": key, **paired_interval(diffs)})
     return out
@@ -158,8 +187,10 @@ def winners(summaries: list[dict]) -> list[dict]:
         per_algorithm: dict[str, list] = {}
         for s in summaries:
             per_algorithm.setdefault(s["algorithm"], []).append(read(s))
-        values = {a: (statistics.mean(v for v in vs if v is not None) if any(v is not None for v in vs) else None)
-                  for a, vs in per_algorithm.items()}
+        values = {
+            a: (statistics.mean(v for v in vs if v is not None) if any(v is not None for v in vs) else None)
+            for a, vs in per_algorithm.items()
+        }
         present = {a: v for a, v in values.items() if v is not None}
         if not present:
             out.append({"measure": key, "label": label, "winners": [], "best": None, "values": values})
@@ -207,7 +238,9 @@ def curves_png(summaries: list[dict]) -> bytes:
             points = [(r["round"], r[key]) for r in s["curve"] if r[key] is not None]
             if points:
                 x, y = zip(*points)
-                style = dict(linewidth=2.4, color="black") if s["algorithm"].startswith("fedref") else dict(linewidth=1.3)
+                style = (
+                    dict(linewidth=2.4, color="black") if s["algorithm"].startswith("fedref") else dict(linewidth=1.3)
+                )
                 several = len({t.get("seed") for t in summaries}) > 1
                 label = f"{s['algorithm']} (seed {s.get('seed')})" if several else s["algorithm"]
                 ax.plot(x, y, marker="o", markersize=3, label=label, **style)
@@ -237,8 +270,9 @@ def site_mean(summaries: list[dict], algorithm: str, site: str) -> float | None:
     return statistics.mean(values) if values else None
 
 
-def render(summaries: list[dict], results: list[dict], target: float, png: bytes,
-           paired: list[dict] | None = None) -> str:
+def render(
+    summaries: list[dict], results: list[dict], target: float, png: bytes, paired: list[dict] | None = None
+) -> str:
     algos = list(dict.fromkeys(s["algorithm"] for s in summaries))
     seeds = sorted({s.get("seed") for s in summaries}, key=str)
     head = "".join(f"<th>{html.escape(a)}</th>" for a in algos)
@@ -252,12 +286,16 @@ def render(summaries: list[dict], results: list[dict], target: float, png: bytes
         rows += f"<tr><td>{html.escape(r['label'])}</td>{cells}</tr>"
     sites = sorted({site for s in summaries for site in s["final"]["sites"]})
     site_rows = "".join(
-        f"<tr><td>{html.escape(site)}</td>" + "".join(
-            f"<td>{_fmt(site_mean(summaries, a, site))}</td>" for a in algos) + "</tr>"
-        for site in sites)
+        f"<tr><td>{html.escape(site)}</td>"
+        + "".join(f"<td>{_fmt(site_mean(summaries, a, site))}</td>" for a in algos)
+        + "</tr>"
+        for site in sites
+    )
     paired_rows = "".join(
         f"<tr><td>{html.escape(r['algorithm'])}</td><td>{html.escape(r['measure'])}</td><td>{r['n']}</td>"
-        f"<td>{html.escape(interval_text(r))}</td></tr>" for r in paired or [])
+        f"<td>{html.escape(interval_text(r))}</td></tr>"
+        for r in paired or []
+    )
     words = "".join(f"<li>{html.escape(line)}</li>" for line in sentences(results))
     image = base64.b64encode(png).decode("ascii")
     return f"""<!DOCTYPE html>
@@ -279,7 +317,7 @@ Participation: <b>{html.escape(participation_text(summaries))}</b>. Seeds: {html
 <h2>Learning curves</h2><img alt="Dice per region over rounds, one line per algorithm" src="data:image/png;base64,{image}">
 <p>Forgetting: per site, the drop of the global model's mean Dice below its best so far, summed over rounds,
 then summed over sites. Megabytes: the global model to every answering site and their updates back.</p>
-<p>Generated {time.strftime('%Y-%m-%d %H:%M')}.</p></body></html>
+<p>Generated {time.strftime("%Y-%m-%d %H:%M")}.</p></body></html>
 """
 
 
@@ -290,9 +328,17 @@ def write_comparison(run_folders: list[str], out_dir: str, target: float = 0.8) 
     paired = paired_differences(summaries)
     png = curves_png(summaries)
     with atomic_directory(out_dir) as tmp:
-        write_json(os.path.join(tmp, "compare.json"), {"target": target, "participation": participation_text(summaries),
-                                                      "winners": results, "sentences": sentences(results),
-                                                      "paired_differences": paired, "runs": summaries})
+        write_json(
+            os.path.join(tmp, "compare.json"),
+            {
+                "target": target,
+                "participation": participation_text(summaries),
+                "winners": results,
+                "sentences": sentences(results),
+                "paired_differences": paired,
+                "runs": summaries,
+            },
+        )
         with open(os.path.join(tmp, "compare.csv"), "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             algos = list(dict.fromkeys(s["algorithm"] for s in summaries))
@@ -300,8 +346,15 @@ def write_comparison(run_folders: list[str], out_dir: str, target: float = 0.8) 
             for r in results:
                 writer.writerow([r["measure"]] + [r["values"].get(a) for a in algos] + [" ".join(r["winners"])])
             for r in paired:
-                writer.writerow([f"{r['measure']} minus {r['baseline']} (n={r['n']}, 95% low, high)", r["algorithm"],
-                                 r["mean"], r["low"], r["high"]])
+                writer.writerow(
+                    [
+                        f"{r['measure']} minus {r['baseline']} (n={r['n']}, 95% low, high)",
+                        r["algorithm"],
+                        r["mean"],
+                        r["low"],
+                        r["high"],
+                    ]
+                )
         with open(os.path.join(tmp, "compare_curves.png"), "wb") as f:
             f.write(png)
         with open(os.path.join(tmp, "compare.html"), "w", encoding="utf-8") as f:

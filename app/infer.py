@@ -44,7 +44,9 @@ def modality_files(case: str | Sequence[str]) -> list[str]:
     """The four modality files, in network order, from a FeTS subject folder or an explicit list."""
     if isinstance(case, (list, tuple)):
         if len(case) != len(MODALITIES):
-            raise InferenceError(f"expected {len(MODALITIES)} modality files ({', '.join(MODALITIES)}), got {len(case)}")
+            raise InferenceError(
+                f"expected {len(MODALITIES)} modality files ({', '.join(MODALITIES)}), got {len(case)}"
+            )
         files = list(case)
     else:
         sid = os.path.basename(os.path.normpath(case))
@@ -109,9 +111,11 @@ def overlay_png(flair: np.ndarray, labels: np.ndarray, path: str, title: str = "
 
     tumour = np.argwhere(labels > 0)
     centre = tumour.mean(axis=0).round().astype(int) if len(tumour) else np.array(labels.shape) // 2
-    views = [("axial", flair[:, :, centre[2]], labels[:, :, centre[2]]),
-             ("coronal", flair[:, centre[1], :], labels[:, centre[1], :]),
-             ("sagittal", flair[centre[0], :, :], labels[centre[0], :, :])]
+    views = [
+        ("axial", flair[:, :, centre[2]], labels[:, :, centre[2]]),
+        ("coronal", flair[:, centre[1], :], labels[:, centre[1], :]),
+        ("sagittal", flair[centre[0], :, :], labels[centre[0], :, :]),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(12, 4.4))
     scale = np.percentile(flair[flair > 0], 99) if (flair > 0).any() else 1.0
     for ax, (name, background, mask) in zip(axes, views):
@@ -122,8 +126,12 @@ def overlay_png(flair: np.ndarray, labels: np.ndarray, path: str, title: str = "
         ax.imshow(np.rot90(colour))
         ax.set_title(name)
         ax.axis("off")
-    fig.legend(handles=[Patch(color=LABEL_COLOURS[k], label=v) for k, v in LABEL_NAMES.items()],
-               loc="lower center", ncol=3, frameon=False)
+    fig.legend(
+        handles=[Patch(color=LABEL_COLOURS[k], label=v) for k, v in LABEL_NAMES.items()],
+        loc="lower center",
+        ncol=3,
+        frameon=False,
+    )
     fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.07, 1, 1))
     with atomic_path(path) as tmp:
@@ -131,8 +139,15 @@ def overlay_png(flair: np.ndarray, labels: np.ndarray, path: str, title: str = "
     plt.close(fig)
 
 
-def segment(case: str | Sequence[str], model_path: str, output: str, network_config: dict | None = None,
-            roi: Sequence[int] = (48, 48, 48), overlay: str | None = None, device: str | None = None) -> Segmentation:
+def segment(
+    case: str | Sequence[str],
+    model_path: str,
+    output: str,
+    network_config: dict | None = None,
+    roi: Sequence[int] = (48, 48, 48),
+    overlay: str | None = None,
+    device: str | None = None,
+) -> Segmentation:
     """Segment one case and write ``output`` (NIfTI, labels {0,1,2,4}, the input's grid) atomically."""
     files = modality_files(case)
     shape, affine, header = check_geometry(files)

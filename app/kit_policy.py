@@ -16,10 +16,9 @@ import json
 import os
 import shutil
 
-
 from fedseg.atomic import write_json
-from fedseg.regions import DATALIST_NAME
 from fedseg.policy import with_allow_list
+from fedseg.regions import DATALIST_NAME
 from fedseg.site_config import SITE_CONFIG_FILE
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site_policy")
@@ -77,16 +76,19 @@ def site_settings(kit: str, data_root: str | None, cache_dir: str | None) -> dic
             raise PolicyError(f"--data-root {data_root}: no such folder")
         site = os.path.basename(os.path.normpath(kit))
         if not os.path.isfile(os.path.join(data_root, site, DATALIST_NAME)):
-            raise PolicyError(f"--data-root {data_root}: no prepared folder {site}/ with a {DATALIST_NAME} for this "
-                              f"kit's site (prepare it with `fedseg prepare ... --name-template {site}`)")
+            raise PolicyError(
+                f"--data-root {data_root}: no prepared folder {site}/ with a {DATALIST_NAME} for this "
+                f"kit's site (prepare it with `fedseg prepare ... --name-template {site}`)"
+            )
         settings["data_root"] = data_root
     if cache_dir:
         settings["cache_dir"] = os.path.abspath(cache_dir)
     return settings
 
 
-def planned_files(kit: str, data_root: str | None = None, cache_dir: str | None = None,
-                  store: str | None = None) -> dict[str, dict]:
+def planned_files(
+    kit: str, data_root: str | None = None, cache_dir: str | None = None, store: str | None = None
+) -> dict[str, dict]:
     """What ``install_policy`` writes: local/ file name -> content."""
     role = kit_role(kit)
     resources = kit_resources(kit)
@@ -98,17 +100,25 @@ def planned_files(kit: str, data_root: str | None = None, cache_dir: str | None 
     return files
 
 
-def install_policy(kit: str, data_root: str | None = None, cache_dir: str | None = None, store: str | None = None,
-                   force: bool = False) -> list[str]:
+def install_policy(
+    kit: str, data_root: str | None = None, cache_dir: str | None = None, store: str | None = None, force: bool = False
+) -> list[str]:
     """Write the policy files into ``<kit>/local``; returns their paths."""
     kit = os.path.abspath(kit)
     local = os.path.join(kit, "local")
     files = planned_files(kit, data_root, cache_dir, store)
-    conflicts = [name for name, content in files.items() if name != SITE_CONFIG_FILE
-                 and os.path.isfile(os.path.join(local, name)) and _read_json(os.path.join(local, name)) != content]
+    conflicts = [
+        name
+        for name, content in files.items()
+        if name != SITE_CONFIG_FILE
+        and os.path.isfile(os.path.join(local, name))
+        and _read_json(os.path.join(local, name)) != content
+    ]
     if conflicts and not force:
-        raise PolicyError(f"{local}: {', '.join(conflicts)} already exist with other content; compare them with "
-                          f"`fedseg install-policy --show`, or pass --force (the old files are kept as *{BACKUP_SUFFIX})")
+        raise PolicyError(
+            f"{local}: {', '.join(conflicts)} already exist with other content; compare them with "
+            f"`fedseg install-policy --show`, or pass --force (the old files are kept as *{BACKUP_SUFFIX})"
+        )
     written = []
     for name, content in files.items():
         path = os.path.join(local, name)
@@ -117,4 +127,3 @@ def install_policy(kit: str, data_root: str | None = None, cache_dir: str | None
         write_json(path, content)
         written.append(path)
     return written
-

@@ -25,8 +25,8 @@ import yaml
 from nvflare.recipe import poc_env
 
 from fedseg.controller import ROUND_METRICS_FILE
-from fedseg.site_config import site_environment
 from fedseg.jobs.recipes import RUN_INFO_FILE, JobSettings, build_recipe
+from fedseg.site_config import site_environment
 
 PROJECT_NAME = "fedseg_poc"
 # a job whose server process has been gone this long without the job having ended: the server died
@@ -56,14 +56,22 @@ def poc_project(sites: list[str], fed_learn_port: int, admin_port: int) -> dict:
         "name": PROJECT_NAME,
         "description": "FedRef-Seg POC federation on localhost",
         "participants": [
-            {"name": "server", "type": "server", "org": "fedseg", "default_host": "localhost",
-             "fed_learn_port": fed_learn_port, "admin_port": admin_port},
+            {
+                "name": "server",
+                "type": "server",
+                "org": "fedseg",
+                "default_host": "localhost",
+                "fed_learn_port": fed_learn_port,
+                "admin_port": admin_port,
+            },
             {"name": ADMIN, "type": "admin", "org": "fedseg", "role": "project_admin"},
             *({"name": site, "type": "client", "org": "fedseg"} for site in sites),
         ],
         "builders": [
-            {"path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
-             "args": {"template_file": ["master_template.yml"]}},
+            {
+                "path": "nvflare.lighter.impl.workspace.WorkspaceBuilder",
+                "args": {"template_file": ["master_template.yml"]},
+            },
             {"path": "nvflare.lighter.impl.static_file.StaticFileBuilder", "args": {"config_folder": "config"}},
             {"path": "nvflare.lighter.impl.cert.CertBuilder"},
             {"path": "nvflare.lighter.impl.signature.SignatureBuilder"},
@@ -105,12 +113,18 @@ class FedSegPocEnv(poc_env.PocEnv):
         if self._check_poc_running():
             self.stop(clean_up=True)
         poc_env.prepare_poc_provision(
-            clients=self.clients or [], number_of_clients=self.num_clients, workspace=self.poc_workspace,
-            docker_image=self.docker_image, use_he=self.use_he, project_conf_path=self.project_conf_path,
-            examples_dir=None)
+            clients=self.clients or [],
+            number_of_clients=self.num_clients,
+            workspace=self.poc_workspace,
+            docker_image=self.docker_image,
+            use_he=self.use_he,
+            project_conf_path=self.project_conf_path,
+            examples_dir=None,
+        )
         allow_fedseg_classes(self.poc_workspace)
-        poc_env._start_poc(poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username],
-                           services_list=[])
+        poc_env._start_poc(
+            poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[]
+        )
         time.sleep(poc_env.SERVICE_START_TIMEOUT)
         self.wait_for_sites()
         return self._get_session_manager().submit_job(job)
@@ -128,8 +142,10 @@ class FedSegPocEnv(poc_env.PocEnv):
                 if not missing:
                     return
                 if time.time() > deadline:
-                    raise RuntimeError(f"POC: {', '.join(missing)} did not connect to the server in {timeout:.0f} s "
-                                       f"(see {self.poc_workspace}/*/{missing[0]}/log.txt)")
+                    raise RuntimeError(
+                        f"POC: {', '.join(missing)} did not connect to the server in {timeout:.0f} s "
+                        f"(see {self.poc_workspace}/*/{missing[0]}/log.txt)"
+                    )
                 time.sleep(1)
         finally:
             session.close()
@@ -154,8 +170,13 @@ def _rounds_done(poc_workspace: str, job_id: str) -> int:
 
 
 # what the server logs when it ends a job early, most telling first (NVFlare 2.9's wording)
-FAILURE_LOG_MARKERS = ("Alive clients", "Required client(s) dead", "All clients are dead", "Failing job",
-                       "Aborting job")
+FAILURE_LOG_MARKERS = (
+    "Alive clients",
+    "Required client(s) dead",
+    "All clients are dead",
+    "Failing job",
+    "Aborting job",
+)
 
 
 def failure_reason(logs: list[str]) -> str | None:
@@ -182,8 +203,13 @@ def job_outcome(status: str, completed: int, planned: int, reason: str | None) -
     ok = status == "FINISHED:COMPLETED" and completed >= planned
     if not ok and not reason:
         reason = f"job status {status}" if status != "FINISHED:COMPLETED" else "the server recorded fewer rounds"
-    return {"status": status, "completed": ok, "completed_rounds": completed, "planned_rounds": planned,
-            "reason": None if ok else reason}
+    return {
+        "status": status,
+        "completed": ok,
+        "completed_rounds": completed,
+        "planned_rounds": planned,
+        "reason": None if ok else reason,
+    }
 
 
 class JobFailed(RuntimeError):
@@ -209,11 +235,14 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     # the site processes POC starts inherit this environment: each reads its data folder from it
     restore = contextlib.ExitStack()
     restore.enter_context(site_environment(data_root, settings.cache_dir, allow_drills=bool(settings.faults)))
-    print(f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
-          flush=True)
+    print(
+        f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
+        flush=True,
+    )
     # num_clients too: PocEnv defaults it to 2 and refuses a clients list of any other length
-    env = FedSegPocEnv(clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path,
-                 username=ADMIN)
+    env = FedSegPocEnv(
+        clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path, username=ADMIN
+    )
     recipe = build_recipe(settings)
     started = time.time()
     try:
@@ -239,8 +268,11 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
                 raise server_stopped(settings, poc_workspace, job_id, data_root, time.time() - started)
             done = _rounds_done(poc_workspace, job_id)
             for number in range(shown, done):
-                print(f"  round {first + number + 1}/{first + settings.num_rounds} finished "
-                      f"({time.time() - started:.0f} s)", flush=True)
+                print(
+                    f"  round {first + number + 1}/{first + settings.num_rounds} finished "
+                    f"({time.time() - started:.0f} s)",
+                    flush=True,
+                )
             shown = done
             if finished:
                 break
@@ -252,17 +284,30 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
             result = run.get_result(timeout=60, clean_up=False)
         if not result:
             raise RuntimeError(f"job {job_id} ended ({status}) but its result could not be downloaded")
-        outcome = job_outcome(status, _rounds_done(result, ""), settings.num_rounds,
-                              failure_reason(server_logs(poc_workspace, result)))
-        info = {"settings": settings.to_json(), "data_source": data_root, "wall_seconds": time.time() - started,
-                "mode": "poc", "job_id": job_id, **outcome}
+        outcome = job_outcome(
+            status, _rounds_done(result, ""), settings.num_rounds, failure_reason(server_logs(poc_workspace, result))
+        )
+        info = {
+            "settings": settings.to_json(),
+            "data_source": data_root,
+            "wall_seconds": time.time() - started,
+            "mode": "poc",
+            "job_id": job_id,
+            **outcome,
+        }
         with open(os.path.join(result, RUN_INFO_FILE), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
-        print(f"job {job_id}: {status}, {outcome['completed_rounds']} of {settings.num_rounds} rounds"
-              + (f" ({outcome['reason']})" if outcome["reason"] else ""), flush=True)
+        print(
+            f"job {job_id}: {status}, {outcome['completed_rounds']} of {settings.num_rounds} rounds"
+            + (f" ({outcome['reason']})" if outcome["reason"] else ""),
+            flush=True,
+        )
         if not outcome["completed"]:
-            raise JobFailed(f"job {job_id} did not complete: {status}, {outcome['completed_rounds']} of "
-                            f"{settings.num_rounds} rounds ({outcome['reason']}); logs under {result}", result)
+            raise JobFailed(
+                f"job {job_id} did not complete: {status}, {outcome['completed_rounds']} of "
+                f"{settings.num_rounds} rounds ({outcome['reason']}); logs under {result}",
+                result,
+            )
         return result
     finally:
         env.stop(clean_up=False)
@@ -277,8 +322,10 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
 
 def server_job_running(poc_workspace: str, job_id: str) -> bool:
     """Whether the server's process for this job is there (it ends with the job, or with a dying server)."""
-    return any(any(part.endswith("server.runner_process") for part in cmdline) and job_id in cmdline
-               for cmdline in (process.info["cmdline"] or [] for process in federation_processes(poc_workspace)))
+    return any(
+        any(part.endswith("server.runner_process") for part in cmdline) and job_id in cmdline
+        for cmdline in (process.info["cmdline"] or [] for process in federation_processes(poc_workspace))
+    )
 
 
 def server_stopped(settings: JobSettings, poc_workspace: str, job_id: str, data_root: str, wall: float) -> JobFailed:
@@ -290,12 +337,24 @@ def server_stopped(settings: JobSettings, poc_workspace: str, job_id: str, data_
     reason = "the server process ended while the job was running"
     if folder:
         with open(os.path.join(folder, RUN_INFO_FILE), "w", encoding="utf-8") as f:
-            json.dump({"settings": settings.to_json(), "data_source": data_root, "wall_seconds": wall, "mode": "poc",
-                       "job_id": job_id, **job_outcome("SERVER_STOPPED", done, settings.num_rounds, reason)}, f,
-                      indent=2)
+            json.dump(
+                {
+                    "settings": settings.to_json(),
+                    "data_source": data_root,
+                    "wall_seconds": wall,
+                    "mode": "poc",
+                    "job_id": job_id,
+                    **job_outcome("SERVER_STOPPED", done, settings.num_rounds, reason),
+                },
+                f,
+                indent=2,
+            )
     print(f"job {job_id}: SERVER_STOPPED, {done} of {settings.num_rounds} rounds ({reason})", flush=True)
-    return JobFailed(f"job {job_id} did not complete: the server stopped after {done} of {settings.num_rounds} rounds; "
-                     f"continue it with the same options and --resume-from {folder or poc_workspace}", folder)
+    return JobFailed(
+        f"job {job_id} did not complete: the server stopped after {done} of {settings.num_rounds} rounds; "
+        f"continue it with the same options and --resume-from {folder or poc_workspace}",
+        folder,
+    )
 
 
 def resume_settings(settings: JobSettings, out: str) -> JobSettings:
@@ -308,8 +367,10 @@ def resume_settings(settings: JobSettings, out: str) -> JobSettings:
     model, buffer, next_round = settings.resume_files()
     left = settings.num_rounds - next_round
     if left < 1:
-        raise ValueError(f"{settings.resume_from}: the run already did {next_round} of {settings.num_rounds} rounds; "
-                         "give --rounds the total the run should reach")
+        raise ValueError(
+            f"{settings.resume_from}: the run already did {next_round} of {settings.num_rounds} rounds; "
+            "give --rounds the total the run should reach"
+        )
     keep = os.path.join(os.path.abspath(out), "resumed_from")
     os.makedirs(keep, exist_ok=True)
     for path in (model, buffer):

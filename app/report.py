@@ -93,17 +93,32 @@ def curves(run: RunArtifacts, final_source: str, final_sites: dict[str, dict]) -
         scored = {**record.get("validation_only", {}), **record.get("sites", {})}
         sites = {site: _pick(m) for site, m in sorted(scored.items())}
         for site, scores in sites.items():
-            rows.append({"round": record["round"], "site": site, "source": "round_validation", **scores,
-                         "train_loss": _number(scored[site].get("train_loss"))})
+            rows.append(
+                {
+                    "round": record["round"],
+                    "site": site,
+                    "source": "round_validation",
+                    **scores,
+                    "train_loss": _number(scored[site].get("train_loss")),
+                }
+            )
         if sites:
-            rows.append({"round": record["round"], "site": "overall", "source": "round_validation",
-                         **pooled(sites), "train_loss": None})
+            rows.append(
+                {
+                    "round": record["round"],
+                    "site": "overall",
+                    "source": "round_validation",
+                    **pooled(sites),
+                    "train_loss": None,
+                }
+            )
     if final_source == "cross_site_eval":
         final_round = run.rounds[-1]["round"] + 1
         for site, scores in final_sites.items():
             rows.append({"round": final_round, "site": site, "source": final_source, **scores, "train_loss": None})
-        rows.append({"round": final_round, "site": "overall", "source": final_source, **pooled(final_sites),
-                     "train_loss": None})
+        rows.append(
+            {"round": final_round, "site": "overall", "source": final_source, **pooled(final_sites), "train_loss": None}
+        )
     return rows
 
 
@@ -127,7 +142,9 @@ def events(run: RunArtifacts) -> list[dict]:
         for site, reason in record.get("rejected", {}).items():
             found.append({"round": record["round"], "site": site, "what": f"update rejected: {reason}"})
         if record.get("global_updated") is False:
-            found.append({"round": record["round"], "site": "-", "what": "too few acceptable updates: global model kept"})
+            found.append(
+                {"round": record["round"], "site": "-", "what": "too few acceptable updates: global model kept"}
+            )
     return found
 
 
@@ -155,9 +172,13 @@ def validation_coverage(run: RunArtifacts) -> dict[str, dict]:
 def validation_note(summary: dict) -> str:
     """Which numbers come from which validation: the per-round subset (curves) or every case (final table)."""
     subset = {s: c for s, c in (summary.get("validation") or {}).items() if c["per_round"] < c["of"]}
-    curves = ("Learning curves: each site's validation of the global model it received, on "
-              + ("every validation case" if not subset else "a fixed, seeded subset of its validation cases ("
-                 + ", ".join(f"{s}: {c['per_round']} of {c['of']}" for s, c in subset.items()) + "), the same every round"))
+    curves = "Learning curves: each site's validation of the global model it received, on " + (
+        "every validation case"
+        if not subset
+        else "a fixed, seeded subset of its validation cases ("
+        + ", ".join(f"{s}: {c['per_round']} of {c['of']}" for s, c in subset.items())
+        + "), the same every round"
+    )
     if summary["final"]["source"] == "cross_site_eval":
         final = "final table: every validation case of every site (cross-site evaluation)."
     else:
@@ -167,14 +188,20 @@ def validation_note(summary: dict) -> str:
 
 def area_under_curve(curve: list[dict]) -> float | None:
     """Mean over rounds of the global model's mean Dice (rounds' validation only, not the final evaluation)."""
-    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
-              and r["dice_mean"] is not None]
+    values = [
+        r["dice_mean"]
+        for r in curve
+        if r.get("source", "round_validation") == "round_validation" and r["dice_mean"] is not None
+    ]
     return statistics.mean(values) if values else None
 
 
 def last_rounds_mean(curve: list[dict], count: int = 3) -> float | None:
-    values = [r["dice_mean"] for r in curve if r.get("source", "round_validation") == "round_validation"
-              and r["dice_mean"] is not None][-count:]
+    values = [
+        r["dice_mean"]
+        for r in curve
+        if r.get("source", "round_validation") == "round_validation" and r["dice_mean"] is not None
+    ][-count:]
     return statistics.mean(values) if values else None
 
 
@@ -194,8 +221,13 @@ def job_outcome(run: RunArtifacts) -> dict:
     completed = info.get("completed")
     if completed is None:  # a run.json from before the verdict was recorded: judge by the rounds
         completed = planned is not None and done >= planned
-    return {"status": info.get("status") or "not recorded", "completed": bool(completed), "rounds_done": done,
-            "rounds_planned": planned, "reason": info.get("reason")}
+    return {
+        "status": info.get("status") or "not recorded",
+        "completed": bool(completed),
+        "rounds_done": done,
+        "rounds_planned": planned,
+        "reason": info.get("reason"),
+    }
 
 
 def outcome_sentence(job: dict) -> str:
@@ -203,8 +235,11 @@ def outcome_sentence(job: dict) -> str:
     rounds = f"{job['rounds_done']} of {job['rounds_planned'] or '?'} rounds"
     if job["completed"]:
         return f"Job status {job['status']}: completed, {rounds}."
-    return (f"Job status {job['status']}: NOT completed, {rounds}"
-            + (f"; reason: {job['reason']}" if job.get("reason") else "") + ". The scores below are from the rounds that ran.")
+    return (
+        f"Job status {job['status']}: NOT completed, {rounds}"
+        + (f"; reason: {job['reason']}" if job.get("reason") else "")
+        + ". The scores below are from the rounds that ran."
+    )
 
 
 def build_summary(run: RunArtifacts) -> dict:
@@ -297,8 +332,20 @@ def _fmt(value, digits: int = 3) -> str:
 
 def render_html(summary: dict, plot_png: bytes) -> str:
     final = summary["final"]
-    header = "".join(f"<th>{h}</th>" for h in ("site", "cases", "Dice TC", "Dice WT", "Dice ET", "Dice mean",
-                                                 "HD95 TC (mm)", "HD95 WT (mm)", "HD95 ET (mm)"))
+    header = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "site",
+            "cases",
+            "Dice TC",
+            "Dice WT",
+            "Dice ET",
+            "Dice mean",
+            "HD95 TC (mm)",
+            "HD95 WT (mm)",
+            "HD95 ET (mm)",
+        )
+    )
 
     def cell(s: dict, key: str, digits: int) -> str:
         sd = s.get(f"{key}_sd")
@@ -315,29 +362,42 @@ def render_html(summary: dict, plot_png: bytes) -> str:
     cross = ""
     if matrix:
         sites = summary["sites"]
-        cross = "<h2>Cross-site validation (mean Dice)</h2><table><tr><th>model \\ data of</th>" + "".join(
-            f"<th>{html.escape(s)}</th>" for s in sites) + "</tr>" + "".join(
-            f"<tr><td>{html.escape(model)}</td>" + "".join(f"<td>{_fmt(v.get(s))}</td>" for s in sites) + "</tr>"
-            for model, v in matrix.items()) + "</table>"
+        cross = (
+            "<h2>Cross-site validation (mean Dice)</h2><table><tr><th>model \\ data of</th>"
+            + "".join(f"<th>{html.escape(s)}</th>" for s in sites)
+            + "</tr>"
+            + "".join(
+                f"<tr><td>{html.escape(model)}</td>" + "".join(f"<td>{_fmt(v.get(s))}</td>" for s in sites) + "</tr>"
+                for model, v in matrix.items()
+            )
+            + "</table>"
+        )
     settings = summary.get("settings") or {}
-    settings_rows = "".join(f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
-                            for k, v in settings.items())
+    settings_rows = "".join(
+        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items()
+    )
     wall = summary.get("wall_seconds")
     comm = summary.get("communication") or {}
     per_round = comm.get("mb_per_round") or []
-    comm_text = (f"<h2>Communication</h2><p>{comm.get('mb_total', 0):.1f} MB moved in total, "
-                 f"{(sum(per_round) / len(per_round)) if per_round else 0:.2f} MB per round on average "
-                 "(the global model to every answering site and their updates back).</p>")
-    event_rows = "".join(f"<li>round {e['round']}: {html.escape(e['site'])}: {html.escape(e['what'])}</li>"
-                         for e in summary.get("events") or [])
+    comm_text = (
+        f"<h2>Communication</h2><p>{comm.get('mb_total', 0):.1f} MB moved in total, "
+        f"{(sum(per_round) / len(per_round)) if per_round else 0:.2f} MB per round on average "
+        "(the global model to every answering site and their updates back).</p>"
+    )
+    event_rows = "".join(
+        f"<li>round {e['round']}: {html.escape(e['site'])}: {html.escape(e['what'])}</li>"
+        for e in summary.get("events") or []
+    )
     event_text = f"<h2>Missing and rejected updates</h2><ul>{event_rows}</ul>" if event_rows else ""
     counts = summary.get("training_cases") or {}
-    case_text = ", ".join(f"{html.escape(s)} {counts[s]} training / {final['sites'].get(s, {}).get('n_cases', '?')} validation"
-                          for s in sorted(counts))
+    case_text = ", ".join(
+        f"{html.escape(s)} {counts[s]} training / {final['sites'].get(s, {}).get('n_cases', '?')} validation"
+        for s in sorted(counts)
+    )
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in reading(summary))
     image = base64.b64encode(plot_png).decode("ascii")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>FedRef-Seg report: {html.escape(summary['algorithm'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>FedRef-Seg report: {html.escape(summary["algorithm"])}</title>
 <style>
 body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
 table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
@@ -348,26 +408,26 @@ img {{ max-width: 100%; }}
 </style></head><body>
 <h1>FedRef-Seg run report</h1>
 <p class="note">{html.escape(DISCLAIMER)}</p>
-<p class="{'outcome' if summary['job']['completed'] else 'note failed'}"><b>{html.escape(outcome_sentence(summary['job']))}</b></p>
-<p>Algorithm <b>{html.escape(summary['algorithm'])}</b>, {summary['rounds']} rounds,
-{html.escape(summary.get('participation') or '')}, sites: {html.escape(', '.join(summary['sites']))}{f', wall time {wall:.0f} s' if wall else ''}.
-Data: {html.escape(str(summary.get('data_source') or 'not recorded'))}.{f' Cases: {case_text}.' if case_text else ''}</p>
+<p class="{"outcome" if summary["job"]["completed"] else "note failed"}"><b>{html.escape(outcome_sentence(summary["job"]))}</b></p>
+<p>Algorithm <b>{html.escape(summary["algorithm"])}</b>, {summary["rounds"]} rounds,
+{html.escape(summary.get("participation") or "")}, sites: {html.escape(", ".join(summary["sites"]))}{f", wall time {wall:.0f} s" if wall else ""}.
+Data: {html.escape(str(summary.get("data_source") or "not recorded"))}.{f" Cases: {case_text}." if case_text else ""}</p>
 <h2>Final global model</h2>
 <p>Scores of the final global model on each site's validation split
-({'cross-site evaluation' if final['source'] == 'cross_site_eval' else "last round's validation"});
+({"cross-site evaluation" if final["source"] == "cross_site_eval" else "last round's validation"});
 overall is the mean over all validation cases.</p>
 <table><tr>{header}</tr>{rows}</table>
 <h2>What the numbers say</h2><ul>{notes}</ul>
 <h2>Learning curves</h2>
 <p>{html.escape(validation_note(summary))}</p>
-<p>Area under the overall mean-Dice curve (mean over rounds): {_fmt(summary.get('auc'))}; mean of the last
-3 rounds: {_fmt(summary.get('last3_dice_mean'))}.</p>
+<p>Area under the overall mean-Dice curve (mean over rounds): {_fmt(summary.get("auc"))}; mean of the last
+3 rounds: {_fmt(summary.get("last3_dice_mean"))}.</p>
 <img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
 {cross}
 {comm_text}
 {event_text}
 <h2>Settings</h2><table>{settings_rows}</table>
-<p>Generated {html.escape(summary['generated'])} from {html.escape(summary['run_folder'])}.</p>
+<p>Generated {html.escape(summary["generated"])} from {html.escape(summary["run_folder"])}.</p>
 </body></html>
 """
 
@@ -395,9 +455,11 @@ def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None) ->
                 picture = f.read()
             with open(os.path.join(tmp, os.path.basename(overlay)), "wb") as f:
                 f.write(picture)
-            extra = (f"<h2>A validation case segmented by the final model</h2><p>{html.escape(os.path.basename(overlay))}: "
-                     "red necrotic core, green oedema, yellow enhancing tumour.</p>"
-                     f'<img alt="segmentation overlay" src="data:image/png;base64,{base64.b64encode(picture).decode()}">')
+            extra = (
+                f"<h2>A validation case segmented by the final model</h2><p>{html.escape(os.path.basename(overlay))}: "
+                "red necrotic core, green oedema, yellow enhancing tumour.</p>"
+                f'<img alt="segmentation overlay" src="data:image/png;base64,{base64.b64encode(picture).decode()}">'
+            )
         with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
             f.write(render_html(summary, plot).replace("<h2>Settings</h2>", extra + "<h2>Settings</h2>"))
     return os.path.join(os.path.abspath(out_dir), "index.html")

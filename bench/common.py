@@ -46,16 +46,22 @@ def recorded_command(argv: list[str]) -> str:
 def write_result(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
-    payload = {"benchmark": name, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
-               "command": recorded_command(sys.argv), **payload}
+    payload = {
+        "benchmark": name,
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "command": recorded_command(sys.argv),
+        **payload,
+    }
     write_json(path, payload)
     return path
 
 
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Run a command in a fresh process; (wall seconds, peak RSS in MiB of its largest process)."""
-    out = subprocess.run([sys.executable, "-m", "bench.measure", "--", *command], check=True,
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.measure", "--", *command], check=True, capture_output=True, text=True
+    ).stdout
     result = json.loads(out.strip().splitlines()[-1])
     return result["wall_seconds"], result["peak_rss_mib"]
 

@@ -32,11 +32,14 @@ def summarise_modes(runs: list[dict]) -> list[dict]:
     rows = []
     for mode in dict.fromkeys(r["mode"] for r in runs):
         mine = [r for r in runs if r["mode"] == mode]
-        row = {"mode": mode, "seeds": len(mine),
-               "bytes_up_per_site": statistics.mean(r["bytes_up_per_site"] for r in mine),
-               "bytes_down_per_site": statistics.mean(r["bytes_down_per_site"] for r in mine),
-               "final_dice_mean": statistics.mean(r["final_dice_mean"] for r in mine),
-               "wall_seconds": statistics.mean(r["wall_seconds"] for r in mine)}
+        row = {
+            "mode": mode,
+            "seeds": len(mine),
+            "bytes_up_per_site": statistics.mean(r["bytes_up_per_site"] for r in mine),
+            "bytes_down_per_site": statistics.mean(r["bytes_down_per_site"] for r in mine),
+            "final_dice_mean": statistics.mean(r["final_dice_mean"] for r in mine),
+            "wall_seconds": statistics.mean(r["wall_seconds"] for r in mine),
+        }
         paired = [r["final_dice_mean"] - full[r["seed"]]["final_dice_mean"] for r in mine if r["seed"] in full]
         if full and paired:
             full_bytes = statistics.mean(full[s]["bytes_up_per_site"] + full[s]["bytes_down_per_site"] for s in full)
@@ -70,15 +73,42 @@ def main() -> None:
             run = run_one(sites, work, algorithm=args.algorithm, seed=seed, num_rounds=args.rounds, **extra)
             runs.append({**run, "mode": mode})
             summary = summarise_modes(runs)
-            path = write_result("communication", {"algorithm": args.algorithm, "rounds": args.rounds,
-                                                  "targets": TARGETS, "summary": summary, "runs": runs,
-                                                  "complete": number == len(plan)})
-    print(table(["transfer", "up MB/round/site", "down MB/round/site", "bytes vs full", "final mean Dice",
-                 "Dice - full (paired by seed)", "targets met"],
-                [[r["mode"], f"{r['bytes_up_per_site'] / 2**20:.2f}", f"{r['bytes_down_per_site'] / 2**20:.2f}",
-                  f"{r.get('bytes_ratio', 1.0):.2f}", f"{r['final_dice_mean']:.3f}",
-                  f"{r.get('dice_difference', 0.0):+.4f} ± {r.get('dice_difference_sd', 0.0):.4f}",
-                  "-" if r.get("meets_targets") is None else r["meets_targets"]] for r in summary]))
+            path = write_result(
+                "communication",
+                {
+                    "algorithm": args.algorithm,
+                    "rounds": args.rounds,
+                    "targets": TARGETS,
+                    "summary": summary,
+                    "runs": runs,
+                    "complete": number == len(plan),
+                },
+            )
+    print(
+        table(
+            [
+                "transfer",
+                "up MB/round/site",
+                "down MB/round/site",
+                "bytes vs full",
+                "final mean Dice",
+                "Dice - full (paired by seed)",
+                "targets met",
+            ],
+            [
+                [
+                    r["mode"],
+                    f"{r['bytes_up_per_site'] / 2**20:.2f}",
+                    f"{r['bytes_down_per_site'] / 2**20:.2f}",
+                    f"{r.get('bytes_ratio', 1.0):.2f}",
+                    f"{r['final_dice_mean']:.3f}",
+                    f"{r.get('dice_difference', 0.0):+.4f} ± {r.get('dice_difference_sd', 0.0):.4f}",
+                    "-" if r.get("meets_targets") is None else r["meets_targets"],
+                ]
+                for r in summary
+            ],
+        )
+    )
     print(f"written {path}")
 
 

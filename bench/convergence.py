@@ -37,9 +37,12 @@ def prepare(work: str) -> str:
     from fedseg.data_prep.fets2022 import prepare_sites
     from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
-    config = SyntheticConfig(institutions=[
-        Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
-        for n, s, b, z, r in INSTITUTIONS])
+    config = SyntheticConfig(
+        institutions=[
+            Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
+            for n, s, b, z, r in INSTITUTIONS
+        ]
+    )
     source = generate(os.path.join(work, "data"), config)
     prepare_sites(source, os.path.join(work, "sites"), validation_fraction=0.25)
     return os.path.join(work, "sites")
@@ -61,8 +64,11 @@ def first_complete_run(simulate, name: str, attempts: int):
         problems = incomplete_rounds(run)
         if not problems:
             return run
-        print(f"{name}: attempt {attempt} of {attempts} lost sites ({'; '.join(problems[:3])}"
-              f"{'; ...' if len(problems) > 3 else ''})", flush=True)
+        print(
+            f"{name}: attempt {attempt} of {attempts} lost sites ({'; '.join(problems[:3])}"
+            f"{'; ...' if len(problems) > 3 else ''})",
+            flush=True,
+        )
     raise RuntimeError(f"{name}: a site was missing or rejected in each of {attempts} attempts")
 
 
@@ -77,20 +83,28 @@ def run_one(sites: str, work: str, attempts: int = 3, **settings) -> dict:
     from fedseg.app.compare import summarise
     from fedseg.jobs.recipes import JobSettings, run_simulation
 
-    job = JobSettings(sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1,
-                      **settings)
+    job = JobSettings(
+        sites=[f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)], data_root=sites, threads=1, **settings
+    )
     job.name = "_".join(f"{k}{v}" for k, v in sorted(settings.items()) if k != "num_rounds")
     run = first_complete_run(lambda: load_run(run_simulation(job, os.path.join(work, "runs"))), job.name, attempts)
     summary = summarise(run, target=1.0)
     overall = summary["final"]["overall"]
     sites = [site for record in run.rounds for site in record["sites"].values()]
-    return {**settings, "final_dice_mean": overall["dice_mean"],
-            "bytes_up_per_site": statistics.mean(s["bytes_sent_by_site"] for s in sites),
-            "bytes_down_per_site": statistics.mean(s["bytes_received_by_site"] for s in sites),
-            "final_dice_tc": overall["dice_tc"], "final_dice_wt": overall["dice_wt"], "final_dice_et": overall["dice_et"],
-            "worst_site_dice": min(s["dice_mean"] for s in summary["final"]["sites"].values()),
-            "curve": [row["dice_mean"] for row in summary["curve"]], "forgetting": summary["forgetting"]["total"],
-            "mb_per_round": summary["mb_per_round"], "wall_seconds": summary["wall_seconds"]}
+    return {
+        **settings,
+        "final_dice_mean": overall["dice_mean"],
+        "bytes_up_per_site": statistics.mean(s["bytes_sent_by_site"] for s in sites),
+        "bytes_down_per_site": statistics.mean(s["bytes_received_by_site"] for s in sites),
+        "final_dice_tc": overall["dice_tc"],
+        "final_dice_wt": overall["dice_wt"],
+        "final_dice_et": overall["dice_et"],
+        "worst_site_dice": min(s["dice_mean"] for s in summary["final"]["sites"].values()),
+        "curve": [row["dice_mean"] for row in summary["curve"]],
+        "forgetting": summary["forgetting"]["total"],
+        "mb_per_round": summary["mb_per_round"],
+        "wall_seconds": summary["wall_seconds"],
+    }
 
 
 def rounds_to(curve: list, target: float) -> int | None:
@@ -108,8 +122,15 @@ def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
     for algorithm in dict.fromkeys(r["algorithm"] for r in runs):
         mine = [r for r in runs if r["algorithm"] == algorithm]
         row = {"algorithm": algorithm, "seeds": len(mine)}
-        for key in ("final_dice_mean", "final_dice_tc", "final_dice_wt", "final_dice_et", "worst_site_dice",
-                    "forgetting", "mb_per_round"):
+        for key in (
+            "final_dice_mean",
+            "final_dice_tc",
+            "final_dice_wt",
+            "final_dice_et",
+            "worst_site_dice",
+            "forgetting",
+            "mb_per_round",
+        ):
             row[key], row[f"{key}_sd"] = spread([r[key] for r in mine])
         reached = [rounds_to(r["curve"], target) for r in mine]
         reached = [r for r in reached if r is not None]
@@ -120,9 +141,11 @@ def summarise_algorithms(runs: list[dict], target: float) -> list[dict]:
         if paired and algorithm != "fedavg":
             for key in ("final_dice_mean", "forgetting"):
                 row[f"{key}_minus_fedavg"], row[f"{key}_minus_fedavg_sd"] = spread(
-                    [r[key] - baseline[r["seed"]][key] for r in paired])
-            row["beats_fedavg_seeds"] = (f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}"
-                                         f"/{len(paired)}")
+                    [r[key] - baseline[r["seed"]][key] for r in paired]
+                )
+            row["beats_fedavg_seeds"] = (
+                f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}/{len(paired)}"
+            )
         summary.append(row)
     return summary
 
@@ -133,14 +156,24 @@ def sensitivity(sweep: list[dict], seed_sd: float) -> dict:
         return {}
     best = max(sweep, key=lambda r: r["final_dice_mean"])
     values = [r["final_dice_mean"] for r in sweep]
-    return {"best": {"buffer_size": best["buffer_size"], "lambda2": best["lambda2"],
-                     "final_dice_mean": best["final_dice_mean"], "forgetting": best["forgetting"]},
-            "final_dice_range": [min(values), max(values)],
-            "seed_sd_at_defaults": seed_sd,
-            "by_lambda2": {str(l2): statistics.mean(r["final_dice_mean"] for r in sweep if r["lambda2"] == l2)
-                           for l2 in sorted({r["lambda2"] for r in sweep})},
-            "by_buffer_size": {str(p): statistics.mean(r["final_dice_mean"] for r in sweep if r["buffer_size"] == p)
-                               for p in sorted({r["buffer_size"] for r in sweep})}}
+    return {
+        "best": {
+            "buffer_size": best["buffer_size"],
+            "lambda2": best["lambda2"],
+            "final_dice_mean": best["final_dice_mean"],
+            "forgetting": best["forgetting"],
+        },
+        "final_dice_range": [min(values), max(values)],
+        "seed_sd_at_defaults": seed_sd,
+        "by_lambda2": {
+            str(l2): statistics.mean(r["final_dice_mean"] for r in sweep if r["lambda2"] == l2)
+            for l2 in sorted({r["lambda2"] for r in sweep})
+        },
+        "by_buffer_size": {
+            str(p): statistics.mean(r["final_dice_mean"] for r in sweep if r["buffer_size"] == p)
+            for p in sorted({r["buffer_size"] for r in sweep})
+        },
+    }
 
 
 def key(settings: dict) -> str:
@@ -165,32 +198,58 @@ def main() -> None:
     if args.resume and os.path.exists(previous):
         with open(previous, encoding="utf-8") as f:
             old = json.load(f)
-        if old.get("rounds") == args.rounds and old.get("institutions") == [list(i[:4]) + [list(i[4])] for i in INSTITUTIONS]:
+        if old.get("rounds") == args.rounds and old.get("institutions") == [
+            list(i[:4]) + [list(i[4])] for i in INSTITUTIONS
+        ]:
             # earlier versions filled the grid's default point with a copy of the seed run: run it afresh
             seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
-            grid_runs = [r for r in old.get("fedref_sweep_runs", [])
-                    if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs]
+            grid_runs = [
+                r
+                for r in old.get("fedref_sweep_runs", [])
+                if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs
+            ]
             for run in [r for r in old.get("runs", []) if r["algorithm"] not in args.redo] + grid_runs:
                 if "curve" in run:
-                    done[key({k: run[k] for k in run if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")})] = run
+                    done[
+                        key(
+                            {
+                                k: run[k]
+                                for k in run
+                                if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")
+                            }
+                        )
+                    ] = run
 
     plan = [{"algorithm": a, "seed": s, "num_rounds": args.rounds} for a in args.algorithms for s in args.seeds]
-    grid = [{"algorithm": "fedref", "seed": args.seeds[0], "num_rounds": args.rounds, "buffer_size": p, "lambda2": l2}
-            for p in args.sweep_p for l2 in args.sweep_lambda2]
+    grid = [
+        {"algorithm": "fedref", "seed": args.seeds[0], "num_rounds": args.rounds, "buffer_size": p, "lambda2": l2}
+        for p in args.sweep_p
+        for l2 in args.sweep_lambda2
+    ]
     runs: list[dict] = []
     sweep: list[dict] = []
 
     def save() -> str:
         fedref_seeds = [r for r in runs if r["algorithm"] == "fedref"]
         seed_sd = spread([r["final_dice_mean"] for r in fedref_seeds])[1] if fedref_seeds else None
-        return write_result("convergence", {
-            "institutions": INSTITUTIONS, "rounds": args.rounds, "target": args.target,
-            "summary": summarise_algorithms(runs, args.target), "runs": runs,
-            "fedref_sweep": [{k: r[k] for k in ("buffer_size", "lambda2", "final_dice_mean", "worst_site_dice",
-                                                 "forgetting")} | {"rounds_to_target": rounds_to(r["curve"], args.target)}
-                             for r in sweep],
-            "fedref_sweep_runs": sweep, "fedref_sensitivity": sensitivity(sweep, seed_sd),
-            "complete": len(runs) == len(plan) and len(sweep) == len(grid)})
+        return write_result(
+            "convergence",
+            {
+                "institutions": INSTITUTIONS,
+                "rounds": args.rounds,
+                "target": args.target,
+                "summary": summarise_algorithms(runs, args.target),
+                "runs": runs,
+                "fedref_sweep": [
+                    {k: r[k] for k in ("buffer_size", "lambda2", "final_dice_mean", "worst_site_dice", "forgetting")}
+                    | {"rounds_to_target": rounds_to(r["curve"], args.target)}
+                    for r in sweep
+                ],
+                "fedref_sweep_runs": sweep,
+                "fedref_sensitivity": sensitivity(sweep, seed_sd),
+                "complete": len(runs) == len(plan) and len(sweep) == len(grid),
+            },
+        )
 
     with tempfile.TemporaryDirectory(prefix="fedseg_convergence_") as tmp:
         work = os.path.abspath(args.work or tmp)
@@ -203,23 +262,61 @@ def main() -> None:
                     sites = prepare(work)
                 print(f"[{number}/{len(todo)}] {settings}", flush=True)
                 extra = {k: v for k, v in settings.items() if k not in ("algorithm", "seed", "num_rounds")}
-                match = run_one(sites, work, algorithm=settings["algorithm"], seed=settings["seed"],
-                                num_rounds=settings["num_rounds"], **extra)
+                match = run_one(
+                    sites,
+                    work,
+                    algorithm=settings["algorithm"],
+                    seed=settings["seed"],
+                    num_rounds=settings["num_rounds"],
+                    **extra,
+                )
             bucket.append(match)
             path = save()
     summary = summarise_algorithms(runs, args.target)
-    print(table(["algorithm", "final mean Dice", "ET", "worst site", f"rounds to {args.target}", "forgetting", "MB/round",
-                 "Dice − fedavg (paired)"],
-                [[r["algorithm"], f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
-                  f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}", f"{r['worst_site_dice']:.3f}",
-                  f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})", f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
-                  f"{r['mb_per_round']:.1f}",
-                  f"{r['final_dice_mean_minus_fedavg']:+.3f} ± {r['final_dice_mean_minus_fedavg_sd']:.3f}"
-                  if "final_dice_mean_minus_fedavg" in r else "-"] for r in summary]))
-    print(table(["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
-                [[r["buffer_size"], r["lambda2"], f"{r['final_dice_mean']:.3f}",
-                  "never" if rounds_to(r["curve"], args.target) is None else rounds_to(r["curve"], args.target),
-                  f"{r['forgetting']:.2f}"] for r in sweep]))
+    print(
+        table(
+            [
+                "algorithm",
+                "final mean Dice",
+                "ET",
+                "worst site",
+                f"rounds to {args.target}",
+                "forgetting",
+                "MB/round",
+                "Dice − fedavg (paired)",
+            ],
+            [
+                [
+                    r["algorithm"],
+                    f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
+                    f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}",
+                    f"{r['worst_site_dice']:.3f}",
+                    f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})",
+                    f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
+                    f"{r['mb_per_round']:.1f}",
+                    f"{r['final_dice_mean_minus_fedavg']:+.3f} ± {r['final_dice_mean_minus_fedavg_sd']:.3f}"
+                    if "final_dice_mean_minus_fedavg" in r
+                    else "-",
+                ]
+                for r in summary
+            ],
+        )
+    )
+    print(
+        table(
+            ["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
+            [
+                [
+                    r["buffer_size"],
+                    r["lambda2"],
+                    f"{r['final_dice_mean']:.3f}",
+                    "never" if rounds_to(r["curve"], args.target) is None else rounds_to(r["curve"], args.target),
+                    f"{r['forgetting']:.2f}",
+                ]
+                for r in sweep
+            ],
+        )
+    )
     print(f"written {path}")
 
 

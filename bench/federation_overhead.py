@@ -45,11 +45,26 @@ def main() -> None:
     from fedseg.jobs.recipes import JobSettings, run_simulation
 
     data_root = os.path.abspath(args.data_root)
-    outside = json.loads(subprocess.run([sys.executable, "-c", OUTSIDE, os.path.join(data_root, "site-1")], check=True,
-                                        capture_output=True, text=True).stdout.strip().splitlines()[-1])
+    outside = json.loads(
+        subprocess.run(
+            [sys.executable, "-c", OUTSIDE, os.path.join(data_root, "site-1")],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        .stdout.strip()
+        .splitlines()[-1]
+    )
     with tempfile.TemporaryDirectory() as work:
-        settings = JobSettings(algorithm="fedavg", sites=["site-1"], num_rounds=5, data_root=data_root, threads=1,
-                               cross_site_eval=False, min_clients=1)
+        settings = JobSettings(
+            algorithm="fedavg",
+            sites=["site-1"],
+            num_rounds=5,
+            data_root=data_root,
+            threads=1,
+            cross_site_eval=False,
+            min_clients=1,
+        )
         run = load_run(run_simulation(settings, work))
         records = run.rounds[1:]
         site = [r["sites"]["site-1"] for r in records]
@@ -61,11 +76,31 @@ def main() -> None:
         }
     inside["rest"] = inside["round"] - inside["train"] - inside["val"]
     ratio = inside["step"] / outside["step"]
-    path = write_result("federation_overhead", {"inside": inside, "outside": outside, "step_ratio": ratio,
-                                                "rounds": 5, "local_epochs": 2, "threads": 1})
-    print(table(["", "per training step (s)", "training per round (s)", "validation per round (s)", "rest of the round (s)"],
-                [["inside FLARE", f"{inside['step']:.3f}", f"{inside['train']:.2f}", f"{inside['val']:.2f}", f"{inside['rest']:.2f}"],
-                 ["outside", f"{outside['step']:.3f}", f"{outside['train']:.2f}", f"{outside['val']:.2f}", "-"]]))
+    path = write_result(
+        "federation_overhead",
+        {"inside": inside, "outside": outside, "step_ratio": ratio, "rounds": 5, "local_epochs": 2, "threads": 1},
+    )
+    print(
+        table(
+            [
+                "",
+                "per training step (s)",
+                "training per round (s)",
+                "validation per round (s)",
+                "rest of the round (s)",
+            ],
+            [
+                [
+                    "inside FLARE",
+                    f"{inside['step']:.3f}",
+                    f"{inside['train']:.2f}",
+                    f"{inside['val']:.2f}",
+                    f"{inside['rest']:.2f}",
+                ],
+                ["outside", f"{outside['step']:.3f}", f"{outside['train']:.2f}", f"{outside['val']:.2f}", "-"],
+            ],
+        )
+    )
     print(f"step time inside / outside = {ratio:.2f}; written {path}")
 
 

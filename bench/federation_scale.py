@@ -38,6 +38,7 @@ sites in a round record than planned: it is stopped as soon as that is seen, rep
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import glob
 import json
@@ -88,17 +89,26 @@ def lost_sites(rounds: list[dict], planned: list[str]) -> list[str]:
         present = set(record.get("sites", {}))
         absent = sorted((set(planned) - present) | set(record.get("missing", [])))
         problems += [f"round {number}: {site} (no result)" for site in absent]
-        problems += [f"round {number}: {site} (rejected: {why})" for site, why in sorted(record.get("rejected", {}).items())]
+        problems += [
+            f"round {number}: {site} (rejected: {why})" for site, why in sorted(record.get("rejected", {}).items())
+        ]
     return problems
 
 
 def round_breakdown(record: dict) -> dict:
     """One round: its seconds, the slowest site's own work (train + validation), and the rest."""
-    work = {site: (m.get("train_seconds") or 0.0) + (m.get("val_seconds") or 0.0) for site, m in record["sites"].items()}
+    work = {
+        site: (m.get("train_seconds") or 0.0) + (m.get("val_seconds") or 0.0) for site, m in record["sites"].items()
+    }
     slowest = max(work.values()) if work else 0.0
-    return {"round": record["round"], "seconds": record["seconds"], "slowest_site_seconds": slowest,
-            "slowest_site": max(work, key=work.get) if work else None, "rest_seconds": record["seconds"] - slowest,
-            "median_site_seconds": statistics.median(work.values()) if work else 0.0}
+    return {
+        "round": record["round"],
+        "seconds": record["seconds"],
+        "slowest_site_seconds": slowest,
+        "slowest_site": max(work, key=work.get) if work else None,
+        "rest_seconds": record["seconds"] - slowest,
+        "median_site_seconds": statistics.median(work.values()) if work else 0.0,
+    }
 
 
 def summarise_rounds(rounds: list[dict], planned: list[str]) -> dict:
@@ -108,8 +118,11 @@ def summarise_rounds(rounds: list[dict], planned: list[str]) -> dict:
         raise ValueError("no round after round 0 to summarise: run at least 2 rounds")
     parts = [round_breakdown(r) for r in used]
     by_round = {r["round"]: r for r in rounds}
-    gaps = [(r["time"] - r["seconds"]) - by_round[r["round"] - 1]["time"]
-            for r in used if r["round"] - 1 in by_round and r["round"] - 1 != 0 and "time" in r]
+    gaps = [
+        (r["time"] - r["seconds"]) - by_round[r["round"] - 1]["time"]
+        for r in used
+        if r["round"] - 1 in by_round and r["round"] - 1 != 0 and "time" in r
+    ]
     sites = len(planned)
     rest = statistics.median(p["rest_seconds"] for p in parts)
     first = round_breakdown(by_round[0]) if 0 in by_round else None
@@ -138,8 +151,9 @@ def with_ratios(rows: list[dict]) -> list[dict]:
         for key in ("round_seconds", "rest_seconds", "slowest_site_seconds", "round0_seconds"):
             row[f"{key}_ratio"] = row[key] / base[key] if base.get(key) and row.get(key) is not None else None
         if "peak_memory" in row and "peak_memory" in base and row["sites"] > base["sites"]:
-            row["pss_mib_per_added_site"] = ((row["peak_memory"]["pss_mib"] - base["peak_memory"]["pss_mib"])
-                                             / (row["sites"] - base["sites"]))
+            row["pss_mib_per_added_site"] = (row["peak_memory"]["pss_mib"] - base["peak_memory"]["pss_mib"]) / (
+                row["sites"] - base["sites"]
+            )
         out.append(row)
     return out
 
@@ -150,9 +164,13 @@ def prepare_data(work: str, n_sites: int) -> str:
     from fedseg.data_prep.fets2022 import prepare_sites
     from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
-    config = SyntheticConfig(shape=SHAPE, institutions=[
-        Institution(subjects=SUBJECTS_PER_SITE, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
-        for s, b, z, r in (STYLES[i % len(STYLES)] for i in range(n_sites))])
+    config = SyntheticConfig(
+        shape=SHAPE,
+        institutions=[
+            Institution(subjects=SUBJECTS_PER_SITE, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
+            for s, b, z, r in (STYLES[i % len(STYLES)] for i in range(n_sites))
+        ],
+    )
     source = generate(os.path.join(work, "data"), config)
     sites = os.path.join(work, "sites")
     prepare_sites(source, sites, partitions=list(range(1, n_sites + 1)), validation_fraction=0.5)
@@ -187,16 +205,12 @@ def _memory(processes) -> tuple[float, float, float, int]:
 def _stop(pid: int) -> None:
     """End the federation this script started: its process and the simulator workers below it, by id."""
     for process in reversed(_tree(pid)):
-        try:
+        with contextlib.suppress(Exception):
             process.send_signal(signal.SIGTERM)
-        except Exception:
-            pass
     time.sleep(3)
     for process in reversed(_tree(pid)):
-        try:
+        with contextlib.suppress(Exception):
             process.kill()
-        except Exception:
-            pass
 
 
 def _cpu_seconds() -> dict:
@@ -208,8 +222,11 @@ def _cpu_seconds() -> dict:
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     mine = resource.getrusage(resource.RUSAGE_SELF)
     machine = psutil.cpu_times()
-    return {"federation": children.ru_utime + children.ru_stime, "this_script": mine.ru_utime + mine.ru_stime,
-            "machine": sum(getattr(machine, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal"))}
+    return {
+        "federation": children.ru_utime + children.ru_stime,
+        "this_script": mine.ru_utime + mine.ru_stime,
+        "machine": sum(getattr(machine, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal")),
+    }
 
 
 def _round_records(workspace: str) -> list[dict]:
@@ -220,12 +237,12 @@ def _round_records(workspace: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip().endswith("}")]
 
 
-def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algorithm: str,
-                   timeout: float) -> dict:
+def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algorithm: str, timeout: float) -> dict:
     """One simulator federation in a child process, its memory sampled; stopped early when a site is lost."""
     planned = [f"site-{i}" for i in range(1, n_sites + 1)]
-    settings = dict(NETWORK, algorithm=algorithm, sites=planned, num_rounds=rounds, data_root=sites_root,
-                    name=f"scale_{n_sites}")
+    settings = dict(
+        NETWORK, algorithm=algorithm, sites=planned, num_rounds=rounds, data_root=sites_root, name=f"scale_{n_sites}"
+    )
     workspace = os.path.join(work, f"runs_{n_sites}")
     shutil.rmtree(workspace, ignore_errors=True)
     os.makedirs(workspace)
@@ -235,8 +252,13 @@ def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algori
     cpu_before = _cpu_seconds()
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        child = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(settings), workspace, done_file],
-                                 cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", CHILD, json.dumps(settings), workspace, done_file],
+            cwd=REPO_ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         lost, stopped = [], None
         try:
             while child.poll() is None:
@@ -261,12 +283,23 @@ def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algori
     wall = time.perf_counter() - started
     cpu = {k: after - before for (k, before), after in zip(cpu_before.items(), _cpu_seconds().values())}
     records = _round_records(workspace)
-    result = {"sites": n_sites, "planned_rounds": rounds, "completed_rounds": len(records), "wall_seconds": wall,
-              "peak_memory": peak, "returncode": child.returncode, "cpu_seconds": {
-                  "federation": cpu["federation"], "machine": cpu["machine"],
-                  # a shared machine: CPU time that other work took while this federation ran
-                  "others": cpu["machine"] - cpu["federation"] - cpu["this_script"]}, "stopped": stopped, "log": log_path,
-              "lost": lost_sites(records, planned)}
+    result = {
+        "sites": n_sites,
+        "planned_rounds": rounds,
+        "completed_rounds": len(records),
+        "wall_seconds": wall,
+        "peak_memory": peak,
+        "returncode": child.returncode,
+        "cpu_seconds": {
+            "federation": cpu["federation"],
+            "machine": cpu["machine"],
+            # a shared machine: CPU time that other work took while this federation ran
+            "others": cpu["machine"] - cpu["federation"] - cpu["this_script"],
+        },
+        "stopped": stopped,
+        "log": log_path,
+        "lost": lost_sites(records, planned),
+    }
     if not os.path.exists(done_file) and not stopped:
         stopped = result["stopped"] = f"simulation failed (exit {child.returncode}); see {log_path}"
     if records and not stopped:
@@ -286,8 +319,11 @@ def measure(sites_root: str, n_sites: int, rounds: int, work: str, algorithm: st
         if not result["stopped"] and not result["lost"]:
             result["earlier_attempts"] = attempts
             return result
-        print(f"{n_sites} sites: attempt {attempt} incomplete ({result['stopped'] or '; '.join(result['lost'][:3])}); "
-              f"log {result['log']}", flush=True)
+        print(
+            f"{n_sites} sites: attempt {attempt} incomplete ({result['stopped'] or '; '.join(result['lost'][:3])}); "
+            f"log {result['log']}",
+            flush=True,
+        )
         attempts.append({k: result[k] for k in ("stopped", "lost", "completed_rounds", "wall_seconds", "peak_memory")})
     result["earlier_attempts"] = attempts[:-1]
     result["incomplete"] = True
@@ -315,9 +351,11 @@ def main() -> None:
         for n in sorted(args.sizes):
             result = measure(sites_root, n, args.rounds, work, args.algorithm, args.timeout)
             rows.append(result)
-            print(f"{n} sites: {result.get('round_seconds', float('nan')):.2f} s per round, "
-                  f"whole run {result['wall_seconds']:.0f} s, peak PSS {result['peak_memory']['pss_mib']:.0f} MiB",
-                  flush=True)
+            print(
+                f"{n} sites: {result.get('round_seconds', float('nan')):.2f} s per round, "
+                f"whole run {result['wall_seconds']:.0f} s, peak PSS {result['peak_memory']['pss_mib']:.0f} MiB",
+                flush=True,
+            )
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
@@ -325,29 +363,68 @@ def main() -> None:
     for row in summarised:
         row.pop("log", None)
     payload = {
-        "partitioning": "partitioning_1", "institutions": len(institutions), "algorithm": args.algorithm,
-        "rounds": args.rounds, "rounds_in_medians": "rounds 1.. (round 0, start-up, left out)",
-        "data": {"shape": list(SHAPE), "subjects_per_site": SUBJECTS_PER_SITE, "train_cases_per_site": 1,
-                 "validation_cases_per_site": 1},
+        "partitioning": "partitioning_1",
+        "institutions": len(institutions),
+        "algorithm": args.algorithm,
+        "rounds": args.rounds,
+        "rounds_in_medians": "rounds 1.. (round 0, start-up, left out)",
+        "data": {
+            "shape": list(SHAPE),
+            "subjects_per_site": SUBJECTS_PER_SITE,
+            "train_cases_per_site": 1,
+            "validation_cases_per_site": 1,
+        },
         "network": {k: list(v) if isinstance(v, tuple) else v for k, v in NETWORK.items()},
         "simulator_threads": "one worker process per site (SimEnv num_threads = sites)",
         "cpu_note": "per size, cpu_seconds.others is the CPU time other work on this shared machine took "
-                    "during the federation (machine busy time - the federation's process tree - this script)",
+        "during the federation (machine busy time - the federation's process tree - this script)",
         "sizes": summarised,
         "failed": [{k: v for k, v in r.items() if k != "log"} for r in rows if "round_seconds" not in r],
     }
     path = write_result("federation_scale", payload)
-    print(table(["sites", "round (s)", "slowest site work (s)", "median site work (s)", "rest (s)", "rest per site (s)",
-                 "gap (s)", "round x", "rest x", "round 0 (s)", "run wall (s)", "peak PSS (MiB)", "peak RSS (MiB)",
-                 "retries"],
-                [[r["sites"], f"{r['round_seconds']:.2f}", f"{r['slowest_site_seconds']:.2f}",
-                  f"{r['median_site_seconds']:.2f}", f"{r['rest_seconds']:.2f}", f"{r['rest_per_site_seconds']:.3f}",
-                  "-" if r["gap_seconds"] is None else f"{r['gap_seconds']:.2f}", f"{r['round_seconds_ratio']:.2f}",
-                  f"{r['rest_seconds_ratio']:.2f}", f"{r['round0_seconds']:.1f}", f"{r['wall_seconds']:.0f}",
-                  f"{r['peak_memory']['pss_mib']:.0f}", f"{r['peak_memory']['rss_mib']:.0f}", len(r["earlier_attempts"])]
-                 for r in summarised]))
-    print(f"medians over rounds 1..{args.rounds - 1} (round 0 left out); ratios vs {summarised[0]['sites'] if summarised else '-'} "
-          f"sites in this invocation; written {path}")
+    print(
+        table(
+            [
+                "sites",
+                "round (s)",
+                "slowest site work (s)",
+                "median site work (s)",
+                "rest (s)",
+                "rest per site (s)",
+                "gap (s)",
+                "round x",
+                "rest x",
+                "round 0 (s)",
+                "run wall (s)",
+                "peak PSS (MiB)",
+                "peak RSS (MiB)",
+                "retries",
+            ],
+            [
+                [
+                    r["sites"],
+                    f"{r['round_seconds']:.2f}",
+                    f"{r['slowest_site_seconds']:.2f}",
+                    f"{r['median_site_seconds']:.2f}",
+                    f"{r['rest_seconds']:.2f}",
+                    f"{r['rest_per_site_seconds']:.3f}",
+                    "-" if r["gap_seconds"] is None else f"{r['gap_seconds']:.2f}",
+                    f"{r['round_seconds_ratio']:.2f}",
+                    f"{r['rest_seconds_ratio']:.2f}",
+                    f"{r['round0_seconds']:.1f}",
+                    f"{r['wall_seconds']:.0f}",
+                    f"{r['peak_memory']['pss_mib']:.0f}",
+                    f"{r['peak_memory']['rss_mib']:.0f}",
+                    len(r["earlier_attempts"]),
+                ]
+                for r in summarised
+            ],
+        )
+    )
+    print(
+        f"medians over rounds 1..{args.rounds - 1} (round 0 left out); ratios vs {summarised[0]['sites'] if summarised else '-'} "
+        f"sites in this invocation; written {path}"
+    )
 
 
 if __name__ == "__main__":

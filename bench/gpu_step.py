@@ -51,9 +51,15 @@ def measure(crop: int, batch: int, channels: list[int], device: torch.device, am
         if step >= 2:
             seconds.append(time.perf_counter() - started)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"crop": crop, "batch": batch, "amp": amp, "seconds_per_step": statistics.median(seconds),
-            "voxels_per_second": batch * crop**3 / statistics.median(seconds), "peak_gpu_mib": peak,
-            "loss_finite": bool(torch.isfinite(loss).item())}
+    return {
+        "crop": crop,
+        "batch": batch,
+        "amp": amp,
+        "seconds_per_step": statistics.median(seconds),
+        "voxels_per_second": batch * crop**3 / statistics.median(seconds),
+        "peak_gpu_mib": peak,
+        "loss_finite": bool(torch.isfinite(loss).item()),
+    }
 
 
 def main() -> None:
@@ -86,10 +92,24 @@ def main() -> None:
         rows += [full, mixed]
     name = "gpu_step" if device.type == "cuda" else "gpu_step_cpu_check"
     path = write_result(name, {"device": str(device), "profile": args.profile, "channels": args.channels, "rows": rows})
-    print(table(["crop", "batch", "AMP", "s/step", "Mvoxel/s", "peak GPU MiB", "speed vs fp32", "memory vs fp32"],
-                [[f"{r['crop']}^3", r["batch"], r["amp"], f"{r['seconds_per_step']:.3f}",
-                  f"{r['voxels_per_second'] / 1e6:.1f}", "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}",
-                  f"{r.get('speedup_vs_fp32', 1.0):.2f}", f"{r.get('memory_vs_fp32', 1.0):.2f}"] for r in rows]))
+    print(
+        table(
+            ["crop", "batch", "AMP", "s/step", "Mvoxel/s", "peak GPU MiB", "speed vs fp32", "memory vs fp32"],
+            [
+                [
+                    f"{r['crop']}^3",
+                    r["batch"],
+                    r["amp"],
+                    f"{r['seconds_per_step']:.3f}",
+                    f"{r['voxels_per_second'] / 1e6:.1f}",
+                    "-" if r["peak_gpu_mib"] is None else f"{r['peak_gpu_mib']:.0f}",
+                    f"{r.get('speedup_vs_fp32', 1.0):.2f}",
+                    f"{r.get('memory_vs_fp32', 1.0):.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     print(f"written {path}")
 
 

@@ -33,23 +33,63 @@ def main() -> None:
 
     work = tempfile.mkdtemp(prefix="fedseg_infer_bench_")
     try:
-        source = generate(os.path.join(work, "data"), SyntheticConfig(shape=(240, 240, 155),
-                                                                      institutions=[Institution(subjects=1)]))
+        source = generate(
+            os.path.join(work, "data"), SyntheticConfig(shape=(240, 240, 155), institutions=[Institution(subjects=1)])
+        )
         case = os.path.join(source, "FeTS2022_00001")
         model = os.path.join(work, "FL_global_model.pt")
         torch.save({"model": FedSegUNet().state_dict()}, model)
         base_wall, base_rss = run_measured([sys.executable, "-c", BASELINE, case])
-        rows = [{"what": "baseline: start-up and reading the four volumes", "seconds": base_wall,
-                 "peak_rss_mib": base_rss, "vs_baseline": 1.0}]
-        for label, extra in (("fedseg infer", []), ("fedseg infer + overlay", ["--overlay", os.path.join(work, "o.png")])):
-            wall, rss = run_measured([sys.executable, "-m", "app", "infer", case, "--model", model, "--roi", "48", "48", "48",
-                                      "--out", os.path.join(work, "seg.nii.gz"), *extra])
+        rows = [
+            {
+                "what": "baseline: start-up and reading the four volumes",
+                "seconds": base_wall,
+                "peak_rss_mib": base_rss,
+                "vs_baseline": 1.0,
+            }
+        ]
+        for label, extra in (
+            ("fedseg infer", []),
+            ("fedseg infer + overlay", ["--overlay", os.path.join(work, "o.png")]),
+        ):
+            wall, rss = run_measured(
+                [
+                    sys.executable,
+                    "-m",
+                    "app",
+                    "infer",
+                    case,
+                    "--model",
+                    model,
+                    "--roi",
+                    "48",
+                    "48",
+                    "48",
+                    "--out",
+                    os.path.join(work, "seg.nii.gz"),
+                    *extra,
+                ]
+            )
             rows.append({"what": label, "seconds": wall, "peak_rss_mib": rss, "vs_baseline": wall / base_wall})
-        path = write_result("infer_speed", {"shape": [240, 240, 155], "roi": [48, 48, 48],
-                                            "network_channels": [16, 32, 64, 128], "threads": torch.get_num_threads(),
-                                            "rows": rows})
-        print(table(["what", "seconds", "peak RSS (MiB)", "time vs baseline"],
-                    [[r["what"], f"{r['seconds']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['vs_baseline']:.2f}"] for r in rows]))
+        path = write_result(
+            "infer_speed",
+            {
+                "shape": [240, 240, 155],
+                "roi": [48, 48, 48],
+                "network_channels": [16, 32, 64, 128],
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+        )
+        print(
+            table(
+                ["what", "seconds", "peak RSS (MiB)", "time vs baseline"],
+                [
+                    [r["what"], f"{r['seconds']:.1f}", f"{r['peak_rss_mib']:.0f}", f"{r['vs_baseline']:.2f}"]
+                    for r in rows
+                ],
+            )
+        )
         print(f"written {path}")
     finally:
         shutil.rmtree(work, ignore_errors=True)

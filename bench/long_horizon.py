@@ -50,15 +50,30 @@ ARMS = {
     "fedref_mean": {"algorithm": "fedref", "fedref_variant": "mean", "lambda1": 0.1, "lambda2": 0.1},
     "fedref_trend": {"algorithm": "fedref", "fedref_variant": "trend", "lambda1": 0.0, "lambda2": 0.3},
     "fedref_diagonal": {"algorithm": "fedref", "fedref_variant": "diagonal", "lambda1": 0.0, "lambda2": 1.0},
-    "fedref_momentum": {"algorithm": "fedref", "fedref_variant": "trend", "fedref_momentum": 0.5, "lambda1": 0.0,
-                        "lambda2": 0.3},
+    "fedref_momentum": {
+        "algorithm": "fedref",
+        "fedref_variant": "trend",
+        "fedref_momentum": 0.5,
+        "lambda1": 0.0,
+        "lambda2": 0.3,
+    },
 }
 SCREENING_ARMS = ["fedavg", "fedavgm", "fedprox", "fedref_mean", "fedref_trend", "fedref_diagonal"]
 CENTRALISED = "centralised"
 # the cheap regime of every run (TrainingSettings fields); local_steps per site per round
-PROFILE = {"channels": (8, 16, 32), "crop": (32, 32, 32), "local_steps": 8, "batch_size": 2, "samples_per_case": 2,
-           "val_max_cases": 0, "sw_batch_size": 4, "lr": 3e-3}
+PROFILE = {
+    "channels": (8, 16, 32),
+    "crop": (32, 32, 32),
+    "local_steps": 8,
+    "batch_size": 2,
+    "samples_per_case": 2,
+    "val_max_cases": 0,
+    "sw_batch_size": 4,
+    "lr": 3e-3,
+}
 TARGETS = (0.7, 0.8)  # mean Dice; this profile passes 0.5 within 3-4 rounds, so lower targets tell nothing apart
+
+
 def area_under_curve(curve: list) -> float | None:
     """Mean Dice over the rounds (as ``fedseg.app.compare.area_under_curve``, on a list of values)."""
     values = [v for v in curve if v is not None]
@@ -84,8 +99,12 @@ def pooled_site(sites_root: str, out_root: str) -> str:
         folder = os.path.join(sites_root, name)
         for split in pooled:
             for case in datalist.get(split, []):
-                absolute = {k: ([os.path.join(folder, p) for p in v] if isinstance(v, list) else os.path.join(folder, v))
-                            if k in ("image", "label") else v for k, v in case.items()}
+                absolute = {
+                    k: ([os.path.join(folder, p) for p in v] if isinstance(v, list) else os.path.join(folder, v))
+                    if k in ("image", "label")
+                    else v
+                    for k, v in case.items()
+                }
                 pooled[split].append(absolute)
     site = os.path.join(out_root, "site-1")
     os.makedirs(site, exist_ok=True)
@@ -103,28 +122,47 @@ def run_arm(data_root: str, work: str, arm: str, seed: int, rounds: int, clients
     started = time.time()
     if arm == CENTRALISED:  # as many optimiser steps per round as the federation's sites take together
         sites = ["site-1"]
-        overrides = {"algorithm": "fedavg", "local_steps": PROFILE["local_steps"] * (clients_per_round or len(INSTITUTIONS))}
+        overrides = {
+            "algorithm": "fedavg",
+            "local_steps": PROFILE["local_steps"] * (clients_per_round or len(INSTITUTIONS)),
+        }
     else:
         sites = [f"site-{i}" for i in range(1, len(INSTITUTIONS) + 1)]
         overrides = dict(ARMS[arm], clients_per_round=clients_per_round)
     settings = {**PROFILE, **overrides}
     # no cross-site evaluation (it would double a short run's cost): the final model is the last round's
     # global model, which every site validates (absent sites through their validate task)
-    job = JobSettings(sites=sites, data_root=data_root, threads=1, seed=seed, num_rounds=rounds, cross_site_eval=False,
-                      name=f"{arm}_k{clients_per_round}_s{seed}", **settings)
+    job = JobSettings(
+        sites=sites,
+        data_root=data_root,
+        threads=1,
+        seed=seed,
+        num_rounds=rounds,
+        cross_site_eval=False,
+        name=f"{arm}_k{clients_per_round}_s{seed}",
+        **settings,
+    )
     run = first_complete_run(lambda: load_run(run_simulation(job, os.path.join(work, "runs"))), job.name, 3)
     summary = summarise(run, target=TARGETS[0])
     curve = [row["dice_mean"] for row in summary["curve"] if row["source"] == "round_validation"]
     ratios = [r["fedref"].get("step_ratio") for r in run.rounds if r.get("fedref", {}).get("applied")]
     ratios = [r for r in ratios if r is not None]
-    return {"arm": arm, "seed": seed, "clients_per_round": clients_per_round, "rounds": rounds,
-            "final_dice_mean": summary["final"]["overall"]["dice_mean"], "final_source": summary["final"]["source"],
-            "last3_dice_mean": last_mean(curve), "auc": area_under_curve(curve),
-            "forgetting": summary["forgetting"]["total"], "curve": curve,
-            "participants": [r.get("participants") for r in run.rounds],
-            "step_ratio_mean": statistics.mean(ratios) if ratios else None,
-            "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
-            "wall_seconds": time.time() - started}
+    return {
+        "arm": arm,
+        "seed": seed,
+        "clients_per_round": clients_per_round,
+        "rounds": rounds,
+        "final_dice_mean": summary["final"]["overall"]["dice_mean"],
+        "final_source": summary["final"]["source"],
+        "last3_dice_mean": last_mean(curve),
+        "auc": area_under_curve(curve),
+        "forgetting": summary["forgetting"]["total"],
+        "curve": curve,
+        "participants": [r.get("participants") for r in run.rounds],
+        "step_ratio_mean": statistics.mean(ratios) if ratios else None,
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "wall_seconds": time.time() - started,
+    }
 
 
 MEASURES = ("final_dice_mean", "last3_dice_mean", "auc", "forgetting")
@@ -148,20 +186,29 @@ def summarise_runs(runs: list[dict]) -> list[dict]:
                 row[f"reached_{t}"] = f"{len(reached)}/{len(mine)}"
             ratios = [r["step_ratio_mean"] for r in mine if r.get("step_ratio_mean") is not None]
             row["step_ratio_mean"] = statistics.mean(ratios) if ratios else None
-            paired_central = [r["final_dice_mean"] / central[r["seed"]]["final_dice_mean"] for r in mine
-                              if r["seed"] in central and central[r["seed"]]["final_dice_mean"]]
+            paired_central = [
+                r["final_dice_mean"] / central[r["seed"]]["final_dice_mean"]
+                for r in mine
+                if r["seed"] in central and central[r["seed"]]["final_dice_mean"]
+            ]
             row["fl_over_centralised"] = statistics.mean(paired_central) if paired_central else None
             row["fl_over_centralised_seeds"] = len(paired_central)
             paired = [r for r in mine if r["seed"] in baseline]
             if arm != "fedavg" and paired:
                 for m in MEASURES:
                     row[f"{m}_minus_fedavg"] = paired_interval([r[m] - baseline[r["seed"]][m] for r in paired])
-                row["beats_fedavg_seeds"] = (f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}"
-                                             f"/{len(paired)}")
+                row["beats_fedavg_seeds"] = (
+                    f"{sum(r['final_dice_mean'] > baseline[r['seed']]['final_dice_mean'] for r in paired)}"
+                    f"/{len(paired)}"
+                )
             out.append(row)
         if central:
-            row = {"participation": f"pooled data, the steps of {participation_label(k)}", "clients_per_round": k,
-                   "arm": CENTRALISED, "seeds": len(central)}
+            row = {
+                "participation": f"pooled data, the steps of {participation_label(k)}",
+                "clients_per_round": k,
+                "arm": CENTRALISED,
+                "seeds": len(central),
+            }
             for m in MEASURES:
                 row[m] = statistics.mean(r[m] for r in central.values())
             out.append(row)
@@ -184,17 +231,49 @@ def markdown(summary: list[dict]) -> str:
     def fmt(v, digits=3):
         return "-" if v is None else f"{v:.{digits}f}"
 
-    return table(["participation", "arm", "seeds", "final Dice", "last-3 mean", "AUC", f"rounds to {TARGETS[0]}",
-                  f"rounds to {TARGETS[1]}", "forgetting", "step ratio", "FL / central", "final − FedAvg [95% CI]",
-                  "AUC − FedAvg [95% CI]"],
-                 [[r["participation"], r["arm"], r["seeds"], fmt(r["final_dice_mean"]), fmt(r["last3_dice_mean"]),
-                   fmt(r["auc"]),
-                   "-" if r.get(f"rounds_to_{TARGETS[0]}") is None else f"{r[f'rounds_to_{TARGETS[0]}']:.1f} ({r[f'reached_{TARGETS[0]}']})",
-                   "-" if r.get(f"rounds_to_{TARGETS[1]}") is None else f"{r[f'rounds_to_{TARGETS[1]}']:.1f} ({r[f'reached_{TARGETS[1]}']})",
-                   fmt(r["forgetting"], 2), fmt(r.get("step_ratio_mean"), 2), (f"{r['fl_over_centralised']:.2f} ({r['fl_over_centralised_seeds']} seed{'s' if r['fl_over_centralised_seeds'] > 1 else ''})"
-                    if r.get("fl_over_centralised") is not None else "-"),
-                   interval_text(r.get("final_dice_mean_minus_fedavg")), interval_text(r.get("auc_minus_fedavg"))]
-                  for r in summary])
+    return table(
+        [
+            "participation",
+            "arm",
+            "seeds",
+            "final Dice",
+            "last-3 mean",
+            "AUC",
+            f"rounds to {TARGETS[0]}",
+            f"rounds to {TARGETS[1]}",
+            "forgetting",
+            "step ratio",
+            "FL / central",
+            "final − FedAvg [95% CI]",
+            "AUC − FedAvg [95% CI]",
+        ],
+        [
+            [
+                r["participation"],
+                r["arm"],
+                r["seeds"],
+                fmt(r["final_dice_mean"]),
+                fmt(r["last3_dice_mean"]),
+                fmt(r["auc"]),
+                "-"
+                if r.get(f"rounds_to_{TARGETS[0]}") is None
+                else f"{r[f'rounds_to_{TARGETS[0]}']:.1f} ({r[f'reached_{TARGETS[0]}']})",
+                "-"
+                if r.get(f"rounds_to_{TARGETS[1]}") is None
+                else f"{r[f'rounds_to_{TARGETS[1]}']:.1f} ({r[f'reached_{TARGETS[1]}']})",
+                fmt(r["forgetting"], 2),
+                fmt(r.get("step_ratio_mean"), 2),
+                (
+                    f"{r['fl_over_centralised']:.2f} ({r['fl_over_centralised_seeds']} seed{'s' if r['fl_over_centralised_seeds'] > 1 else ''})"
+                    if r.get("fl_over_centralised") is not None
+                    else "-"
+                ),
+                interval_text(r.get("final_dice_mean_minus_fedavg")),
+                interval_text(r.get("auc_minus_fedavg")),
+            ]
+            for r in summary
+        ],
+    )
 
 
 def run_key(arm: str, seed: int, k: int, rounds: int) -> str:
@@ -206,14 +285,22 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="default: every arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rounds", type=int, default=35)
-    parser.add_argument("--participation", type=int, nargs="+", default=[2, 0],
-                        help="sites per round; 0: every site every round")
+    parser.add_argument(
+        "--participation", type=int, nargs="+", default=[2, 0], help="sites per round; 0: every site every round"
+    )
     parser.add_argument("--no-centralised", action="store_true")
-    parser.add_argument("--screening", action="store_true",
-                        help=f"write {SCREENING_NAME}.json (default arms: {' '.join(SCREENING_ARMS)})")
+    parser.add_argument(
+        "--screening",
+        action="store_true",
+        help=f"write {SCREENING_NAME}.json (default arms: {' '.join(SCREENING_ARMS)})",
+    )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the result file")
-    parser.add_argument("--order", choices=["seed", "arm"], default="seed",
-                        help="seed: finish every arm of a seed before the next (paired seeds accumulate)")
+    parser.add_argument(
+        "--order",
+        choices=["seed", "arm"],
+        default="seed",
+        help="seed: finish every arm of a seed before the next (paired seeds accumulate)",
+    )
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args()
     name = SCREENING_NAME if args.screening else RESULT_NAME
@@ -237,11 +324,22 @@ def main() -> None:
         # every run in the file is kept (an earlier sitting may have run other seeds, arms or settings)
         done = sorted(runs.values(), key=lambda r: (r["rounds"], r["clients_per_round"], r["seed"], r["arm"]))
         missing = [item for item in plan if run_key(*item, args.rounds) not in runs]
-        return write_result(name, {"screening": args.screening, "institutions": INSTITUTIONS, "rounds": args.rounds,
-                                   "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in PROFILE.items()},
-                                   "arms": {a: ARMS[a] for a in arms}, "targets": list(TARGETS),
-                                   "summary": summarise_runs([r for r in done if r["rounds"] == args.rounds]), "runs": done,
-                                   "complete": not missing, "planned": len(plan), "missing": len(missing)})
+        return write_result(
+            name,
+            {
+                "screening": args.screening,
+                "institutions": INSTITUTIONS,
+                "rounds": args.rounds,
+                "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in PROFILE.items()},
+                "arms": {a: ARMS[a] for a in arms},
+                "targets": list(TARGETS),
+                "summary": summarise_runs([r for r in done if r["rounds"] == args.rounds]),
+                "runs": done,
+                "complete": not missing,
+                "planned": len(plan),
+                "missing": len(missing),
+            },
+        )
 
     with tempfile.TemporaryDirectory(prefix="fedseg_long_horizon_") as tmp:
         work = os.path.abspath(args.work or tmp)
@@ -255,8 +353,10 @@ def main() -> None:
             print(f"[{number}/{len(plan)}] {arm} seed {seed} {participation_label(k)}", flush=True)
             result = run_arm(pooled if arm == CENTRALISED else sites, work, arm, seed, args.rounds, k)
             runs[run_key(arm, seed, k, args.rounds)] = result
-            print(f"  final {result['final_dice_mean']:.3f} auc {result['auc']:.3f} ({result['wall_seconds']:.0f} s)",
-                  flush=True)
+            print(
+                f"  final {result['final_dice_mean']:.3f} auc {result['auc']:.3f} ({result['wall_seconds']:.0f} s)",
+                flush=True,
+            )
             save()
     path = save()
     with open(path, encoding="utf-8") as f:

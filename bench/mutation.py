@@ -50,7 +50,7 @@ class Target:
     def owns(self, mutant: str) -> bool:
         if not mutant.startswith(self.module + "."):
             return False
-        function = mutant[len(self.module) + 1:].rsplit("__mutmut_", 1)[0]
+        function = mutant[len(self.module) + 1 :].rsplit("__mutmut_", 1)[0]
         return not self.functions or any(function.endswith(("_" + f, "ǁ" + f)) for f in self.functions)
 
 
@@ -58,8 +58,12 @@ TARGETS = (
     Target("fedref", "fedseg/fedref.py", ("tests/test_fedref.py", "tests/test_controller.py")),
     Target("regions", "fedseg/regions.py", ("tests/test_regions_metrics.py",)),
     Target("metrics", "fedseg/metrics.py", ("tests/test_regions_metrics.py",)),
-    Target("controller update checks", "fedseg/controller.py", ("tests/test_controller.py",),
-           ("update_problem", "enough_updates", "_plain")),
+    Target(
+        "controller update checks",
+        "fedseg/controller.py",
+        ("tests/test_controller.py",),
+        ("update_problem", "enough_updates", "_plain"),
+    ),
     Target("data_prep checks", "fedseg/data_prep/checks.py", ("tests/test_checks.py",)),
     Target("data_prep partitions", "fedseg/data_prep/partitions.py", ("tests/test_checks.py",)),
     Target("report pooling", "fedseg/app/report.py", ("tests/test_report.py",), ("pooled", "_number", "_pick")),
@@ -114,9 +118,18 @@ def scores(targets: tuple[Target, ...], codes: dict[str, int | None]) -> list[di
         mine = {name: status_by_exit_code[code] for name, code in codes.items() if target.owns(name)}
         killed = sorted(n for n, s in mine.items() if s in ("killed", "timeout"))
         others = {n: s for n, s in sorted(mine.items()) if n not in killed}
-        rows.append({"target": target.name, "module": target.module, "functions": list(target.functions) or "all",
-                     "tests": list(target.tests), "mutants": len(mine), "killed": len(killed),
-                     "score": round(len(killed) / len(mine), 3) if mine else None, "not_killed": others})
+        rows.append(
+            {
+                "target": target.name,
+                "module": target.module,
+                "functions": list(target.functions) or "all",
+                "tests": list(target.tests),
+                "mutants": len(mine),
+                "killed": len(killed),
+                "score": round(len(killed) / len(mine), 3) if mine else None,
+                "not_killed": others,
+            }
+        )
     return rows
 
 
@@ -133,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         run_mutmut(targets, args.children)
     rows = scores(targets, exit_codes())
     with open(args.out, "w", encoding="utf-8") as f:
-        json.dump({"date": datetime.date.today().isoformat(), "tool": "mutmut " + _version(), "targets": rows},
-                  f, indent=2, ensure_ascii=False)
+        json.dump(
+            {"date": datetime.date.today().isoformat(), "tool": "mutmut " + _version(), "targets": rows},
+            f,
+            indent=2,
+            ensure_ascii=False,
+        )
         f.write("\n")
     for row in rows:
-        print(f"{row['target']:28s} {row['killed']:4d}/{row['mutants']:<4d} killed"
-              + (f"  ({100 * row['score']:.0f}%)" if row["score"] is not None else ""))
+        print(
+            f"{row['target']:28s} {row['killed']:4d}/{row['mutants']:<4d} killed"
+            + (f"  ({100 * row['score']:.0f}%)" if row["score"] is not None else "")
+        )
         for name, status in row["not_killed"].items():
             print(f"    {status:10s} {name}")
     print(f"results: {args.out}")

@@ -42,26 +42,79 @@ def main() -> None:
     n = args.subjects
 
     base_wall, base_rss = run_measured([sys.executable, "-c", BASELINE, source])
-    rows = [{"what": "baseline: nibabel decode of the 5 volumes", "mode": "-", "workers": 1,
-             "seconds": base_wall, "cases_per_second": n / base_wall, "peak_rss_mib": base_rss, "vs_baseline": 1.0}]
+    rows = [
+        {
+            "what": "baseline: nibabel decode of the 5 volumes",
+            "mode": "-",
+            "workers": 1,
+            "seconds": base_wall,
+            "cases_per_second": n / base_wall,
+            "peak_rss_mib": base_rss,
+            "vs_baseline": 1.0,
+        }
+    ]
     for mode in ("link", "copy", "preprocess"):
         for workers in sorted({1, cores}):
             out = os.path.join(work, f"out_{mode}_{workers}")
             shutil.rmtree(out, ignore_errors=True)
-            command = [sys.executable, "-m", "data_prep", "fets2022", source, "--out", out, "--mode", mode,
-                       "--workers", str(workers), "--quiet", "--val-fraction", "0.25"]
+            command = [
+                sys.executable,
+                "-m",
+                "data_prep",
+                "fets2022",
+                source,
+                "--out",
+                out,
+                "--mode",
+                mode,
+                "--workers",
+                str(workers),
+                "--quiet",
+                "--val-fraction",
+                "0.25",
+            ]
             wall, rss = run_measured(command)
-            rows.append({"what": "prepare", "mode": mode, "workers": workers, "seconds": wall,
-                         "cases_per_second": n / wall, "peak_rss_mib": rss, "vs_baseline": wall / base_wall})
+            rows.append(
+                {
+                    "what": "prepare",
+                    "mode": mode,
+                    "workers": workers,
+                    "seconds": wall,
+                    "cases_per_second": n / wall,
+                    "peak_rss_mib": rss,
+                    "vs_baseline": wall / base_wall,
+                }
+            )
             if mode == "link" and workers == cores:
                 wall, rss = run_measured(command)
-                rows.append({"what": "prepare again, nothing changed", "mode": mode, "workers": workers,
-                             "seconds": wall, "cases_per_second": n / wall, "peak_rss_mib": rss,
-                             "vs_baseline": wall / base_wall})
+                rows.append(
+                    {
+                        "what": "prepare again, nothing changed",
+                        "mode": mode,
+                        "workers": workers,
+                        "seconds": wall,
+                        "cases_per_second": n / wall,
+                        "peak_rss_mib": rss,
+                        "vs_baseline": wall / base_wall,
+                    }
+                )
     path = write_result("prep_speed", {"subjects": n, "shape": [240, 240, 155], "source_mb": size_mb, "rows": rows})
-    print(table(["what", "mode", "workers", "cases/s", "peak RSS (MiB)", "time vs baseline"],
-                [[r["what"], r["mode"], r["workers"], f"{r['cases_per_second']:.2f}", f"{r['peak_rss_mib']:.0f}",
-                  f"{r['vs_baseline']:.2f}"] for r in rows]))
+    print(
+        table(
+            ["what", "mode", "workers", "cases/s", "peak RSS (MiB)", "time vs baseline"],
+            [
+                [
+                    r["what"],
+                    r["mode"],
+                    r["workers"],
+                    f"{r['cases_per_second']:.2f}",
+                    f"{r['peak_rss_mib']:.0f}",
+                    f"{r['vs_baseline']:.2f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     print(f"written {path}")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

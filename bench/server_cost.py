@@ -54,9 +54,13 @@ def measure(model: dict, sites: int = 3, repeats: int = 5) -> dict:
         current = new
     model_mb = sum(v.nbytes for v in model.values()) / 2**20
     buffer_mb = sum(v.nbytes for m in updater.buffer.models for v in m.values()) / 2**20
-    return {"parameters_m": sum(v.size for v in model.values()) / 1e6, "model_mib": model_mb,
-            "fedavg_seconds": statistics.median(fedavg_times), "fedref_step_seconds": statistics.median(fedref_times),
-            "buffer_mib": buffer_mb}
+    return {
+        "parameters_m": sum(v.size for v in model.values()) / 1e6,
+        "model_mib": model_mb,
+        "fedavg_seconds": statistics.median(fedavg_times),
+        "fedref_step_seconds": statistics.median(fedref_times),
+        "buffer_mib": buffer_mb,
+    }
 
 
 def round_seconds(run_folder: str | None) -> float | None:
@@ -86,10 +90,31 @@ def main() -> None:
             result["fedref_share_of_demo_round"] = result["fedref_step_seconds"] / per_round
         rows.append(result)
     path = write_result("server_cost", {"sites": 3, "p": 3, "demo_round_seconds": per_round, "rows": rows})
-    print(table(["network", "parameters (M)", "FedAvg aggregation (s)", "FedRef MAP step (s)", "step / aggregation",
-                 "buffer (MiB)", "model (MiB)"],
-                [[r["network"], f"{r['parameters_m']:.1f}", f"{r['fedavg_seconds']:.4f}", f"{r['fedref_step_seconds']:.4f}",
-                  f"{r['fedref_vs_fedavg']:.2f}", f"{r['buffer_mib']:.0f}", f"{r['model_mib']:.0f}"] for r in rows]))
+    print(
+        table(
+            [
+                "network",
+                "parameters (M)",
+                "FedAvg aggregation (s)",
+                "FedRef MAP step (s)",
+                "step / aggregation",
+                "buffer (MiB)",
+                "model (MiB)",
+            ],
+            [
+                [
+                    r["network"],
+                    f"{r['parameters_m']:.1f}",
+                    f"{r['fedavg_seconds']:.4f}",
+                    f"{r['fedref_step_seconds']:.4f}",
+                    f"{r['fedref_vs_fedavg']:.2f}",
+                    f"{r['buffer_mib']:.0f}",
+                    f"{r['model_mib']:.0f}",
+                ]
+                for r in rows
+            ],
+        )
+    )
     if per_round:
         print(f"demo round: {per_round:.1f} s; FedRef step = {100 * rows[0]['fedref_share_of_demo_round']:.3f}% of it")
     print(f"written {path}")

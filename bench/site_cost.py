@@ -48,14 +48,22 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for label, variant in VARIANTS:
-        out = subprocess.run([sys.executable, "-c", WORKER, variant, args.site], check=True, capture_output=True,
-                             text=True).stdout
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, variant, args.site], check=True, capture_output=True, text=True
+        ).stdout
         rows.append({"algorithms": label, **json.loads(out.strip().splitlines()[-1])})
     for row in rows:
         row["vs_plain"] = row["seconds"] / rows[0]["seconds"]
     path = write_result("site_cost", {"site": args.site, "local_epochs": 2, "threads": 1, "rows": rows})
-    print(table(["algorithms", "seconds per local round", "peak RSS (MiB)", "time vs plain"],
-                [[r["algorithms"], f"{r['seconds']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['vs_plain']:.2f}"] for r in rows]))
+    print(
+        table(
+            ["algorithms", "seconds per local round", "peak RSS (MiB)", "time vs plain"],
+            [
+                [r["algorithms"], f"{r['seconds']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['vs_plain']:.2f}"]
+                for r in rows
+            ],
+        )
+    )
     print(f"written {path}")
 
 

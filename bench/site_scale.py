@@ -158,9 +158,27 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
         os.symlink(make_site(work, pool, cases), link)
     workspace = os.path.join(work, f"flare_ws_{cases}")
     subprocess.run(["rm", "-rf", workspace], check=True)
-    command = [sys.executable, "-m", "app", "simulate", "--profile", "fets2022", "--data-root", root, "--sites", "site-1",
-               "--rounds", "2", "--local-steps", str(steps), "--val-max-cases", str(val_cases), "--no-cross-site-eval",
-               "--workspace", workspace]
+    command = [
+        sys.executable,
+        "-m",
+        "app",
+        "simulate",
+        "--profile",
+        "fets2022",
+        "--data-root",
+        root,
+        "--sites",
+        "site-1",
+        "--rounds",
+        "2",
+        "--local-steps",
+        str(steps),
+        "--val-max-cases",
+        str(val_cases),
+        "--no-cross-site-eval",
+        "--workspace",
+        workspace,
+    ]
     started = time.time()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     site_peak = tree_peak = 0
@@ -176,16 +194,23 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
         site_peak = max([site_peak, *(rss[pid] for pid in workers)])
         time.sleep(0.2)
     if process.returncode != 0:
-        raise RuntimeError(f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}")
+        raise RuntimeError(
+            f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}"
+        )
     from fedseg.app.artifacts import load_run
 
     records = load_run(os.path.join(workspace, "fedseg_fedref")).rounds
     site = [r["sites"]["site-1"] for r in records]
-    return {"cases": cases, "site_process_peak_rss_mib": site_peak / 2**20, "simulator_peak_rss_mib": tree_peak / 2**20,
-            "wall_seconds": time.time() - started, "cache_mb": site[-1].get("cache_mb"),
-            "caching_seconds": site[-1].get("cache_seconds"),
-            "seconds_per_step": site[-1]["train_seconds"] / site[-1]["num_steps"],
-            "round_seconds": [r["seconds"] for r in records]}
+    return {
+        "cases": cases,
+        "site_process_peak_rss_mib": site_peak / 2**20,
+        "simulator_peak_rss_mib": tree_peak / 2**20,
+        "wall_seconds": time.time() - started,
+        "cache_mb": site[-1].get("cache_mb"),
+        "caching_seconds": site[-1].get("cache_seconds"),
+        "seconds_per_step": site[-1]["train_seconds"] / site[-1]["num_steps"],
+        "round_seconds": [r["seconds"] for r in records],
+    }
 
 
 def summarise(raw: dict) -> dict:
@@ -195,17 +220,21 @@ def summarise(raw: dict) -> dict:
     val_per_case = [r["val_seconds"] / max(r["val_cases"], 1) for r in rounds[1:]] or [rounds[0]["val_seconds"]]
     peaks = raw["peak_rss_mib"]
     return {
-        "cases": raw["train_cases"] + raw["val_cases"], "train_cases": raw["train_cases"], "val_cases": raw["val_cases"],
+        "cases": raw["train_cases"] + raw["val_cases"],
+        "train_cases": raw["train_cases"],
+        "val_cases": raw["val_cases"],
         "peak_rss_mib": {k: round(peaks.get(k, 0.0), 1) for k in ("caching", "training", "validation")},
         "peak_rss_mib_max": round(max(peaks.values()), 1),
         "seconds_per_step": statistics.median(steps),
         "val_seconds_per_case": statistics.median(val_per_case),
-        "caching_seconds": raw["caching_seconds"], "caching_seconds_per_case": raw["caching_seconds"] / max(
-            raw["train_cases"] + raw["val_cases"], 1),
+        "caching_seconds": raw["caching_seconds"],
+        "caching_seconds_per_case": raw["caching_seconds"] / max(raw["train_cases"] + raw["val_cases"], 1),
         "first_round_seconds": rounds[0]["wall_seconds"],
         "later_round_seconds": statistics.median(r["wall_seconds"] for r in rounds[1:]) if len(rounds) > 1 else None,
-        "cache_mb": raw["cache_mb"], "cache_mb_per_case": raw["cache_mb"] / max(raw["train_cases"] + raw["val_cases"], 1),
-        "peak_gpu_mib": raw.get("peak_gpu_mib"), "rounds": rounds,
+        "cache_mb": raw["cache_mb"],
+        "cache_mb_per_case": raw["cache_mb"] / max(raw["train_cases"] + raw["val_cases"], 1),
+        "peak_gpu_mib": raw.get("peak_gpu_mib"),
+        "rounds": rounds,
     }
 
 
@@ -226,8 +255,9 @@ def institution_sizes(csv_path: str) -> list[tuple[int, int]]:
     return sorted(counts.items())
 
 
-def hospital_table(sizes: list[dict], steps_per_round: int, val_max_cases: int, csv_path: str,
-                   gpu: dict | None = None) -> list[list]:
+def hospital_table(
+    sizes: list[dict], steps_per_round: int, val_max_cases: int, csv_path: str, gpu: dict | None = None
+) -> list[list]:
     """What each institution can expect, from the measured sizes: RAM, disk cache, time per local round.
 
     RAM: the largest peak measured (it does not grow with the number of cases); disk: cache MB per case x
@@ -243,8 +273,14 @@ def hospital_table(sizes: list[dict], steps_per_round: int, val_max_cases: int, 
     for partition, subjects in institution_sizes(csv_path):
         val = min(max(1, round(subjects * VALIDATION_FRACTION)), val_max_cases)
         cpu_round = steps_per_round * step + val * val_case
-        row = [partition, subjects, f"{ram:.1f}", f"{subjects * per_case_mb / 1024:.1f}",
-               f"{subjects * cache_s / 60:.1f}", f"{cpu_round / 60:.1f}"]
+        row = [
+            partition,
+            subjects,
+            f"{ram:.1f}",
+            f"{subjects * per_case_mb / 1024:.1f}",
+            f"{subjects * cache_s / 60:.1f}",
+            f"{cpu_round / 60:.1f}",
+        ]
         if gpu:
             row.append(f"{steps_per_round * gpu['seconds_per_step'] + val * gpu['val_seconds_per_case']:.0f}")
         rows.append(row)
@@ -258,15 +294,22 @@ def main() -> None:
     parser.add_argument("--distinct", type=int, default=8, help="distinct synthetic subjects behind the cases")
     parser.add_argument("--steps", type=int, default=5, help="local steps per round (the profile's are cut to this)")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--val-cases", type=int, default=2,
-                        help="validation cases per round (the profile's subset is cut to this; time is per case)")
+    parser.add_argument(
+        "--val-cases",
+        type=int,
+        default=2,
+        help="validation cases per round (the profile's subset is cut to this; time is per case)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", default=os.path.join("bench", ".work", "site_scale"))
     parser.add_argument("--resume", action="store_true", help="keep the sizes already in the results file")
     parser.add_argument("--csv", default=os.path.join("tests", "data", "fets2022", "partitioning_1.csv"))
     parser.add_argument("--table", action="store_true", help="only print the per-institution table from the results")
-    parser.add_argument("--flare", action="store_true",
-                        help="measure each size inside a FLARE simulator federation instead (site_scale_flare.json)")
+    parser.add_argument(
+        "--flare",
+        action="store_true",
+        help="measure each size inside a FLARE simulator federation instead (site_scale_flare.json)",
+    )
     args = parser.parse_args()
     if args.table:
         print_hospital_table(args.csv)
@@ -282,18 +325,28 @@ def main() -> None:
     previous = load_previous(name) if args.resume else {}
     done = {s["cases"]: s for s in previous.get("sizes", [])}
     baseline = {b["cases"]: b for b in previous.get("baseline", [])}
-    payload = {"profile": "fets2022", "steps_per_round_measured": args.steps, "rounds": args.rounds,
-               "val_cases_per_round_measured": args.val_cases,
-               "device": args.device, "shape": list(SHAPE), "distinct_subjects": args.distinct}
+    payload = {
+        "profile": "fets2022",
+        "steps_per_round_measured": args.steps,
+        "rounds": args.rounds,
+        "val_cases_per_round_measured": args.val_cases,
+        "device": args.device,
+        "shape": list(SHAPE),
+        "distinct_subjects": args.distinct,
+    }
 
     def save() -> str:
         sizes = [done[k] for k in sorted(done)]
         extra = {}
         if sizes:
             smallest, largest = sizes[0], sizes[-1]
-            extra = {"rss_ratio_largest_vs_smallest": largest["peak_rss_mib_max"] / smallest["peak_rss_mib_max"],
-                     "step_ratio_largest_vs_smallest": largest["seconds_per_step"] / smallest["seconds_per_step"]}
-        return write_result(name, {**payload, "sizes": sizes, "baseline": [baseline[k] for k in sorted(baseline)], **extra})
+            extra = {
+                "rss_ratio_largest_vs_smallest": largest["peak_rss_mib_max"] / smallest["peak_rss_mib_max"],
+                "step_ratio_largest_vs_smallest": largest["seconds_per_step"] / smallest["seconds_per_step"],
+            }
+        return write_result(
+            name, {**payload, "sizes": sizes, "baseline": [baseline[k] for k in sorted(baseline)], **extra}
+        )
 
     for cases in args.sizes:
         if cases in done:
@@ -304,10 +357,14 @@ def main() -> None:
         subprocess.run(["rm", "-rf", cache_root], check=True)  # caching is part of the measurement
         print(f"{cases} cases: caching, then {args.rounds} rounds of {args.steps} steps ...", flush=True)
         started = time.time()
-        done[cases] = summarise(run_child(CHILD, site, cache_root, str(args.steps), str(args.rounds), args.device,
-                                           str(args.val_cases)))
-        print(f"  {time.time() - started:.0f} s; peak RSS {done[cases]['peak_rss_mib_max']:.0f} MiB, "
-              f"{done[cases]['seconds_per_step']:.2f} s/step, cache {done[cases]['cache_mb']:.0f} MB", flush=True)
+        done[cases] = summarise(
+            run_child(CHILD, site, cache_root, str(args.steps), str(args.rounds), args.device, str(args.val_cases))
+        )
+        print(
+            f"  {time.time() - started:.0f} s; peak RSS {done[cases]['peak_rss_mib_max']:.0f} MiB, "
+            f"{done[cases]['seconds_per_step']:.2f} s/step, cache {done[cases]['cache_mb']:.0f} MB",
+            flush=True,
+        )
         save()
     for cases in args.baseline_sizes:
         if cases in baseline or args.device != "cpu":
@@ -317,16 +374,42 @@ def main() -> None:
         save()
     path = save()
     sizes = [done[k] for k in sorted(done)]
-    print(table(["cases", "train/val", "peak RSS caching / training / validation (MiB)", "s/step", "s per val case",
-                 "caching (s)", "first round (s)", "later round (s)", "disk cache (MB)"],
-                [[s["cases"], f"{s['train_cases']}/{s['val_cases']}",
-                  " / ".join(f"{s['peak_rss_mib'][k]:.0f}" for k in ("caching", "training", "validation")),
-                  f"{s['seconds_per_step']:.2f}", f"{s['val_seconds_per_case']:.1f}", f"{s['caching_seconds']:.0f}",
-                  f"{s['first_round_seconds']:.0f}", f"{s['later_round_seconds'] or 0:.0f}", f"{s['cache_mb']:.0f}"]
-                 for s in sizes]))
+    print(
+        table(
+            [
+                "cases",
+                "train/val",
+                "peak RSS caching / training / validation (MiB)",
+                "s/step",
+                "s per val case",
+                "caching (s)",
+                "first round (s)",
+                "later round (s)",
+                "disk cache (MB)",
+            ],
+            [
+                [
+                    s["cases"],
+                    f"{s['train_cases']}/{s['val_cases']}",
+                    " / ".join(f"{s['peak_rss_mib'][k]:.0f}" for k in ("caching", "training", "validation")),
+                    f"{s['seconds_per_step']:.2f}",
+                    f"{s['val_seconds_per_case']:.1f}",
+                    f"{s['caching_seconds']:.0f}",
+                    f"{s['first_round_seconds']:.0f}",
+                    f"{s['later_round_seconds'] or 0:.0f}",
+                    f"{s['cache_mb']:.0f}",
+                ]
+                for s in sizes
+            ],
+        )
+    )
     if baseline:
-        print(table(["cases", "baseline peak RSS after caching (MiB)"],
-                    [[b["cases"], f"{b['peak_rss_mib']:.0f}"] for b in baseline.values()]))
+        print(
+            table(
+                ["cases", "baseline peak RSS after caching (MiB)"],
+                [[b["cases"], f"{b['peak_rss_mib']:.0f}"] for b in baseline.values()],
+            )
+        )
     if args.device == "cpu":
         print_hospital_table(args.csv)
     print(f"written {path}")
@@ -342,15 +425,43 @@ def measure_in_flare(args: argparse.Namespace, work: str, pool: str) -> None:
         print(f"{cases} cases inside FLARE: caching, then 2 rounds of {args.steps} steps ...", flush=True)
         done[cases] = flare_site(work, pool, cases, args.steps, args.val_cases)
         sizes = [done[k] for k in sorted(done)]
-        path = write_result(name, {"profile": "fets2022", "steps_per_round_measured": args.steps, "rounds": 2,
-                                   "val_cases_per_round_measured": args.val_cases, "sizes": sizes,
-                                   "site_rss_ratio_largest_vs_smallest": sizes[-1]["site_process_peak_rss_mib"]
-                                   / sizes[0]["site_process_peak_rss_mib"]})
-    print(table(["cases", "site process peak RSS (MiB)", "whole simulator peak RSS (MiB)", "s/step", "caching (s)",
-                 "disk cache (MB)", "wall (s)"],
-                [[r["cases"], f"{r['site_process_peak_rss_mib']:.0f}", f"{r['simulator_peak_rss_mib']:.0f}",
-                  f"{r['seconds_per_step']:.2f}", f"{r['caching_seconds']:.0f}", f"{r['cache_mb']:.0f}",
-                  f"{r['wall_seconds']:.0f}"] for r in (done[k] for k in sorted(done))]))
+        path = write_result(
+            name,
+            {
+                "profile": "fets2022",
+                "steps_per_round_measured": args.steps,
+                "rounds": 2,
+                "val_cases_per_round_measured": args.val_cases,
+                "sizes": sizes,
+                "site_rss_ratio_largest_vs_smallest": sizes[-1]["site_process_peak_rss_mib"]
+                / sizes[0]["site_process_peak_rss_mib"],
+            },
+        )
+    print(
+        table(
+            [
+                "cases",
+                "site process peak RSS (MiB)",
+                "whole simulator peak RSS (MiB)",
+                "s/step",
+                "caching (s)",
+                "disk cache (MB)",
+                "wall (s)",
+            ],
+            [
+                [
+                    r["cases"],
+                    f"{r['site_process_peak_rss_mib']:.0f}",
+                    f"{r['simulator_peak_rss_mib']:.0f}",
+                    f"{r['seconds_per_step']:.2f}",
+                    f"{r['caching_seconds']:.0f}",
+                    f"{r['cache_mb']:.0f}",
+                    f"{r['wall_seconds']:.0f}",
+                ]
+                for r in (done[k] for k in sorted(done))
+            ],
+        )
+    )
     print(f"written {path}")
 
 
@@ -362,11 +473,19 @@ def print_hospital_table(csv_path: str) -> None:
     if not sizes:
         raise SystemExit(f"no {RESULT_NAME}.json results yet: run python -m bench.site_scale first")
     gpu_sizes = load_previous(f"{RESULT_NAME}_cuda").get("sizes") or []
-    gpu = {k: statistics.median(s[k] for s in gpu_sizes) for k in ("seconds_per_step", "val_seconds_per_case")} if gpu_sizes else None
+    gpu = (
+        {k: statistics.median(s[k] for s in gpu_sizes) for k in ("seconds_per_step", "val_seconds_per_case")}
+        if gpu_sizes
+        else None
+    )
     fets = profile("fets2022")
-    print(table(["partition", "subjects", "RAM (GiB)", "disk cache (GiB)", "first caching (min)", "local round, CPU (min)"]
-                + (["local round, GPU (s)"] if gpu else []),
-                hospital_table(sizes, fets.local_steps, fets.val_max_cases, csv_path, gpu)))
+    print(
+        table(
+            ["partition", "subjects", "RAM (GiB)", "disk cache (GiB)", "first caching (min)", "local round, CPU (min)"]
+            + (["local round, GPU (s)"] if gpu else []),
+            hospital_table(sizes, fets.local_steps, fets.val_max_cases, csv_path, gpu),
+        )
+    )
 
 
 if __name__ == "__main__":

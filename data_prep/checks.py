@@ -107,11 +107,15 @@ def check_subject(folder: str, sid: str) -> SubjectCheck:
         else:
             ref_name, ref_shape, ref_affine = reference
             if data.shape != ref_shape:
-                result.problems.append(Problem(sid, name, "geometry", f"shape {data.shape} differs from {ref_name} {ref_shape}"))
+                result.problems.append(
+                    Problem(sid, name, "geometry", f"shape {data.shape} differs from {ref_name} {ref_shape}")
+                )
                 continue
             gap = float(np.max(np.abs(image.affine - ref_affine)))
             if gap > AFFINE_TOLERANCE_MM:
-                result.problems.append(Problem(sid, name, "geometry", f"affine differs from {ref_name} by up to {gap:.4g} mm"))
+                result.problems.append(
+                    Problem(sid, name, "geometry", f"affine differs from {ref_name} by up to {gap:.4g} mm")
+                )
                 continue
         finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
         if finite is not None and not finite.all():

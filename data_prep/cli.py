@@ -23,10 +23,17 @@ def add_fets2022_arguments(p: argparse.ArgumentParser) -> None:
     which.add_argument("--largest", type=int, metavar="N", help="the N partitions with the most subjects")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each site's subjects for validation")
     p.add_argument("--seed", type=int, default=0, help="seed of the training/validation split")
-    p.add_argument("--name-template", default="site-{n}",
-                   help="site folder = FLARE client name; {n}: 1-based index of the site, {partition}: partition id")
-    p.add_argument("--mode", choices=MODES, default="link",
-                   help="link: symlinks (default); copy: copies; preprocess: crop to the brain, store compactly")
+    p.add_argument(
+        "--name-template",
+        default="site-{n}",
+        help="site folder = FLARE client name; {n}: 1-based index of the site, {partition}: partition id",
+    )
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="link",
+        help="link: symlinks (default); copy: copies; preprocess: crop to the brain, store compactly",
+    )
     p.add_argument("--workers", type=int, default=None, help="processes reading subjects (default: all cores)")
     p.add_argument("--strict", action="store_true", help="fail (and change no site folder) on any rejection")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -37,9 +44,18 @@ def run_fets2022(args: argparse.Namespace) -> int:
 
     try:
         result = prepare(
-            args.data, args.out, csv_path=args.csv, partitions=args.partitions, largest=args.largest,
-            validation_fraction=args.val_fraction, seed=args.seed, name_template=args.name_template,
-            mode=args.mode, workers=args.workers, strict=args.strict, show_progress=not args.quiet,
+            args.data,
+            args.out,
+            csv_path=args.csv,
+            partitions=args.partitions,
+            largest=args.largest,
+            validation_fraction=args.val_fraction,
+            seed=args.seed,
+            name_template=args.name_template,
+            mode=args.mode,
+            workers=args.workers,
+            strict=args.strict,
+            show_progress=not args.quiet,
         )
     except (PrepError, PartitionCsvError, ValueError) as exc:
         print(f"prepare: {exc}", file=sys.stderr)
@@ -64,8 +80,9 @@ def run_synth(args: argparse.Namespace, progress=None) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fedseg.data_prep", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m fedseg.data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("fets2022", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")
     add_fets2022_arguments(p)

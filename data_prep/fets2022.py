@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from fedseg.atomic import write_json, write_text
 from fedseg.data_prep.checks import KINDS, Problem, SubjectCheck, check_subject, signature
 from fedseg.data_prep.layout import MODALITIES, SEG, subject_file
-from fedseg.regions import DATALIST_NAME
 from fedseg.data_prep.materialise import MODES, materialise
 from fedseg.data_prep.partitions import PartitionCsvError, PartitionTable, parse_partitions
+from fedseg.regions import DATALIST_NAME
 
 MANIFEST_NAME = "manifest.json"
 REJECTED_NAME = "rejected.csv"
@@ -241,19 +241,23 @@ def prepare(
 
     os.makedirs(out_dir, exist_ok=True)
     checks, read, reused = _check_subjects(table, chosen, on_disk, data_dir, out_dir, workers, show_progress, rejected)
-    plans = _plan_sites(table, chosen, on_disk, checks, name_template, validation_fraction, seed, min_subjects,
-                        rejected, warnings)
+    plans = _plan_sites(
+        table, chosen, on_disk, checks, name_template, validation_fraction, seed, min_subjects, rejected, warnings
+    )
 
     result = PrepResult([], rejected, warnings, read=read, reused=reused)
     write_rejected(os.path.join(out_dir, REJECTED_NAME), rejected, table.partition_of())
     if strict and rejected:
         result.seconds = time.monotonic() - started
         write_summary(out_dir, result, data_dir, csv_path, mode, strict=True)
-        raise PrepError(f"--strict: {len(rejected)} rejection(s), site folders left unchanged; see {os.path.join(out_dir, REJECTED_NAME)}")
+        raise PrepError(
+            f"--strict: {len(rejected)} rejection(s), site folders left unchanged; see {os.path.join(out_dir, REJECTED_NAME)}"
+        )
 
     for plan in plans:
-        site, written = _write_site(plan, out_dir, data_dir, csv_path, checks, mode, seed, validation_fraction,
-                                    workers, show_progress)
+        site, written = _write_site(
+            plan, out_dir, data_dir, csv_path, checks, mode, seed, validation_fraction, workers, show_progress
+        )
         result.sites.append(site)
         result.written += written
 
@@ -284,8 +288,16 @@ def _unlisted_warning(on_disk: set[str], table: PartitionTable, csv_path: str) -
     return [f"{len(unlisted)} subject folder(s) on disk are in no partition of {os.path.basename(csv_path)}: {shown}"]
 
 
-def _check_subjects(table: PartitionTable, chosen: list[int], on_disk: set[str], data_dir: str, out_dir: str,
-                    workers: int, show_progress: bool, rejected: list[Problem]) -> tuple[dict[str, SubjectCheck], int, int]:
+def _check_subjects(
+    table: PartitionTable,
+    chosen: list[int],
+    on_disk: set[str],
+    data_dir: str,
+    out_dir: str,
+    workers: int,
+    show_progress: bool,
+    rejected: list[Problem],
+) -> tuple[dict[str, SubjectCheck], int, int]:
     """Check every subject of the chosen partitions, reusing checks of unchanged files; (checks, read, reused)."""
     cache = _CheckCache(out_dir, data_dir)
     checks: dict[str, SubjectCheck] = {}
@@ -293,7 +305,9 @@ def _check_subjects(table: PartitionTable, chosen: list[int], on_disk: set[str],
     for partition in chosen:
         for sid in table.partitions[partition]:
             if sid not in on_disk:
-                rejected.append(Problem(sid, "", "absent", f"listed in partition {partition} but no folder {sid} on disk"))
+                rejected.append(
+                    Problem(sid, "", "absent", f"listed in partition {partition} but no folder {sid} on disk")
+                )
                 continue
             cached = cache.get(sid, signature(data_dir, sid))
             if cached is not None:
@@ -311,9 +325,18 @@ def _check_subjects(table: PartitionTable, chosen: list[int], on_disk: set[str],
     return checks, len(to_read), reused
 
 
-def _plan_sites(table: PartitionTable, chosen: list[int], on_disk: set[str], checks: dict[str, SubjectCheck],
-                name_template: str, validation_fraction: float, seed: int, min_subjects: int,
-                rejected: list[Problem], warnings: list[str]) -> list[SitePlan]:
+def _plan_sites(
+    table: PartitionTable,
+    chosen: list[int],
+    on_disk: set[str],
+    checks: dict[str, SubjectCheck],
+    name_template: str,
+    validation_fraction: float,
+    seed: int,
+    min_subjects: int,
+    rejected: list[Problem],
+    warnings: list[str],
+) -> list[SitePlan]:
     """Accept or reject each checked subject and split each partition with enough of them."""
     plans = []
     for index, partition in enumerate(chosen, start=1):
@@ -323,8 +346,15 @@ def _plan_sites(table: PartitionTable, chosen: list[int], on_disk: set[str], che
         accepted = [s for s in present if checks[s].ok]
         if len(accepted) < min_subjects:
             for sid in accepted:
-                rejected.append(Problem(sid, "", "too-few", f"partition {partition} has {len(accepted)} usable subject(s); "
-                                        f"at least {min_subjects} are needed for a training/validation split"))
+                rejected.append(
+                    Problem(
+                        sid,
+                        "",
+                        "too-few",
+                        f"partition {partition} has {len(accepted)} usable subject(s); "
+                        f"at least {min_subjects} are needed for a training/validation split",
+                    )
+                )
             warnings.append(f"partition {partition}: no site folder ({len(accepted)} usable subjects)")
             continue
         training, validation = split_subjects(accepted, validation_fraction, seed)
@@ -333,9 +363,18 @@ def _plan_sites(table: PartitionTable, chosen: list[int], on_disk: set[str], che
     return plans
 
 
-def _write_site(plan: SitePlan, out_dir: str, data_dir: str, csv_path: str, checks: dict[str, SubjectCheck],
-                mode: str, seed: int, validation_fraction: float, workers: int,
-                show_progress: bool) -> tuple[SiteResult, int]:
+def _write_site(
+    plan: SitePlan,
+    out_dir: str,
+    data_dir: str,
+    csv_path: str,
+    checks: dict[str, SubjectCheck],
+    mode: str,
+    seed: int,
+    validation_fraction: float,
+    workers: int,
+    show_progress: bool,
+) -> tuple[SiteResult, int]:
     """One site folder: its subjects (only what changed), then its datalist and manifest; (result, written)."""
     site_dir = os.path.join(out_dir, plan.name)
     os.makedirs(site_dir, exist_ok=True)
@@ -356,20 +395,37 @@ def _write_site(plan: SitePlan, out_dir: str, data_dir: str, csv_path: str, chec
         check = job[1]
         entries[check.subject] = {"signature": check.signature, "crop": crop, "dtypes": check.dtypes}
 
-    _run_parallel(jobs, materialise, workers if mode == "preprocess" else 1, f"{plan.name}: {mode}", show_progress, record)
+    _run_parallel(
+        jobs, materialise, workers if mode == "preprocess" else 1, f"{plan.name}: {mode}", show_progress, record
+    )
     for sid in entries:
         entries[sid]["split"] = "validation" if sid in plan.validation else "training"
-    write_json(os.path.join(site_dir, DATALIST_NAME), {
-        "site": plan.name, "partition": plan.partition, "mode": mode, "modalities": list(MODALITIES),
-        "training": [datalist_entry(s) for s in plan.training],
-        "validation": [datalist_entry(s) for s in plan.validation],
-    })
-    write_json(os.path.join(site_dir, MANIFEST_NAME), {
-        "site": plan.name, "partition": plan.partition, "mode": mode, "source": data_dir,
-        "csv": os.path.abspath(csv_path), "seed": seed, "validation_fraction": validation_fraction,
-        "counts": {"training": len(plan.training), "validation": len(plan.validation)},
-        "files": list(KINDS), "subjects": {s: entries[s] for s in sorted(entries)},
-    })
+    write_json(
+        os.path.join(site_dir, DATALIST_NAME),
+        {
+            "site": plan.name,
+            "partition": plan.partition,
+            "mode": mode,
+            "modalities": list(MODALITIES),
+            "training": [datalist_entry(s) for s in plan.training],
+            "validation": [datalist_entry(s) for s in plan.validation],
+        },
+    )
+    write_json(
+        os.path.join(site_dir, MANIFEST_NAME),
+        {
+            "site": plan.name,
+            "partition": plan.partition,
+            "mode": mode,
+            "source": data_dir,
+            "csv": os.path.abspath(csv_path),
+            "seed": seed,
+            "validation_fraction": validation_fraction,
+            "counts": {"training": len(plan.training), "validation": len(plan.validation)},
+            "files": list(KINDS),
+            "subjects": {s: entries[s] for s in sorted(entries)},
+        },
+    )
     _remove_stale(site_dir, set(entries) | {DATALIST_NAME, MANIFEST_NAME})
     return SiteResult(plan.name, plan.partition, len(plan.training), len(plan.validation), plan.missing), len(jobs)
 
@@ -394,13 +450,23 @@ def write_rejected(path: str, rejected: list[Problem], partition_of: dict[str, i
 
 
 def write_summary(out_dir: str, result: PrepResult, data_dir: str, csv_path: str, mode: str, strict: bool) -> None:
-    write_json(os.path.join(out_dir, SUMMARY_NAME), {
-        "source": data_dir, "csv": os.path.abspath(csv_path), "mode": mode, "strict": strict,
-        "sites": [vars(s) for s in result.sites],
-        "rejected": len(result.rejected), "rejected_by_reason": dict(result.reasons()),
-        "warnings": result.warnings, "subjects_read": result.read, "subjects_reused": result.reused,
-        "subjects_written": result.written, "seconds": result.seconds,
-    })
+    write_json(
+        os.path.join(out_dir, SUMMARY_NAME),
+        {
+            "source": data_dir,
+            "csv": os.path.abspath(csv_path),
+            "mode": mode,
+            "strict": strict,
+            "sites": [vars(s) for s in result.sites],
+            "rejected": len(result.rejected),
+            "rejected_by_reason": dict(result.reasons()),
+            "warnings": result.warnings,
+            "subjects_read": result.read,
+            "subjects_reused": result.reused,
+            "subjects_written": result.written,
+            "seconds": result.seconds,
+        },
+    )
 
 
 def format_summary(result: PrepResult) -> str:
@@ -409,9 +475,11 @@ def format_summary(result: PrepResult) -> str:
     for s in result.sites:
         lines.append(f"{s.site:<16}{s.partition:>10}{s.training:>10}{s.validation:>12}")
     total = sum(s.training + s.validation for s in result.sites)
-    lines.append(f"{len(result.sites)} sites, {total} subjects prepared "
-                 f"({result.read} read, {result.reused} unchanged since the last run, {result.written} written) "
-                 f"in {result.seconds:.1f} s")
+    lines.append(
+        f"{len(result.sites)} sites, {total} subjects prepared "
+        f"({result.read} read, {result.reused} unchanged since the last run, {result.written} written) "
+        f"in {result.seconds:.1f} s"
+    )
     if result.rejected:
         by_reason = ", ".join(f"{kind}: {n}" for kind, n in sorted(result.reasons().items()))
         lines.append(f"rejected {len(result.rejected)} ({by_reason})")
@@ -422,13 +490,28 @@ def format_summary(result: PrepResult) -> str:
     return "\n".join(lines)
 
 
-def prepare_sites(data_dir: str, out_dir: str, csv_path: str | None = None, partitions: list[int] | None = None,
-                  validation_fraction: float = 0.2, seed: int = 0, name_template: str = "site-{n}",
-                  **options) -> list[SiteResult]:
+def prepare_sites(
+    data_dir: str,
+    out_dir: str,
+    csv_path: str | None = None,
+    partitions: list[int] | None = None,
+    validation_fraction: float = 0.2,
+    seed: int = 0,
+    name_template: str = "site-{n}",
+    **options,
+) -> list[SiteResult]:
     """``prepare`` for callers that only want the sites (the demo, tests); no progress bars by default."""
     options.setdefault("show_progress", False)
-    return prepare(data_dir, out_dir, csv_path=csv_path, partitions=partitions, validation_fraction=validation_fraction,
-                   seed=seed, name_template=name_template, **options).sites
+    return prepare(
+        data_dir,
+        out_dir,
+        csv_path=csv_path,
+        partitions=partitions,
+        validation_fraction=validation_fraction,
+        seed=seed,
+        name_template=name_template,
+        **options,
+    ).sites
 
 
 __all__ = ["prepare", "prepare_sites", "PrepError", "PartitionCsvError", "split_subjects", "format_summary"]

@@ -74,7 +74,9 @@ def materialise(data_dir: str, check: SubjectCheck, site_dir: str, mode: str) ->
     if mode == "copy":
         with atomic_directory(target) as tmp:
             for kind in KINDS:
-                shutil.copy2(subject_file(data_dir, sid, kind), os.path.join(tmp, os.path.basename(subject_file("", sid, kind))))
+                shutil.copy2(
+                    subject_file(data_dir, sid, kind), os.path.join(tmp, os.path.basename(subject_file("", sid, kind)))
+                )
         return None
     if mode != "preprocess":
         raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")

@@ -28,7 +28,7 @@ class RowProblem:
 @dataclass
 class PartitionTable:
     path: str
-    partitions: "OrderedDict[int, list[str]]"
+    partitions: OrderedDict[int, list[str]]
     problems: list[RowProblem] = field(default_factory=list)
 
     def partition_of(self) -> dict[str, int]:
@@ -60,15 +60,21 @@ def parse_partitions(path: str) -> PartitionTable:
         try:
             partition = int(raw_id)
         except ValueError:
-            table.problems.append(RowProblem(line, subject, f"{path}:{line}: Partition_ID {raw_id!r} is not an integer"))
+            table.problems.append(
+                RowProblem(line, subject, f"{path}:{line}: Partition_ID {raw_id!r} is not an integer")
+            )
             continue
         if not subject:
             table.problems.append(RowProblem(line, subject, f"{path}:{line}: empty Subject_ID"))
             continue
         if subject in seen:
             table.problems.append(
-                RowProblem(line, subject, f"{path}:{line}: subject {subject} listed twice (first in partition {seen[subject]}); "
-                           "the first listing is kept")
+                RowProblem(
+                    line,
+                    subject,
+                    f"{path}:{line}: subject {subject} listed twice (first in partition {seen[subject]}); "
+                    "the first listing is kept",
+                )
             )
             continue
         seen[subject] = partition
@@ -78,7 +84,7 @@ def parse_partitions(path: str) -> PartitionTable:
     return table
 
 
-def read_partitions(path: str) -> "OrderedDict[int, list[str]]":
+def read_partitions(path: str) -> OrderedDict[int, list[str]]:
     """Strict reading: any bad row is an error naming the file, row and reason."""
     table = parse_partitions(path)
     if table.problems:

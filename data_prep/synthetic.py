@@ -78,7 +78,8 @@ def brain_templates(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray
     folder = template_folder()
     names = ("gm", "wm")
     maps = [
-        nib.load(os.path.join(folder, f"mni_icbm152_{n}_tal_nlin_sym_09a_converted.nii.gz")).get_fdata(dtype=np.float32) / 255.0
+        nib.load(os.path.join(folder, f"mni_icbm152_{n}_tal_nlin_sym_09a_converted.nii.gz")).get_fdata(dtype=np.float32)
+        / 255.0
         for n in names
     ]
     gm, wm = maps
@@ -167,7 +168,9 @@ def _tumour(rng: np.random.Generator, brain: np.ndarray, spacing: float, radius_
     return label
 
 
-def make_subject(rng: np.random.Generator, shape: tuple[int, int, int], institution: Institution) -> dict[str, np.ndarray]:
+def make_subject(
+    rng: np.random.Generator, shape: tuple[int, int, int], institution: Institution
+) -> dict[str, np.ndarray]:
     """The four modalities (int16, as scanners export) and the segmentation (uint8) of one subject."""
     templates, _, spacing = brain_templates(tuple(shape))
     tissues = _deform(rng, templates)

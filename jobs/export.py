@@ -27,16 +27,24 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+from fedseg.jobs.recipes import ALGORITHMS, REPO_ROOT, JobSettings, build_recipe
 from fedseg.settings import DEFAULT_PROFILE, PROFILES
 from fedseg.wire import QUANTIZATION_TYPES
-from fedseg.jobs.recipes import ALGORITHMS, REPO_ROOT, JobSettings, build_recipe
 
 JOBS_DIR = os.path.join(REPO_ROOT, "jobs")
 # controller argument -> JobSettings field: every FedRef setting is written out, defaults included
-FEDREF_ARGS = {"buffer_size": "buffer_size", "lambda1": "lambda1", "lambda2": "lambda2",
-               "reference_weighting": "reference_weighting", "lambda2_factor": "lambda2_factor",
-               "lambda2_every": "lambda2_every", "lambda2_max": "lambda2_max", "variant": "fedref_variant",
-               "momentum": "fedref_momentum", "alpha_max": "fedref_alpha_max"}
+FEDREF_ARGS = {
+    "buffer_size": "buffer_size",
+    "lambda1": "lambda1",
+    "lambda2": "lambda2",
+    "reference_weighting": "reference_weighting",
+    "lambda2_factor": "lambda2_factor",
+    "lambda2_every": "lambda2_every",
+    "lambda2_max": "lambda2_max",
+    "variant": "fedref_variant",
+    "momentum": "fedref_momentum",
+    "alpha_max": "fedref_alpha_max",
+}
 
 
 def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
@@ -89,11 +97,25 @@ def export_job(settings: JobSettings, out_dir: str) -> str:
     return target
 
 
-def default_settings(algorithm: str, rounds: int = 10, sites: Sequence[str] = ("site-1", "site-2", "site-3"),
-                     quantization: str | None = None, profile: str = DEFAULT_PROFILE, byoc: bool = False) -> JobSettings:
+def default_settings(
+    algorithm: str,
+    rounds: int = 10,
+    sites: Sequence[str] = ("site-1", "site-2", "site-3"),
+    quantization: str | None = None,
+    profile: str = DEFAULT_PROFILE,
+    byoc: bool = False,
+) -> JobSettings:
     """The committed jobs: a profile's training settings, no data or cache path (each site sets its own)."""
-    return JobSettings.for_profile(profile, algorithm=algorithm, sites=list(sites), num_rounds=rounds, data_root=None,
-                                   threads=0, quantization=quantization, byoc=byoc)
+    return JobSettings.for_profile(
+        profile,
+        algorithm=algorithm,
+        sites=list(sites),
+        num_rounds=rounds,
+        data_root=None,
+        threads=0,
+        quantization=quantization,
+        byoc=byoc,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -103,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     parser.add_argument("--algorithms", nargs="+", default=list(ALGORITHMS), choices=list(ALGORITHMS))
     parser.add_argument("--quantization", choices=QUANTIZATION_TYPES, help="compress the training transfer")
-    parser.add_argument("--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help="the sites' training settings")
+    parser.add_argument(
+        "--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help="the sites' training settings"
+    )
     parser.add_argument("--byoc", action="store_true", help="ship the fedseg package in the job (POC, experiments)")
     args = parser.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)

@@ -15,7 +15,6 @@ import atexit
 import functools
 import glob
 import os
-import shlex
 import shutil
 import tempfile
 import time
@@ -25,14 +24,24 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
 
+import fedseg
 from fedseg.atomic import write_json
 from fedseg.controller import (
-    REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE, FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold,
+    REFERENCE_BUFFER_FILE,
+    ROUND_METRICS_FILE,
+    FedRefController,
+    RecordingFedAvg,
+    RecordingFedOpt,
+    RecordingScaffold,
 )
-import fedseg
 from fedseg.executor import TRAINER_SCRIPT, SiteExecutor, VersionGuard
 from fedseg.fedref import (
-    DEFAULT_ALPHA_MAX, DEFAULT_BUFFER_SIZE, DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, DEFAULT_VARIANT, VARIANTS,
+    DEFAULT_ALPHA_MAX,
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_LAMBDA1,
+    DEFAULT_LAMBDA2,
+    DEFAULT_VARIANT,
+    VARIANTS,
 )
 from fedseg.network import FedSegUNet
 from fedseg.policy import with_allow_list
@@ -126,7 +135,9 @@ class JobSettings(TrainingSettings):
         if self.num_rounds < 1:
             raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
         if not 0 <= self.clients_per_round <= len(self.sites):
-            raise ValueError(f"clients_per_round must be 0 (every site) to {len(self.sites)}, got {self.clients_per_round}")
+            raise ValueError(
+                f"clients_per_round must be 0 (every site) to {len(self.sites)}, got {self.clients_per_round}"
+            )
         if self.fedref_variant not in VARIANTS:
             raise ValueError(f"unknown fedref_variant {self.fedref_variant!r}; choose one of {VARIANTS}")
         if self.quantization is not None:
@@ -195,39 +206,76 @@ class FedSegRecipe(FedAvgRecipe):
 
     def _create_controller(self, persistor_id, model_params, model_aggregator):
         s = self.settings
-        common = dict(num_clients=len(s.sites), num_rounds=self.num_rounds, persistor_id=persistor_id,
-                      min_clients=s.min_clients, wait_after_min_seconds=s.wait_after_min_seconds,
-                      memory_gc_rounds=self.server_memory_gc_rounds, start_round=self.resume[2] if self.resume else 0,
-                      clients_per_round=s.clients_per_round, participation_seed=s.seed)
+        common = dict(
+            num_clients=len(s.sites),
+            num_rounds=self.num_rounds,
+            persistor_id=persistor_id,
+            min_clients=s.min_clients,
+            wait_after_min_seconds=s.wait_after_min_seconds,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            start_round=self.resume[2] if self.resume else 0,
+            clients_per_round=s.clients_per_round,
+            participation_seed=s.seed,
+        )
         if s.algorithm != "scaffold":
             common["validate_absent"] = s.validate_absent_sites
         if s.algorithm == "scaffold":
             return RecordingScaffold(**common)
-        fedavg = dict(common, model=model_params, save_filename=self.save_filename, aggregator=model_aggregator,
-                      stop_cond=self.stop_cond, patience=self.patience, task_name="train",
-                      exclude_vars=self.exclude_vars, aggregation_weights=self.aggregation_weights)
+        fedavg = dict(
+            common,
+            model=model_params,
+            save_filename=self.save_filename,
+            aggregator=model_aggregator,
+            stop_cond=self.stop_cond,
+            patience=self.patience,
+            task_name="train",
+            exclude_vars=self.exclude_vars,
+            aggregation_weights=self.aggregation_weights,
+        )
         if s.algorithm == "fedref":
             return FedRefController(
-                buffer_size=s.buffer_size, lambda1=s.lambda1, lambda2=s.lambda2,
-                reference_weighting=s.reference_weighting, lambda2_factor=s.lambda2_factor,
-                lambda2_every=s.lambda2_every, lambda2_max=s.lambda2_max, variant=s.fedref_variant,
-                momentum=s.fedref_momentum, alpha_max=s.fedref_alpha_max,
-                resume_buffer=self.resume[1] if self.resume else None, **fedavg,
+                buffer_size=s.buffer_size,
+                lambda1=s.lambda1,
+                lambda2=s.lambda2,
+                reference_weighting=s.reference_weighting,
+                lambda2_factor=s.lambda2_factor,
+                lambda2_every=s.lambda2_every,
+                lambda2_max=s.lambda2_max,
+                variant=s.fedref_variant,
+                momentum=s.fedref_momentum,
+                alpha_max=s.fedref_alpha_max,
+                resume_buffer=self.resume[1] if self.resume else None,
+                **fedavg,
             )
         if s.algorithm == "fedprox":
             return RecordingFedAvg(fedprox_mu=s.fedprox_mu, algorithm_name="fedprox", **fedavg)
         if s.algorithm == "fedadam":
-            optimizer = {"path": "torch.optim.Adam", "config_type": "dict",
-                         "args": {"lr": s.server_lr or 0.03, "betas": [0.9, 0.99], "eps": 1e-3}}
+            optimizer = {
+                "path": "torch.optim.Adam",
+                "config_type": "dict",
+                "args": {"lr": s.server_lr or 0.03, "betas": [0.9, 0.99], "eps": 1e-3},
+            }
         elif s.algorithm == "fedavgm":
-            optimizer = {"path": "torch.optim.SGD", "config_type": "dict", "args": {"lr": s.server_lr or 1.0, "momentum": s.server_momentum}}
+            optimizer = {
+                "path": "torch.optim.SGD",
+                "config_type": "dict",
+                "args": {"lr": s.server_lr or 1.0, "momentum": s.server_momentum},
+            }
         else:
             return RecordingFedAvg(**fedavg)
         # "config_type": "dict" keeps FLARE's config loader from building these before FedOpt has a model
-        constant = {"path": "torch.optim.lr_scheduler.ConstantLR", "config_type": "dict",
-                    "args": {"factor": 1.0, "total_iters": 1}}
-        return RecordingFedOpt(source_model=FEDOPT_MODEL_ID, optimizer_args=optimizer, lr_scheduler_args=constant,
-                               algorithm_name=s.algorithm, **fedavg)
+        constant = {
+            "path": "torch.optim.lr_scheduler.ConstantLR",
+            "config_type": "dict",
+            "args": {"factor": 1.0, "total_iters": 1},
+        }
+        return RecordingFedOpt(
+            source_model=FEDOPT_MODEL_ID,
+            optimizer_args=optimizer,
+            lr_scheduler_args=constant,
+            algorithm_name=s.algorithm,
+            **fedavg,
+        )
 
 
 def dead_site_config(seconds: int) -> dict:
@@ -293,14 +341,18 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     workspace_root = os.path.abspath(workspace_root)
     run_folder = os.path.join(workspace_root, settings.job_name)
     if settings.resume_from and os.path.realpath(settings.resume_from).startswith(os.path.realpath(run_folder)):
-        raise ValueError(f"resume from {settings.resume_from} into another workspace or job name: "
-                         f"{run_folder} is cleared before a run")
+        raise ValueError(
+            f"resume from {settings.resume_from} into another workspace or job name: "
+            f"{run_folder} is cleared before a run"
+        )
     if settings.quantization in GPU_QUANTIZATION:
         import torch
 
         if not torch.cuda.is_available():
-            raise ValueError(f"quantization {settings.quantization!r} runs NVFlare's bitsandbytes quantiser on CUDA "
-                             "and this machine has no GPU; use float16")
+            raise ValueError(
+                f"quantization {settings.quantization!r} runs NVFlare's bitsandbytes quantiser on CUDA "
+                "and this machine has no GPU; use float16"
+            )
     if os.path.isdir(run_folder):
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     if not settings.cache_dir:  # the simulated sites' caches outlive a run: the next run starts at once
@@ -322,9 +374,17 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
     reason = None if ok else (f"{failure.__class__.__name__}: {failure}" if failure else "no error raised")
     write_json(
         os.path.join(run_folder, RUN_INFO_FILE),
-        {"settings": settings.to_json(), "data_source": data_source, "wall_seconds": wall, "mode": "simulator",
-         "status": "COMPLETED" if ok else "FAILED", "completed": ok, "completed_rounds": completed,
-         "planned_rounds": settings.num_rounds, "reason": reason},
+        {
+            "settings": settings.to_json(),
+            "data_source": data_source,
+            "wall_seconds": wall,
+            "mode": "simulator",
+            "status": "COMPLETED" if ok else "FAILED",
+            "completed": ok,
+            "completed_rounds": completed,
+            "planned_rounds": settings.num_rounds,
+            "reason": reason,
+        },
     )
     if not ok:
         raise SimulationError(

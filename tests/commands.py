@@ -16,16 +16,29 @@ VENV = sys.prefix
 
 def make(target: str, timeout: float = 900, **variables: str) -> subprocess.CompletedProcess:
     """``make <target> NAME=value ...`` in the repository root; stdout and stderr together in ``.stdout``."""
-    command = ["make", "-o", os.path.join(VENV, ".installed"), target, f"VENV={VENV}",
-               *(f"{name}={value}" for name, value in variables.items())]
-    return subprocess.run(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=timeout)
+    command = [
+        "make",
+        "-o",
+        os.path.join(VENV, ".installed"),
+        target,
+        f"VENV={VENV}",
+        *(f"{name}={value}" for name, value in variables.items()),
+    ]
+    return subprocess.run(
+        command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+    )
 
 
 def fedseg(*args: str, cwd: str, timeout: float = 900) -> subprocess.CompletedProcess:
     """``.venv/bin/fedseg <args>`` run in ``cwd``; stdout and stderr together in ``.stdout``."""
-    return subprocess.run([os.path.join(VENV, "bin", "fedseg"), *args], cwd=cwd, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    return subprocess.run(
+        [os.path.join(VENV, "bin", "fedseg"), *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ok(result: subprocess.CompletedProcess) -> str:

@@ -12,8 +12,9 @@ from fedseg.jobs.recipes import JobSettings, run_simulation
 
 SITES = ["site-1", "site-2"]
 # Two local steps a round: FedProx's proximal term is 0 at a round's first step and acts only after it.
-TINY = dict(sites=SITES, num_rounds=2, local_steps=2, crop=(32, 32, 24), channels=(8, 16, 32),
-            threads=1, cross_site_eval=False)
+TINY = dict(
+    sites=SITES, num_rounds=2, local_steps=2, crop=(32, 32, 24), channels=(8, 16, 32), threads=1, cross_site_eval=False
+)
 # The shared FedRef run: p = 2, so round 0 is warm-up (plain FedAvg) and round 1 applies the MAP step.
 FEDREF = dict(algorithm="fedref", buffer_size=2)
 

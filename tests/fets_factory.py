@@ -57,8 +57,16 @@ def save(path: str, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(image, path)
 
 
-def write_subject(root: str, sid: str, shape=(6, 6, 5), seed: int = 0, affine=None, image_dtype=np.int16,
-                  seg_dtype=np.uint8, data: dict | None = None) -> None:
+def write_subject(
+    root: str,
+    sid: str,
+    shape=(6, 6, 5),
+    seed: int = 0,
+    affine=None,
+    image_dtype=np.int16,
+    seg_dtype=np.uint8,
+    data: dict | None = None,
+) -> None:
     os.makedirs(os.path.join(root, sid), exist_ok=True)
     affine = sri24_affine(shape) if affine is None else affine
     data = data or volumes(shape, np.random.default_rng(seed), image_dtype, seg_dtype)

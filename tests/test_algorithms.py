@@ -28,8 +28,11 @@ ROUNDS = {"fedadam": 1}  # one round is what its closed-form check needs; the ot
 
 def baseline(federation, algorithm: str):
     """The shared run of one baseline (Scaffold with cross-site evaluation: its checkpoint must stay loadable)."""
-    return federation(algorithm=algorithm, cross_site_eval=algorithm == "scaffold",
-                      num_rounds=ROUNDS.get(algorithm, TINY["num_rounds"]))
+    return federation(
+        algorithm=algorithm,
+        cross_site_eval=algorithm == "scaffold",
+        num_rounds=ROUNDS.get(algorithm, TINY["num_rounds"]),
+    )
 
 
 def fedref_step(run) -> dict:
@@ -97,7 +100,9 @@ def test_fedref_global_model_is_the_closed_form_of_its_last_round(fedref_run):
             reference = 2 * buffered[1][name] - buffered[0][name]
         else:  # uniform weighting: the mean of the p models
             reference = sum(m[name] for m in buffered) / len(buffered)
-        expected = (averaged[name] + job.lambda1 * previous[name] + job.lambda2 * reference) / (1 + job.lambda1 + job.lambda2)
+        expected = (averaged[name] + job.lambda1 * previous[name] + job.lambda2 * reference) / (
+            1 + job.lambda1 + job.lambda2
+        )
         np.testing.assert_allclose(value, expected, rtol=1e-5, atol=1e-6, err_msg=name)
         np.testing.assert_array_equal(previous[name], buffered[-1][name])  # theta_r is the newest buffered model
         np.testing.assert_array_equal(after[-1][name], value)  # the buffer now holds FedRef's output ...
@@ -159,8 +164,7 @@ def test_fedprox_adds_its_proximal_term_at_the_sites(federation):
 
 
 def test_poisoned_updates_are_rejected_and_rounds_complete(two_sites, tmp_path):
-    _, run = simulate(two_sites, tmp_path, algorithm="fedref", min_clients=1,
-                      faults=["site-2:nan:0", "site-2:shape:1"])
+    _, run = simulate(two_sites, tmp_path, algorithm="fedref", min_clients=1, faults=["site-2:nan:0", "site-2:shape:1"])
     first, second = run.rounds
     assert first["rejected"] == {"site-2": "non-finite values (NaN or Inf) in unet.model.0.conv.unit0.conv.weight"}
     assert second["rejected"]["site-2"].startswith("shape of unet.model.0.conv.unit0.conv.weight is (1,)")
@@ -175,8 +179,15 @@ def test_too_few_good_updates_keep_the_global_model(two_sites, tmp_path):
 
 
 def test_a_site_that_dies_leaves_a_finished_job_that_says_so(two_sites, tmp_path):
-    _, run = simulate(two_sites, tmp_path, algorithm="fedref", num_rounds=3, min_clients=1, wait_after_min_seconds=3,
-                      faults=["site-2:die:1"])
+    _, run = simulate(
+        two_sites,
+        tmp_path,
+        algorithm="fedref",
+        num_rounds=3,
+        min_clients=1,
+        wait_after_min_seconds=3,
+        faults=["site-2:die:1"],
+    )
     assert [r["round"] for r in run.rounds] == [0, 1, 2]
     assert [r["missing"] for r in run.rounds] == [[], ["site-2"], ["site-2"]]
     assert all(r["global_updated"] for r in run.rounds)
@@ -186,8 +197,9 @@ def test_a_site_that_dies_leaves_a_finished_job_that_says_so(two_sites, tmp_path
 def test_a_stopped_fedref_run_resumes_with_its_buffer_and_global_model(fedref_run, two_sites, tmp_path):
     _, first = fedref_run
     assert first.rounds[-1]["fedref"]["buffer"] == 2
-    _, resumed = simulate(two_sites, tmp_path / "resumed", algorithm="fedref", buffer_size=2, num_rounds=1,
-                          resume_from=first.folder)
+    _, resumed = simulate(
+        two_sites, tmp_path / "resumed", algorithm="fedref", buffer_size=2, num_rounds=1, resume_from=first.folder
+    )
     (record,) = resumed.rounds
     assert record["round"] == 2
     assert record["fedref"]["applied"]  # a fresh server would still be warming up: the buffer came back

@@ -94,7 +94,10 @@ def test_nan_and_inf_voxels_are_rejected(tmp_path, bad):
     t1ce[2, 2, 2] = t1ce[3, 3, 3] = bad
     problem = only_problem(subject(tmp_path, t1ce=t1ce))
     assert (problem.file, problem.kind, problem.reason) == (
-        f"{SID}_t1ce.nii.gz", "non-finite", "2 non-finite voxels (NaN or Inf)")
+        f"{SID}_t1ce.nii.gz",
+        "non-finite",
+        "2 non-finite voxels (NaN or Inf)",
+    )
 
 
 def test_finite_float_images_pass(tmp_path):
@@ -106,7 +109,8 @@ def test_finite_float_images_pass(tmp_path):
 def test_missing_subject_folder(tmp_path):
     result = check_subject(str(tmp_path), SID)
     assert [(p.file, p.kind, p.reason) for p in problems(str(tmp_path))] == [
-        ("", "missing", f"no subject folder {SID} in {tmp_path}")]
+        ("", "missing", f"no subject folder {SID} in {tmp_path}")
+    ]
     assert result.signature == [[f"{SID}_{k}.nii.gz", None, None] for k in (*MODALITIES, "seg")]
 
 
@@ -171,7 +175,10 @@ def test_labels_outside_fets_are_listed(tmp_path, values, reason):
 def test_an_empty_modality_has_no_brain(tmp_path):
     problem = only_problem(subject(tmp_path, t1ce=np.zeros(SHAPE, np.int16)))
     assert (problem.file, problem.kind, problem.reason) == (
-        f"{SID}_t1ce.nii.gz", "empty", "image is empty (every voxel is 0): no brain")
+        f"{SID}_t1ce.nii.gz",
+        "empty",
+        "image is empty (every voxel is 0): no brain",
+    )
 
 
 def test_an_empty_seg_is_valid(tmp_path):
@@ -198,12 +205,21 @@ def nan_t2(root: str) -> None:
     save(subject_file(root, SID, "t2"), t2, sri24_affine(SHAPE))
 
 
-@pytest.mark.parametrize("defect, kind", [
-    (lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 5), np.int16), sri24_affine(SHAPE)), "geometry"),
-    (lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 6, 2), np.int16), sri24_affine(SHAPE)), "geometry"),
-    (shifted_t2, "geometry"),
-    (nan_t2, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "defect, kind",
+    [
+        (
+            lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 5), np.int16), sri24_affine(SHAPE)),
+            "geometry",
+        ),
+        (
+            lambda root: save(subject_file(root, SID, "t2"), np.ones((8, 8, 6, 2), np.int16), sri24_affine(SHAPE)),
+            "geometry",
+        ),
+        (shifted_t2, "geometry"),
+        (nan_t2, "non-finite"),
+    ],
+)
 def test_a_bad_file_does_not_stop_the_checks_of_the_files_after_it(tmp_path, defect, kind):
     seg = volumes(SHAPE, np.random.default_rng(0))["seg"]
     seg[0, 0, 0] = 3
@@ -221,11 +237,14 @@ def test_a_cached_check_without_problems_reads_back_as_valid():
     assert check.ok and check.problems == [] and check.shape == [8, 8, 6]
 
 
-@pytest.mark.parametrize("exc, text", [
-    (ValueError(""), "ValueError"),
-    (OSError("  not a gzip file\nmore detail"), "OSError: not a gzip file"),
-    (EOFError("x" * 300), "EOFError: " + "x" * 190),
-])
+@pytest.mark.parametrize(
+    "exc, text",
+    [
+        (ValueError(""), "ValueError"),
+        (OSError("  not a gzip file\nmore detail"), "OSError: not a gzip file"),
+        (EOFError("x" * 300), "EOFError: " + "x" * 190),
+    ],
+)
 def test_a_read_error_is_one_short_line_for_rejected_csv(exc, text):
     assert _short(exc) == text
 
@@ -248,6 +267,7 @@ def test_signature_changes_with_the_file(tmp_path):
 
 # -- the partitioning CSV, read leniently: a bad row is left out and said, the rest is used ---------------
 
+
 def csv_file(tmp_path, text: str, encoding: str = "utf-8") -> str:
     path = tmp_path / "partitioning.csv"
     path.write_bytes(text.encode(encoding))
@@ -255,16 +275,7 @@ def csv_file(tmp_path, text: str, encoding: str = "utf-8") -> str:
 
 
 def test_bad_rows_are_left_out_with_their_line_and_reason(tmp_path):
-    path = csv_file(tmp_path, "Partition_ID,Subject_ID\n"
-                              "2,S1\n"
-                              "\n"
-                              "1, S2 \n"
-                              "x,S3\n"
-                              "1,S4,extra\n"
-                              "1,\n"
-                              "3,S1\n"
-                              " , \n"
-                              "2,S5\n")
+    path = csv_file(tmp_path, "Partition_ID,Subject_ID\n2,S1\n\n1, S2 \nx,S3\n1,S4,extra\n1,\n3,S1\n , \n2,S5\n")
     table = parse_partitions(path)
     assert table.path == path
     assert list(table.partitions.items()) == [(2, ["S1", "S5"]), (1, ["S2"])]  # file order, stripped
@@ -287,7 +298,8 @@ def test_a_header_with_spaces_and_a_byte_order_mark_is_accepted(tmp_path):
 def test_a_single_column_row_is_a_row_problem(tmp_path):
     table = parse_partitions(csv_file(tmp_path, "Partition_ID,Subject_ID\n1,S1\n7\n"))
     assert [(p.line, p.subject, p.reason.split(": ", 1)[1]) for p in table.problems] == [
-        (3, "", "expected 2 columns, found 1")]
+        (3, "", "expected 2 columns, found 1")
+    ]
 
 
 @pytest.mark.parametrize(

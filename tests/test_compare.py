@@ -25,7 +25,10 @@ def final_mean_dice(run) -> float:
 
 
 def megabytes(run) -> float:
-    return sum(s["bytes_received_by_site"] + s["bytes_sent_by_site"] for r in run.rounds for s in r["sites"].values()) / 1e6
+    return (
+        sum(s["bytes_received_by_site"] + s["bytes_sent_by_site"] for r in run.rounds for s in r["sites"].values())
+        / 1e6
+    )
 
 
 def winners(values: dict[str, float], better) -> list[str]:

@@ -28,9 +28,15 @@ def make_run(root, name: str, algorithm: str, seed: int, curve: list[float], var
     for r, d in enumerate(curve):
         trained = SITES[:2] if r % 2 == 0 else SITES[1:]
         absent = [s for s in SITES if s not in trained][0]
-        records.append({"round": r, "algorithm": algorithm, "participants": trained,
-                        "sites": {s: {**scores(d), "train_loss": 0.5} for s in trained},
-                        "validation_only": {absent: scores(d - 0.3)}})
+        records.append(
+            {
+                "round": r,
+                "algorithm": algorithm,
+                "participants": trained,
+                "sites": {s: {**scores(d), "train_loss": 0.5} for s in trained},
+                "validation_only": {absent: scores(d - 0.3)},
+            }
+        )
     (server / "round_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     settings = {"algorithm": algorithm, "seed": seed, "sites": SITES, "clients_per_round": 2, "fedref_variant": variant}
     (folder / "run.json").write_text(json.dumps({"settings": settings, "wall_seconds": 10.0}))
@@ -57,10 +63,12 @@ def test_area_under_curve_paired_interval_and_participation(tmp_path):
         assert run_auc[("fedref-trend", seed)] == pytest.approx(statistics.mean(pooled_curve(curve)))
     winners = {w["measure"]: w for w in result["winners"]}
     assert winners["auc"]["values"]["fedavg"] == pytest.approx(
-        statistics.mean(statistics.mean(pooled_curve(c)) for c in fedavg.values()))
+        statistics.mean(statistics.mean(pooled_curve(c)) for c in fedavg.values())
+    )
     assert winners["auc"]["winners"] == ["fedref-trend"]
     assert winners["last3_dice_mean"]["values"]["fedavg"] == pytest.approx(
-        statistics.mean(statistics.mean(pooled_curve(c)[-3:]) for c in fedavg.values()))
+        statistics.mean(statistics.mean(pooled_curve(c)[-3:]) for c in fedavg.values())
+    )
 
     diffs = [statistics.mean(pooled_curve(trend[s])) - statistics.mean(pooled_curve(fedavg[s])) for s in fedavg]
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)

@@ -33,8 +33,9 @@ def test_restarted_controller_gives_the_same_next_global_model(tmp_path):
     path = tmp_path / "fedref_reference_buffer.pt"
     torch.save({**stopped.buffer.state(), "round": 2}, path)
 
-    restarted = FedRefController(num_clients=2, num_rounds=2, buffer_size=3, lambda1=0.1, lambda2=0.3,
-                                 resume_buffer=str(path))
+    restarted = FedRefController(
+        num_clients=2, num_rounds=2, buffer_size=3, lambda1=0.1, lambda2=0.3, resume_buffer=str(path)
+    )
     assert len(restarted.updater.buffer) == 3
     for got, want in zip(restarted.updater.buffer.models, stopped.buffer.models):
         np.testing.assert_array_equal(got["w"], want["w"])
@@ -53,8 +54,9 @@ def test_resume_with_another_buffer_size_is_refused(tmp_path):
 
 
 def test_lambda2_schedule():
-    controller = FedRefController(num_clients=2, num_rounds=10, lambda2=0.1, lambda2_factor=2.0, lambda2_every=3,
-                                  lambda2_max=0.35)
+    controller = FedRefController(
+        num_clients=2, num_rounds=10, lambda2=0.1, lambda2_factor=2.0, lambda2_every=3, lambda2_max=0.35
+    )
     assert [controller.lambda2_at(r) for r in (0, 2, 3, 5, 6, 9)] == pytest.approx([0.1, 0.1, 0.2, 0.2, 0.35, 0.35])
     assert FedRefController(num_clients=2, num_rounds=2, lambda2=0.1).lambda2_at(50) == 0.1
 
@@ -62,8 +64,14 @@ def test_lambda2_schedule():
 @pytest.mark.parametrize(
     "update, reason",
     [
-        ({"w": np.full((3, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)}, "non-finite values (NaN or Inf) in w"),
-        ({"w": np.zeros((3, 2), np.float32), "b": np.array([np.inf, 0], np.float32)}, "non-finite values (NaN or Inf) in b"),
+        (
+            {"w": np.full((3, 2), np.nan, np.float32), "b": np.zeros(2, np.float32)},
+            "non-finite values (NaN or Inf) in w",
+        ),
+        (
+            {"w": np.zeros((3, 2), np.float32), "b": np.array([np.inf, 0], np.float32)},
+            "non-finite values (NaN or Inf) in b",
+        ),
         ({"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}, "shape of w is (2, 3), expected (3, 2)"),
         ({"w": np.zeros((3, 2), np.float32)}, "1 missing key(s), e.g. b"),
         ({"w": np.zeros((3, 2)), "b": np.zeros(2), "x": np.zeros(1)}, "1 unexpected key(s), e.g. x"),
@@ -71,8 +79,10 @@ def test_lambda2_schedule():
         ({"w": torch.zeros(3, 2), "b": torch.zeros(2)}, None),
         ({"w": torch.full((3, 2), float("nan")), "b": torch.zeros(2)}, "non-finite values (NaN or Inf) in w"),
         ({"w": torch.zeros(3, 2), "b": torch.tensor([0.0, float("-inf")])}, "non-finite values (NaN or Inf) in b"),
-        ({"w": torch.zeros(3, 2, dtype=torch.float16), "b": torch.tensor([float("inf"), 0.0], dtype=torch.float16)},
-         "non-finite values (NaN or Inf) in b"),
+        (
+            {"w": torch.zeros(3, 2, dtype=torch.float16), "b": torch.tensor([float("inf"), 0.0], dtype=torch.float16)},
+            "non-finite values (NaN or Inf) in b",
+        ),
         ({"w": torch.zeros(2, 3), "b": torch.zeros(2)}, "shape of w is (2, 3), expected (3, 2)"),
         ({"w": np.zeros((3, 2), np.int64), "b": np.zeros(2, np.int32)}, None),
         ({"b": np.zeros(2, np.float32), "w": np.zeros((3, 2), np.float32)}, None),
@@ -103,8 +113,15 @@ def test_the_first_bad_tensor_is_named():
     assert update_problem({"c": np.zeros(2)}, reference) == "2 missing key(s), e.g. a"
 
 
-@pytest.mark.parametrize("min_clients, rejected, enough", [(2, {}, True), (2, {"site-2": "NaN"}, False),
-                                                           (1, {"site-2": "NaN"}, True), (0, {"site-1": "x", "site-2": "y"}, False)])
+@pytest.mark.parametrize(
+    "min_clients, rejected, enough",
+    [
+        (2, {}, True),
+        (2, {"site-2": "NaN"}, False),
+        (1, {"site-2": "NaN"}, True),
+        (0, {"site-1": "x", "site-2": "y"}, False),
+    ],
+)
 def test_a_round_needs_min_clients_accepted_updates_and_at_least_one(min_clients, rejected, enough):
     controller = FedRefController(num_clients=2, num_rounds=1, min_clients=min_clients)
     controller._site_records = {"site-1": {}, "site-2": {}}
@@ -112,8 +129,18 @@ def test_a_round_needs_min_clients_accepted_updates_and_at_least_one(min_clients
     assert controller.enough_updates() is enough
 
 
-@pytest.mark.parametrize("value, plain", [(np.float32(2.5), 2.5), (torch.tensor(3.0), 3.0), (7, 7.0),
-                                          (float("nan"), None), (float("inf"), None), ("x", "x"), (None, None),
-                                          ([1, 2], "[1, 2]")])
+@pytest.mark.parametrize(
+    "value, plain",
+    [
+        (np.float32(2.5), 2.5),
+        (torch.tensor(3.0), 3.0),
+        (7, 7.0),
+        (float("nan"), None),
+        (float("inf"), None),
+        ("x", "x"),
+        (None, None),
+        ([1, 2], "[1, 2]"),
+    ],
+)
 def test_round_records_hold_json_safe_values(value, plain):
     assert _plain(value) == plain and type(_plain(value)) is type(plain)

@@ -11,9 +11,15 @@ SITES = ["site-1", "site-2", "site-3"]
 
 def record(number: int, seconds: float, end: float, work: dict[str, tuple[float, float]], **extra) -> dict:
     """A round record as the controller writes it: per site train and validation seconds."""
-    return {"round": number, "seconds": seconds, "time": end, "missing": [], "rejected": {},
-            "sites": {s: {"train_seconds": t, "val_seconds": v, "dice_mean": 0.5} for s, (t, v) in work.items()},
-            **extra}
+    return {
+        "round": number,
+        "seconds": seconds,
+        "time": end,
+        "missing": [],
+        "rejected": {},
+        "sites": {s: {"train_seconds": t, "val_seconds": v, "dice_mean": 0.5} for s, (t, v) in work.items()},
+        **extra,
+    }
 
 
 def rounds() -> list[dict]:
@@ -47,10 +53,12 @@ def test_medians_leave_round_zero_out():
 
 
 def test_the_rest_is_the_median_of_each_rounds_rest_not_a_difference_of_medians():
-    records = [rounds()[0],
-               record(1, 10.0, 110.0, {"site-1": (1.0, 0.0)}),
-               record(2, 2.0, 112.5, {"site-1": (1.5, 0.0)}),
-               record(3, 3.0, 115.6, {"site-1": (0.1, 0.0)})]
+    records = [
+        rounds()[0],
+        record(1, 10.0, 110.0, {"site-1": (1.0, 0.0)}),
+        record(2, 2.0, 112.5, {"site-1": (1.5, 0.0)}),
+        record(3, 3.0, 115.6, {"site-1": (0.1, 0.0)}),
+    ]
     summary = summarise_rounds(records, ["site-1"])
     # rests 9.0, 0.5, 2.9 -> 2.9 (median round 3.0 - median work 1.0 would say 2.0)
     assert summary["rest_seconds"] == pytest.approx(2.9)
@@ -61,8 +69,11 @@ def test_a_site_missing_from_a_record_is_detected():
     del records[2]["sites"]["site-3"]  # dropped out without being listed as missing
     records[3]["missing"] = ["site-2"]
     records[3]["rejected"] = {"site-1": "NaN in conv.bias"}
-    assert lost_sites(records, SITES) == ["round 2: site-3 (no result)", "round 3: site-2 (no result)",
-                                          "round 3: site-1 (rejected: NaN in conv.bias)"]
+    assert lost_sites(records, SITES) == [
+        "round 2: site-3 (no result)",
+        "round 3: site-2 (no result)",
+        "round 3: site-1 (rejected: NaN in conv.bias)",
+    ]
     assert lost_sites(rounds(), SITES) == []
     assert summarise_rounds(records, SITES)["lost"][0] == "round 2: site-3 (no result)"
     # a round-0 loss (the simulator's start race) counts too, though round 0 is out of the medians
@@ -78,10 +89,20 @@ def test_only_round_zero_cannot_be_summarised():
 
 def test_ratios_are_against_the_smallest_federation_of_the_same_invocation():
     def row(sites, round_s, rest, slowest, round0, pss):
-        return {"sites": sites, "round_seconds": round_s, "rest_seconds": rest, "slowest_site_seconds": slowest,
-                "round0_seconds": round0, "peak_memory": {"pss_mib": pss}}
+        return {
+            "sites": sites,
+            "round_seconds": round_s,
+            "rest_seconds": rest,
+            "slowest_site_seconds": slowest,
+            "round0_seconds": round0,
+            "peak_memory": {"pss_mib": pss},
+        }
 
-    rows = [row(23, 9.0, 6.0, 3.0, 90.0, 10500.0), row(3, 3.0, 2.0, 1.0, 18.0, 2500.0), row(8, 4.5, 3.0, 1.5, 36.0, 4500.0)]
+    rows = [
+        row(23, 9.0, 6.0, 3.0, 90.0, 10500.0),
+        row(3, 3.0, 2.0, 1.0, 18.0, 2500.0),
+        row(8, 4.5, 3.0, 1.5, 36.0, 4500.0),
+    ]
     by_sites = {r["sites"]: r for r in with_ratios(rows)}
     assert by_sites[3]["round_seconds_ratio"] == 1.0 and by_sites[3]["ratio_base_sites"] == 3
     assert by_sites[23]["round_seconds_ratio"] == pytest.approx(3.0)

@@ -60,7 +60,9 @@ def test_map_step_minimises_the_objective():
 
     def objective(t):
         fit = sum(w * np.sum((t - m["conv.bias"]) ** 2) for w, m in zip(weights, models))
-        return 0.5 * fit + lam1 / 2 * np.sum((t - prev["conv.bias"]) ** 2) + lam2 / 2 * np.sum((t - ref["conv.bias"]) ** 2)
+        return (
+            0.5 * fit + lam1 / 2 * np.sum((t - prev["conv.bias"]) ** 2) + lam2 / 2 * np.sum((t - ref["conv.bias"]) ** 2)
+        )
 
     best = objective(theta)
     for _ in range(20):
@@ -270,8 +272,13 @@ def test_each_round_buffers_fedrefs_output_and_the_next_round_uses_it():
 
 def test_defaults_are_the_benchmarks_choice_trend_p3_lambda1_0_lambda2_0_3():
     updater = FedRefUpdater()
-    assert (updater.buffer.capacity, updater.lambda1, updater.lambda2, updater.reference_weighting, updater.variant) == (
-        3, 0.0, 0.3, "uniform", "trend")
+    assert (
+        updater.buffer.capacity,
+        updater.lambda1,
+        updater.lambda2,
+        updater.reference_weighting,
+        updater.variant,
+    ) == (3, 0.0, 0.3, "uniform", "trend")
 
 
 def test_an_unknown_reference_weighting_is_refused_when_the_updater_is_made():

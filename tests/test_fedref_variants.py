@@ -7,20 +7,31 @@ import pytest
 import torch
 
 from fedseg.fedref import (
-    FedRefUpdater, ReferenceBuffer, diagonal_shares, diagonal_step, site_disagreement, step_ratio, trend_coefficients,
+    FedRefUpdater,
+    ReferenceBuffer,
+    diagonal_shares,
+    diagonal_step,
+    site_disagreement,
+    step_ratio,
+    trend_coefficients,
 )
 
 
 def model(rng: np.random.Generator, scale: float = 1.0) -> dict:
-    return {"conv.weight": (rng.normal(size=(4, 3)) * scale).astype(np.float32),
-            "conv.bias": (rng.normal(size=(4,)) * scale).astype(np.float32),
-            "norm.num_batches_tracked": np.array(3, dtype=np.int64)}
+    return {
+        "conv.weight": (rng.normal(size=(4, 3)) * scale).astype(np.float32),
+        "conv.bias": (rng.normal(size=(4,)) * scale).astype(np.float32),
+        "norm.num_batches_tracked": np.array(3, dtype=np.int64),
+    }
 
 
 def weighted_mean(sites: list[tuple[float, dict]]) -> dict:
     total = sum(w for w, _ in sites)
     out = {k: sum(w * m[k].astype(np.float64) for w, m in sites) / total for k in ("conv.weight", "conv.bias")}
-    return {**{k: v.astype(np.float32) for k, v in out.items()}, "norm.num_batches_tracked": sites[0][1]["norm.num_batches_tracked"]}
+    return {
+        **{k: v.astype(np.float32) for k, v in out.items()},
+        "norm.num_batches_tracked": sites[0][1]["norm.num_batches_tracked"],
+    }
 
 
 def rounds_of(updater: FedRefUpdater, initial: dict, site_rounds: list[list[tuple[float, dict]]]) -> list[dict]:
@@ -67,8 +78,11 @@ def test_variants_are_shift_equivariant(variant):
         return {k: (v + c if np.issubdtype(v.dtype, np.floating) else v) for k, v in m.items()}
 
     base = rounds_of(FedRefUpdater(3, 0.1, 0.5, variant=variant), initial, site_rounds)
-    moved = rounds_of(FedRefUpdater(3, 0.1, 0.5, variant=variant), shift(initial),
-                      [[(w, shift(m)) for w, m in sites] for sites in site_rounds])
+    moved = rounds_of(
+        FedRefUpdater(3, 0.1, 0.5, variant=variant),
+        shift(initial),
+        [[(w, shift(m)) for w, m in sites] for sites in site_rounds],
+    )
     for a, b in zip(base, moved):
         np.testing.assert_allclose(b["conv.weight"], a["conv.weight"] + c, rtol=1e-5, atol=1e-4)
 

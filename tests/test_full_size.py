@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 
 from fedseg.app.artifacts import load_run
-from fedseg.data_prep.fets2022 import prepare_sites
-from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 from fedseg.cache import CACHE_SUFFIX
 from fedseg.checkpoint import load_network
-from fedseg.settings import profile
+from fedseg.data_prep.fets2022 import prepare_sites
+from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 from fedseg.jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings
+from fedseg.settings import profile
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +37,32 @@ def full_size_run(tmp_path_factory):
     prepare_sites(source, str(root / "sites"), partitions=[1, 2], validation_fraction=0.34)
     # the README's command, with one round of two steps and one thread per site (two sites share this CPU)
     done = subprocess.run(
-        [sys.executable, "-m", "app", "simulate", "--profile", "fets2022", "--data-root", str(root / "sites"),
-         "--sites", "site-1", "site-2", "--rounds", "1", "--local-steps", str(STEPS), "--threads", "1",
-         "--no-cross-site-eval", "--workspace", str(root / "workspace")],
-        capture_output=True, text=True, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "app",
+            "simulate",
+            "--profile",
+            "fets2022",
+            "--data-root",
+            str(root / "sites"),
+            "--sites",
+            "site-1",
+            "site-2",
+            "--rounds",
+            "1",
+            "--local-steps",
+            str(STEPS),
+            "--threads",
+            "1",
+            "--no-cross-site-eval",
+            "--workspace",
+            str(root / "workspace"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     folder = str(root / "workspace" / "fedseg_fedref")
     settings = JobSettings.for_profile("fets2022", sites=["site-1", "site-2"], local_steps=STEPS)
@@ -73,8 +95,12 @@ def test_infer_writes_a_segmentation_in_the_input_grid(full_size_run, tmp_path):
     _, folder, _, source = full_size_run
     case = os.path.join(source, sorted(n for n in os.listdir(source) if n.startswith("FeTS"))[0])
     out = tmp_path / "seg.nii.gz"
-    done = subprocess.run([sys.executable, "-m", "app", "infer", case, "--run", folder, "--out", str(out)],
-                          capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "app", "infer", case, "--run", folder, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr
     seg = nib.load(out)
     flair = nib.load(os.path.join(case, f"{os.path.basename(case)}_flair.nii.gz"))

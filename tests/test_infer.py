@@ -84,8 +84,12 @@ def test_mismatched_shapes(tmp_path, model_file):
 def test_model_that_does_not_fit_the_network(tmp_path, model_file):
     write_subject(str(tmp_path), "FeTS2022_00009", (16, 16, 16))
     with pytest.raises(InferenceError, match="does not fit the network"):
-        segment(str(tmp_path / "FeTS2022_00009"), model_file, str(tmp_path / "s.nii.gz"),
-                {"channels": [8, 16], "strides": [2]})
+        segment(
+            str(tmp_path / "FeTS2022_00009"),
+            model_file,
+            str(tmp_path / "s.nii.gz"),
+            {"channels": [8, 16], "strides": [2]},
+        )
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(InferenceError, match="not a readable PyTorch checkpoint"):

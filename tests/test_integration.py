@@ -13,8 +13,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from commands import fedseg, ok
 
+from commands import fedseg, ok
 from fedseg.app.artifacts import load_run
 from fedseg.app.infer import network_settings
 from fedseg.checkpoint import load_network, load_state_dict
@@ -22,7 +22,18 @@ from fedseg.checkpoint import load_network, load_state_dict
 pytestmark = pytest.mark.integration
 
 SITES = ["site-1", "site-2", "site-3"]
-TINY = ["--local-epochs", "1", "--crop", "32", "32", "24", "--channels", "8", "16", "32"]  # the README's command takes these
+TINY = [
+    "--local-epochs",
+    "1",
+    "--crop",
+    "32",
+    "32",
+    "24",
+    "--channels",
+    "8",
+    "16",
+    "32",
+]  # the README's command takes these
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +103,19 @@ def test_report_numbers_are_finite_in_range_and_show_learning(steps):
 
 def test_infer_segments_a_case_as_the_readme_writes_it(steps):
     subject = json.loads((steps / "sites" / "site-1" / "datalist.json").read_text())["validation"][0]["subject"]
-    output = ok(fedseg("infer", f"data/MICCAI_FeTS2022_TrainingData/{subject}", "--run", "workspace/fedseg_fedref",
-                       "--out", f"{subject}_seg.nii.gz", "--overlay", f"{subject}.png", cwd=str(steps)))
+    output = ok(
+        fedseg(
+            "infer",
+            f"data/MICCAI_FeTS2022_TrainingData/{subject}",
+            "--run",
+            "workspace/fedseg_fedref",
+            "--out",
+            f"{subject}_seg.nii.gz",
+            "--overlay",
+            f"{subject}.png",
+            cwd=str(steps),
+        )
+    )
     assert (steps / f"{subject}.png").stat().st_size > 0
     seg = nib.load(steps / f"{subject}_seg.nii.gz")
     t1 = nib.load(steps / "data" / "MICCAI_FeTS2022_TrainingData" / subject / f"{subject}_t1.nii.gz")

@@ -8,9 +8,9 @@ import os
 import re
 
 import pytest
-from commands import make, ok
 
 import fedseg
+from commands import make, ok
 from fedseg.jobs.export import JOBS_DIR
 from fedseg.jobs.recipes import ALGORITHMS
 from fedseg.policy import allow_list
@@ -57,8 +57,11 @@ def test_job_is_configuration_only_and_names_no_local_path(algorithm):
     assert args["training"]["local_epochs"] == 2
     assert set(args) == {"package_version", "training", "drills"}  # no script, command, data or cache path
     server = json.load(open(os.path.join(folder, "app", "config", "config_fed_server.json")))
-    assert {"id": "version_guard", "path": "fedseg.executor.VersionGuard",
-            "args": {"package_version": fedseg.__version__}} in server["components"]
+    assert {
+        "id": "version_guard",
+        "path": "fedseg.executor.VersionGuard",
+        "args": {"package_version": fedseg.__version__},
+    } in server["components"]
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
@@ -95,8 +98,14 @@ def test_export_with_the_fets2022_profile_as_the_readme_writes_it(tmp_path):
     assert main(["--profile", "fets2022", "--out", str(tmp_path)]) == 0
     client = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_client.json"))
     training = client["executors"][0]["executor"]["args"]["training"]
-    expected = {"local_steps": 50, "crop": [128, 128, 128], "channels": [32, 64, 128, 256], "batch_size": 1,
-                "val_max_cases": 8, "threads": 0}
+    expected = {
+        "local_steps": 50,
+        "crop": [128, 128, 128],
+        "channels": [32, 64, 128, 256],
+        "batch_size": 1,
+        "val_max_cases": 8,
+        "threads": 0,
+    }
     assert {k: training[k] for k in expected} == expected
     assert "data_root" not in json.dumps(client) and "cache_dir" not in json.dumps(client)  # each site sets its own
     server = json.load(open(tmp_path / "fedref" / "app" / "config" / "config_fed_server.json"))

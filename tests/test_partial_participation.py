@@ -16,8 +16,19 @@ from fedseg.jobs.recipes import JobSettings, run_simulation
 pytestmark = pytest.mark.integration
 
 SITES = ["site-1", "site-2", "site-3"]
-TINY = dict(sites=SITES, num_rounds=2, clients_per_round=2, seed=5, local_steps=2, batch_size=1, crop=(32, 32, 24),
-            channels=(8, 16, 32), threads=1, cross_site_eval=False, val_max_cases=1)
+TINY = dict(
+    sites=SITES,
+    num_rounds=2,
+    clients_per_round=2,
+    seed=5,
+    local_steps=2,
+    batch_size=1,
+    crop=(32, 32, 24),
+    channels=(8, 16, 32),
+    threads=1,
+    cross_site_eval=False,
+    val_max_cases=1,
+)
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +36,10 @@ def runs(tmp_path_factory, tiny_fets):
     root = tmp_path_factory.mktemp("partial")
     prepare_sites(tiny_fets, str(root / "sites"), validation_fraction=0.34)
     out = {}
-    for algorithm, extra in (("fedavg", {}), ("fedref", {"fedref_variant": "diagonal", "buffer_size": 2, "lambda1": 0.0})):
+    for algorithm, extra in (
+        ("fedavg", {}),
+        ("fedref", {"fedref_variant": "diagonal", "buffer_size": 2, "lambda1": 0.0}),
+    ):
         job = JobSettings(algorithm=algorithm, data_root=str(root / "sites"), **TINY, **extra)
         out[algorithm] = load_run(run_simulation(job, str(root / "workspace")))
     return root, out

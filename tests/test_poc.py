@@ -9,6 +9,7 @@ import os
 import subprocess
 
 import pytest
+
 from commands import fedseg, make, ok
 
 pytestmark = pytest.mark.integration
@@ -54,5 +55,6 @@ def test_make_poc_runs_fedref_on_the_demos_three_sites_and_stops_everything(tmp_
 def test_poc_without_prepared_sites_says_so_in_one_line(tmp_path):
     result = fedseg("poc", "--data-root", str(tmp_path / "missing"), "--out", str(tmp_path / "poc"), cwd=str(tmp_path))
     assert result.returncode == 1
-    assert result.stdout.strip().splitlines() == [f"fedseg poc: {tmp_path / 'missing'}: no such folder "
-                                                  "(prepare the sites with `fedseg prepare` first)"]
+    assert result.stdout.strip().splitlines() == [
+        f"fedseg poc: {tmp_path / 'missing'}: no such folder (prepare the sites with `fedseg prepare` first)"
+    ]

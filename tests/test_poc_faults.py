@@ -19,10 +19,10 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
+
 from commands import VENV
 
 pytestmark = pytest.mark.integration
@@ -57,8 +57,11 @@ def site_job_process(workspace: str, site: str):
 
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
-        if (any(part.endswith("worker_process") for part in cmdline) and any(workspace in part for part in cmdline)
-                and any(part.rstrip("/").endswith(os.sep + site) for part in cmdline)):
+        if (
+            any(part.endswith("worker_process") for part in cmdline)
+            and any(workspace in part for part in cmdline)
+            and any(part.rstrip("/").endswith(os.sep + site) for part in cmdline)
+        ):
             return process
     return None
 
@@ -71,17 +74,34 @@ def server_processes(workspace: str) -> list:
     for process in psutil.process_iter(["cmdline"]):
         cmdline = process.info["cmdline"] or []
         if any(workspace in part for part in cmdline) and any(
-                part.endswith(("server_train", "server.runner_process")) for part in cmdline):
+            part.endswith(("server_train", "server.runner_process")) for part in cmdline
+        ):
             found.append(process)
     return found
 
 
-def poc_with_site_killed(sites: str, out: str, *options: str, timeout: float = 400,
-                         victims=lambda workspace: [site_job_process(workspace, VICTIM)]) -> tuple[subprocess.Popen, str, list]:
+def poc_with_site_killed(
+    sites: str,
+    out: str,
+    *options: str,
+    timeout: float = 400,
+    victims=lambda workspace: [site_job_process(workspace, VICTIM)],
+) -> tuple[subprocess.Popen, str, list]:
     """Run ``fedseg poc``; SIGKILL the ``victims`` (default VICTIM's job process) once round 1 is recorded.
     Returns (process, output, the round records as they stood at the kill)."""
-    command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", sites, "--out", out,
-               "--rounds", str(ROUNDS), *TINY, *QUICK_FAULTS, *options]
+    command = [
+        os.path.join(VENV, "bin", "fedseg"),
+        "poc",
+        "--data-root",
+        sites,
+        "--out",
+        out,
+        "--rounds",
+        str(ROUNDS),
+        *TINY,
+        *QUICK_FAULTS,
+        *options,
+    ]
     log = open(os.path.join(os.path.dirname(out), "poc_output.txt"), "w+", encoding="utf-8")
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True)
     workspace = os.path.join(out, "workspace")
@@ -162,13 +182,27 @@ def test_a_killed_server_loses_nothing_the_resume_command_finishes_the_rounds(th
     assert no_process_left(out) == []
 
     again = str(tmp_path / "resumed")
-    command = [os.path.join(VENV, "bin", "fedseg"), "poc", "--data-root", three_sites, "--out", again,
-               "--rounds", str(ROUNDS), "--resume-from", stopped, *TINY, *QUICK_FAULTS]
+    command = [
+        os.path.join(VENV, "bin", "fedseg"),
+        "poc",
+        "--data-root",
+        three_sites,
+        "--out",
+        again,
+        "--rounds",
+        str(ROUNDS),
+        "--resume-from",
+        stopped,
+        *TINY,
+        *QUICK_FAULTS,
+    ]
     resumed = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=400)
     assert resumed.returncode == 0, resumed.stdout[-4000:]
     assert f"continuing from round {done}" in resumed.stdout
     assert f"round {ROUNDS}/{ROUNDS} finished" in resumed.stdout
-    records = [json.loads(line) for line in next((tmp_path / "resumed").rglob("round_metrics.jsonl")).read_text().splitlines()]
+    records = [
+        json.loads(line) for line in next((tmp_path / "resumed").rglob("round_metrics.jsonl")).read_text().splitlines()
+    ]
     assert [r["round"] for r in records] == list(range(done, ROUNDS))  # numbering goes on
     # the buffer came back: it holds the initial model and one per round done (a fresh one would hold 2)
     assert records[0]["fedref"]["buffer"] == min(records[0]["fedref"]["p"], done + 2) > 2

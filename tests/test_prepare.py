@@ -7,9 +7,9 @@ import os
 
 import pytest
 
+from fedseg.data import load_site_datalist
 from fedseg.data_prep.fets2022 import prepare_sites, split_subjects
 from fedseg.data_prep.partitions import PartitionCsvError, read_partitions
-from fedseg.data import load_site_datalist
 
 
 def test_official_csvs(official_csv):
@@ -57,7 +57,9 @@ def test_prepare_sites_writes_datalists_monai_can_read(tmp_path, tiny_fets):
     out = tmp_path / "sites"
     results = prepare_sites(tiny_fets, str(out), validation_fraction=0.34, seed=0)
     assert [(r.site, r.partition, r.training, r.validation) for r in results] == [
-        ("site-1", 1, 3, 1), ("site-2", 2, 2, 1), ("site-3", 3, 2, 1)
+        ("site-1", 1, 3, 1),
+        ("site-2", 2, 2, 1),
+        ("site-3", 3, 2, 1),
     ]
     with open(out / "site-1" / "datalist.json") as f:
         datalist = json.load(f)
@@ -72,7 +74,9 @@ def test_prepare_sites_writes_datalists_monai_can_read(tmp_path, tiny_fets):
 def test_prepare_reports_missing_subjects_and_unknown_partitions(tmp_path, tiny_fets):
     csv_path = tmp_path / "partitioning.csv"
     csv_path.write_text("Partition_ID,Subject_ID\n7,FeTS2022_00001\n7,FeTS2022_00002\n7,FeTS2022_09999\n")
-    results = prepare_sites(tiny_fets, str(tmp_path / "sites"), csv_path=str(csv_path), name_template="inst-{partition}")
+    results = prepare_sites(
+        tiny_fets, str(tmp_path / "sites"), csv_path=str(csv_path), name_template="inst-{partition}"
+    )
     assert results[0].site == "inst-7" and results[0].missing == ["FeTS2022_09999"]
     assert results[0].training + results[0].validation == 2
     with pytest.raises(ValueError, match=r"partitions \[8\] are not in"):

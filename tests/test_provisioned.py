@@ -26,10 +26,9 @@ from dataclasses import dataclass
 import pytest
 import yaml
 
-from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
-from commands import fedseg, make, ok
-
 import fedseg as fedseg_package
+from commands import fedseg, make, ok
+from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.export import export_job
 from fedseg.jobs.recipes import REPO_ROOT, JobSettings
@@ -63,8 +62,14 @@ def test_make_provision_again_after_an_edit_gives_new_kits_with_the_same_root_ca
     hospital_d = {"name": "site-4", "type": "client", "org": "hospital_d"}
     second = provision(tmp_path, fed_learn_port, admin_port, extra_participants=[hospital_d])
     assert (os.path.basename(first), os.path.basename(second)) == ("prod_00", "prod_01")
-    assert os.path.isdir(os.path.join(second, "site-4", "startup")) and not os.path.exists(os.path.join(first, "site-4"))
-    for kit, certificate in (("server", "server.crt"), ("site-1", "client.crt"), ("researcher@fedseg.org", "client.crt")):
+    assert os.path.isdir(os.path.join(second, "site-4", "startup")) and not os.path.exists(
+        os.path.join(first, "site-4")
+    )
+    for kit, certificate in (
+        ("server", "server.crt"),
+        ("site-1", "client.crt"),
+        ("researcher@fedseg.org", "client.crt"),
+    ):
         for name in ("rootCA.pem", certificate):  # a kit already handed out still works with the new ones
             assert _read(first, kit, name) == _read(second, kit, name), (kit, name)
 
@@ -75,8 +80,14 @@ def _read(prod: str, kit: str, name: str) -> bytes:
 
 
 def start_kit(kit: str, env: dict) -> None:
-    subprocess.run(["bash", os.path.join(kit, "startup", "start.sh")], check=True, env=env, cwd=kit,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["bash", os.path.join(kit, "startup", "start.sh")],
+        check=True,
+        env=env,
+        cwd=kit,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def session(prod: str, user: str):
@@ -98,10 +109,17 @@ def federation(tmp_path_factory, tiny_fets):
     fed_learn_port, admin_port = free_ports(2)
     handed_out = provision(str(tmp_path / "kits"), fed_learn_port, admin_port)
     # provisioned again after an edit: site-1 keeps the kit it was sent, everyone else starts from the new set
-    prod = provision(str(tmp_path / "kits"), fed_learn_port, admin_port,
-                     extra_participants=[{"name": "site-4", "type": "client", "org": "hospital_d"}])
-    kits = {"server": os.path.join(prod, "server"), "site-1": os.path.join(handed_out, "site-1"),
-            "site-2": os.path.join(prod, "site-2")}
+    prod = provision(
+        str(tmp_path / "kits"),
+        fed_learn_port,
+        admin_port,
+        extra_participants=[{"name": "site-4", "type": "client", "org": "hospital_d"}],
+    )
+    kits = {
+        "server": os.path.join(prod, "server"),
+        "site-1": os.path.join(handed_out, "site-1"),
+        "site-2": os.path.join(prod, "site-2"),
+    }
     # as docs/operations.md writes it: the server's store out of /tmp, each hospital's policy and data folder
     ok(fedseg("install-policy", "server", "--store", str(tmp_path / "store"), cwd=prod))
     for site in ("site-1", "site-2"):
@@ -154,12 +172,14 @@ class Federation:
             return f.read()
 
     def export(self, name: str, **settings) -> str:
-        return export_job(JobSettings(algorithm="fedref", name=name, **TINY_JOB, **settings),
-                          str(self.tmp_path / "jobs" / name))
+        return export_job(
+            JobSettings(algorithm="fedref", name=name, **TINY_JOB, **settings), str(self.tmp_path / "jobs" / name)
+        )
 
 
-TINY_JOB = dict(sites=["site-1", "site-2"], num_rounds=2, local_epochs=1, crop=(32, 32, 24), channels=(8, 16, 32),
-                threads=1)
+TINY_JOB = dict(
+    sites=["site-1", "site-2"], num_rounds=2, local_epochs=1, crop=(32, 32, 24), channels=(8, 16, 32), threads=1
+)
 
 
 def edit_client_config(job: str, change) -> None:
@@ -174,8 +194,11 @@ def edit_client_config(job: str, change) -> None:
 def test_config_only_fedref_job_completes_and_the_servers_records_show_the_privacy_filter(federation):
     job_id, meta = federation.submit(federation.export("fedref"))
     assert meta["status"] == "FINISHED:COMPLETED", meta
-    metrics = [os.path.join(d, "round_metrics.jsonl") for d, _, files in os.walk(meta["download"])
-               if "round_metrics.jsonl" in files]
+    metrics = [
+        os.path.join(d, "round_metrics.jsonl")
+        for d, _, files in os.walk(meta["download"])
+        if "round_metrics.jsonl" in files
+    ]
     rounds = [json.loads(line) for line in open(sorted(metrics, key=len)[0])]
     assert [r["round"] for r in rounds] == [0, 1] and all(r["global_updated"] for r in rounds)
     for record in rounds:  # PercentilePrivacy(percentile=10) zeroes a tenth of each update; training zeroes none
@@ -196,15 +219,19 @@ def test_a_byoc_job_is_refused_by_every_site(federation):
 def test_a_job_naming_a_command_running_executor_is_refused_by_the_allow_list(federation):
     marker = federation.tmp_path / "the_job_ran_a_command"
     job = federation.export("external_command")
-    ran_anything = {"path": "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
-                    "args": {"execution_mode": "external_process", "command": f"touch {marker}"}}
+    ran_anything = {
+        "path": "nvflare.app_common.executors.client_api_executor.ClientAPIExecutor",
+        "args": {"execution_mode": "external_process", "command": f"touch {marker}"},
+    }
     edit_client_config(job, lambda config: config["executors"][0].update(executor=ran_anything))
     job_id, meta = federation.submit(job, timeout=180)
     assert meta["status"] != "FINISHED:COMPLETED", meta
     assert not marker.exists()
     for site in ("site-1", "site-2"):
-        assert re.search(r"ClientAPIExecutor' at config path 'executors\.#\d+\.executor' is not in allow_list",
-                         federation.site_log(site, job_id)), site
+        assert re.search(
+            r"ClientAPIExecutor' at config path 'executors\.#\d+\.executor' is not in allow_list",
+            federation.site_log(site, job_id),
+        ), site
 
 
 def test_a_job_built_for_another_version_is_refused_with_both_versions(federation):
@@ -212,8 +239,10 @@ def test_a_job_built_for_another_version_is_refused_with_both_versions(federatio
     edit_client_config(job, lambda config: config["executors"][0]["executor"]["args"].update(package_version="0.0.1"))
     job_id, meta = federation.submit(job, timeout=180)
     assert meta["status"] != "FINISHED:COMPLETED", meta
-    expected = (f"this site refuses the job: it was built for fedref-seg 0.0.1 and this machine has fedref-seg "
-                f"{fedseg_package.__version__} installed")
+    expected = (
+        f"this site refuses the job: it was built for fedref-seg 0.0.1 and this machine has fedref-seg "
+        f"{fedseg_package.__version__} installed"
+    )
     assert expected in federation.site_log("site-1", job_id)
 
 

@@ -14,8 +14,16 @@ from fedseg.app.report import pooled, write_report
 
 
 def scores(dice: float, n: int) -> dict:
-    return {"dice_tc": dice - 0.1, "dice_wt": dice + 0.1, "dice_et": dice - 0.2, "dice_mean": dice - 0.0667,
-            "hd95_tc": 10.0, "hd95_wt": 8.0, "hd95_et": 12.0, "n_cases": n}
+    return {
+        "dice_tc": dice - 0.1,
+        "dice_wt": dice + 0.1,
+        "dice_et": dice - 0.2,
+        "dice_mean": dice - 0.0667,
+        "hd95_tc": 10.0,
+        "hd95_wt": 8.0,
+        "hd95_et": 12.0,
+        "n_cases": n,
+    }
 
 
 @pytest.fixture
@@ -23,14 +31,22 @@ def run_folder(tmp_path):
     server = tmp_path / "run" / "server" / "simulate_job"
     os.makedirs(server / "cross_site_val")
     records = [
-        {"round": r, "algorithm": "fedref", "sites": {"site-1": {**scores(0.3 + 0.2 * r, 3), "train_loss": 0.9},
-                                                     "site-2": {**scores(0.5 + 0.1 * r, 1), "train_loss": 0.8}}}
+        {
+            "round": r,
+            "algorithm": "fedref",
+            "sites": {
+                "site-1": {**scores(0.3 + 0.2 * r, 3), "train_loss": 0.9},
+                "site-2": {**scores(0.5 + 0.1 * r, 1), "train_loss": 0.8},
+            },
+        }
         for r in range(2)
     ]
     with open(server / "round_metrics.jsonl", "w") as f:
         f.write("\n".join(json.dumps(r) for r in records) + "\n")
-    cross = {"site-1": {"SRV_FL_global_model.pt": scores(0.8, 3), "site-1": scores(0.7, 3)},
-             "site-2": {"SRV_FL_global_model.pt": scores(0.6, 1), "site-1": scores(0.4, 1)}}
+    cross = {
+        "site-1": {"SRV_FL_global_model.pt": scores(0.8, 3), "site-1": scores(0.7, 3)},
+        "site-2": {"SRV_FL_global_model.pt": scores(0.6, 1), "site-1": scores(0.4, 1)},
+    }
     with open(server / "cross_site_val" / "cross_val_results.json", "w") as f:
         json.dump(cross, f)
     return tmp_path / "run"
@@ -45,7 +61,10 @@ def test_summary_contract_and_case_weighted_overall(run_folder, tmp_path):
     assert final["sites"]["site-1"]["dice_wt"] == pytest.approx(0.9)
     assert final["overall"]["dice_wt"] == pytest.approx((0.9 * 3 + 0.7 * 1) / 4)
     assert final["overall"]["n_cases"] == 4
-    assert summary["cross_site"]["site-1"] == {"site-1": pytest.approx(0.7 - 0.0667), "site-2": pytest.approx(0.4 - 0.0667)}
+    assert summary["cross_site"]["site-1"] == {
+        "site-1": pytest.approx(0.7 - 0.0667),
+        "site-2": pytest.approx(0.4 - 0.0667),
+    }
     page = open(index, encoding="utf-8").read()
     assert "0.850" in page  # overall WT, three decimals
     assert "weakest region is the enhancing tumour" in page
@@ -97,9 +116,17 @@ def test_overall_sd_equals_the_sd_over_all_cases_and_communication_adds_up(tmp_p
 
     server = tmp_path / "run" / "server"
     os.makedirs(server)
-    records = [{"round": 0, "algorithm": "fedavg", "sites": {s: site(v) for s, v in cases.items()}},
-               {"round": 1, "algorithm": "fedavg", "sites": {"site-1": site(cases["site-1"])}, "missing": ["site-2"],
-                "rejected": {}, "global_updated": True}]
+    records = [
+        {"round": 0, "algorithm": "fedavg", "sites": {s: site(v) for s, v in cases.items()}},
+        {
+            "round": 1,
+            "algorithm": "fedavg",
+            "sites": {"site-1": site(cases["site-1"])},
+            "missing": ["site-2"],
+            "rejected": {},
+            "global_updated": True,
+        },
+    ]
     (server / "round_metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     write_report(load_run(str(tmp_path / "run")), str(tmp_path / "report"))
     summary = json.load(open(tmp_path / "report" / "summary.json"))
@@ -132,14 +159,36 @@ def test_report_says_which_numbers_come_from_the_per_round_subset_and_which_from
     assert "final table: the last round&#x27;s validation, on that subset." in open(index, encoding="utf-8").read()
 
 
-@pytest.mark.parametrize("info, sentence", [
-    ({"status": "FINISHED:EXECUTION_EXCEPTION", "completed": False, "completed_rounds": 2, "planned_rounds": 5,
-      "reason": "Alive clients 1 < required min 2", "settings": {"num_rounds": 5}},
-     "Job status FINISHED:EXECUTION_EXCEPTION: NOT completed, 2 of 5 rounds; reason: Alive clients 1 &lt; required min 2."),
-    ({"status": "FINISHED:COMPLETED", "completed": True, "completed_rounds": 2, "planned_rounds": 2, "reason": None},
-     "Job status FINISHED:COMPLETED: completed, 2 of 2 rounds."),
-    ({"settings": {"num_rounds": 4}}, "Job status not recorded: NOT completed, 2 of 4 rounds."),  # an older run.json
-])
+@pytest.mark.parametrize(
+    "info, sentence",
+    [
+        (
+            {
+                "status": "FINISHED:EXECUTION_EXCEPTION",
+                "completed": False,
+                "completed_rounds": 2,
+                "planned_rounds": 5,
+                "reason": "Alive clients 1 < required min 2",
+                "settings": {"num_rounds": 5},
+            },
+            "Job status FINISHED:EXECUTION_EXCEPTION: NOT completed, 2 of 5 rounds; reason: Alive clients 1 &lt; required min 2.",
+        ),
+        (
+            {
+                "status": "FINISHED:COMPLETED",
+                "completed": True,
+                "completed_rounds": 2,
+                "planned_rounds": 2,
+                "reason": None,
+            },
+            "Job status FINISHED:COMPLETED: completed, 2 of 2 rounds.",
+        ),
+        (
+            {"settings": {"num_rounds": 4}},
+            "Job status not recorded: NOT completed, 2 of 4 rounds.",
+        ),  # an older run.json
+    ],
+)
 def test_the_report_says_first_how_the_job_ended(run_folder, tmp_path, info, sentence):
     (run_folder / "run.json").write_text(json.dumps(info))
     index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
@@ -161,10 +210,12 @@ def test_pooled_sd_only_when_every_pooled_site_has_one():
 
 
 def test_pooled_leaves_out_sites_without_cases_or_without_the_score():
-    sites = {"a": {"dice_tc": 0.2, "dice_tc_sd": 0.0, "hd95_tc": 5.0, "hd95_tc_sd": 1.0, "n_cases": 3},
-             "b": {"dice_tc": 0.9, "n_cases": 0},  # no cases: no weight, and its missing sd does not count
-             "c": {"dice_tc": float("nan"), "hd95_tc": 9.0, "hd95_tc_sd": 3.0, "n_cases": 1},  # NaN: not a score
-             "d": {"dice_tc": None, "n_cases": "2"}}
+    sites = {
+        "a": {"dice_tc": 0.2, "dice_tc_sd": 0.0, "hd95_tc": 5.0, "hd95_tc_sd": 1.0, "n_cases": 3},
+        "b": {"dice_tc": 0.9, "n_cases": 0},  # no cases: no weight, and its missing sd does not count
+        "c": {"dice_tc": float("nan"), "hd95_tc": 9.0, "hd95_tc_sd": 3.0, "n_cases": 1},  # NaN: not a score
+        "d": {"dice_tc": None, "n_cases": "2"},
+    }
     overall = pooled(sites)
     assert overall["dice_tc"] == pytest.approx(0.2) and overall["dice_tc_sd"] == pytest.approx(0.0)
     assert overall["hd95_tc"] == pytest.approx((5.0 * 3 + 9.0) / 4)

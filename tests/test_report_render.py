@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from test_report import run_folder  # noqa: F401  (the fixture)
 
 from fedseg.app.artifacts import load_run
 from fedseg.app.render import find_chromium, screenshot
 from fedseg.app.report import write_report
-from test_report import run_folder  # noqa: F401  (the fixture)
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (.ci/run installs it)")
 

@@ -10,10 +10,10 @@ from dataclasses import fields
 import pytest
 
 from fedseg.app.cli import _settings, build_parser
+from fedseg.jobs.recipes import REPO_ROOT, JobSettings
 from fedseg.settings import PROFILES, TrainingSettings, profile, settings_from_arguments
 from fedseg.site_config import SiteConfig
 from fedseg.trainer import parse_args
-from fedseg.jobs.recipes import REPO_ROOT, JobSettings
 
 TRAINING_FIELDS = [f.name for f in fields(TrainingSettings)]
 
@@ -27,7 +27,10 @@ def test_job_settings_start_from_the_demo_profile_and_any_profile_round_trips_th
     for name in PROFILES:
         job = JobSettings.for_profile(name, local_steps=7)
         trainer_args = parse_args(job.site_executor().script_arguments(SiteConfig()).split())
-        assert settings_from_arguments(trainer_args, TrainingSettings()) == {**profile(name).training_values(), "local_steps": 7}
+        assert settings_from_arguments(trainer_args, TrainingSettings()) == {
+            **profile(name).training_values(),
+            "local_steps": 7,
+        }
 
 
 @pytest.mark.parametrize("command", ["simulate", "poc", "demo", "compare"])
@@ -51,7 +54,11 @@ def _as_the_command_sets_them(args) -> None:
 
 def test_no_second_definition_of_a_training_option():
     """Only fedseg.settings declares the training options; a hand-written copy elsewhere fails here."""
-    names = "|".join(re.escape(n) for n in TRAINING_FIELDS) + "|" + "|".join(re.escape(n.replace("_", "-")) for n in TRAINING_FIELDS)
+    names = (
+        "|".join(re.escape(n) for n in TRAINING_FIELDS)
+        + "|"
+        + "|".join(re.escape(n.replace("_", "-")) for n in TRAINING_FIELDS)
+    )
     pattern = re.compile(r"add_argument\(\s*[\"']--(" + names + r")[\"']")
     allowed = {  # options that share a name but not a meaning with a training setting
         os.path.join("app", "cli.py"): {"seed", "channels"},  # synth's data seed; infer's bare-checkpoint network
@@ -75,5 +82,5 @@ def test_the_readmes_settings_table_is_the_generated_one():
 
     readme = open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8").read()
     start = readme.index("<!-- settings table:")
-    block = readme[readme.index("\n", start) + 1:readme.index("<!-- end of settings table -->")]
+    block = readme[readme.index("\n", start) + 1 : readme.index("<!-- end of settings table -->")]
     assert block == settings_markdown(), "README's settings table is stale: paste `python -m fedseg.settings`"

@@ -5,15 +5,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from fedseg.data_prep.fets2022 import prepare
 from fedseg.cache import CACHE_SUFFIX, CaseCache, case_name, decode_transforms
 from fedseg.data import cache_folder, load_site_datalist, make_site_data, validation_subset
+from fedseg.data_prep.fets2022 import prepare
 from fedseg.settings import TrainingSettings
 from fedseg.trainer import SiteTrainer, parse_args
 
@@ -32,7 +31,9 @@ def tree_state(root) -> dict:
 @pytest.fixture()
 def site(tiny_fets, tmp_path):
     """A copy-mode site (its files can be changed by a test without touching the shared source)."""
-    prepare(tiny_fets, str(tmp_path / "sites"), partitions=[1], mode="copy", validation_fraction=0.25, show_progress=False)
+    prepare(
+        tiny_fets, str(tmp_path / "sites"), partitions=[1], mode="copy", validation_fraction=0.25, show_progress=False
+    )
     return str(tmp_path / "sites" / "site-1")
 
 
@@ -169,8 +170,22 @@ def test_validation_subset_is_fixed_bounded_and_seeded():
 
 
 def tiny_trainer(site, tmp_path, *extra) -> SiteTrainer:
-    args = parse_args(["--crop", "16", "16", "16", "--channels", "4", "8", "--batch_size", "1",
-                       "--cache_dir", str(tmp_path / "cache"), *extra])
+    args = parse_args(
+        [
+            "--crop",
+            "16",
+            "16",
+            "16",
+            "--channels",
+            "4",
+            "8",
+            "--batch_size",
+            "1",
+            "--cache_dir",
+            str(tmp_path / "cache"),
+            *extra,
+        ]
+    )
     return SiteTrainer(site, args)
 
 
@@ -185,7 +200,9 @@ def test_local_steps_take_exactly_that_many_steps_whatever_the_site_size(site, t
 
 
 def test_per_round_validation_uses_the_subset_and_cross_site_evaluation_every_case(tiny_fets, tmp_path):
-    prepare(tiny_fets, str(tmp_path / "sites"), partitions=[1], mode="link", validation_fraction=0.75, show_progress=False)
+    prepare(
+        tiny_fets, str(tmp_path / "sites"), partitions=[1], mode="link", validation_fraction=0.75, show_progress=False
+    )
     trainer = tiny_trainer(str(tmp_path / "sites" / "site-1"), tmp_path, "--val_max_cases", "1")
     assert len(trainer.data.val_cases) == 3
     per_round = trainer.validate()

@@ -8,9 +8,9 @@ import os
 import shutil
 
 import pytest
-from commands import fedseg, make, ok
 
 import fedseg as package
+from commands import fedseg, make, ok
 from fedseg.app.kit_policy import BACKUP_SUFFIX, PolicyError, install_policy
 from fedseg.executor import SiteExecutor, VersionMismatch
 from fedseg.policy import allow_list
@@ -49,14 +49,21 @@ def test_the_trainer_gets_the_sites_folders_and_the_jobs_training_settings():
     executor = SiteExecutor(package_version=package.__version__, training={"local_epochs": 3, "crop": [32, 32, 24]})
     line = executor.script_arguments(SiteConfig(data_root="/hospital/data", cache_dir="/scratch/cache"))
     args = parse_args(line.split())
-    assert (args.data_root, args.cache_dir, args.local_epochs, args.crop) == ("/hospital/data", "/scratch/cache", 3,
-                                                                             [32, 32, 24])
+    assert (args.data_root, args.cache_dir, args.local_epochs, args.crop) == (
+        "/hospital/data",
+        "/scratch/cache",
+        3,
+        [32, 32, 24],
+    )
     assert args.fault == []
 
 
 def test_a_job_built_for_another_version_is_refused_naming_both():
-    with pytest.raises(VersionMismatch, match=rf"built for fedref-seg 9\.9\.9 and this machine has fedref-seg "
-                                              rf"{package.__version__}"):
+    with pytest.raises(
+        VersionMismatch,
+        match=rf"built for fedref-seg 9\.9\.9 and this machine has fedref-seg "
+        rf"{package.__version__}",
+    ):
         SiteExecutor(package_version="9.9.9")
 
 
@@ -94,6 +101,7 @@ def kits(tmp_path_factory) -> str:
 def kit(kits, tmp_path):
     def copy(name: str) -> str:
         return shutil.copytree(os.path.join(kits, name), tmp_path / "kits" / name)
+
     return copy
 
 
@@ -101,15 +109,26 @@ def test_install_policy_on_a_site_kit_as_the_operator_guide_writes_it(kit, tmp_p
     site = kit("site-1")
     (tmp_path / "sites" / "site-1").mkdir(parents=True)
     (tmp_path / "sites" / "site-1" / "datalist.json").write_text("{}")
-    output = ok(fedseg("install-policy", str(site), "--data-root", str(tmp_path / "sites"), "--cache-dir",
-                       str(tmp_path / "cache"), cwd=str(tmp_path)))
+    output = ok(
+        fedseg(
+            "install-policy",
+            str(site),
+            "--data-root",
+            str(tmp_path / "sites"),
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            cwd=str(tmp_path),
+        )
+    )
     local = os.path.join(site, "local")
     assert sorted(line.split("/")[-1] for line in output.splitlines()) == sorted(
-        ["authorization.json", "privacy.json", "resources.json", SITE_CONFIG_FILE])
+        ["authorization.json", "privacy.json", "resources.json", SITE_CONFIG_FILE]
+    )
     authorization = json.load(open(os.path.join(local, "authorization.json")))
-    assert {role: rights.get("byoc", "none") if isinstance(rights, dict) else rights
-            for role, rights in authorization["permissions"].items()} == dict.fromkeys(
-        ["project_admin", "org_admin", "lead", "member"], "none")
+    assert {
+        role: rights.get("byoc", "none") if isinstance(rights, dict) else rights
+        for role, rights in authorization["permissions"].items()
+    } == dict.fromkeys(["project_admin", "org_admin", "lead", "member"], "none")
     resources = json.load(open(os.path.join(local, "resources.json")))
     default = json.load(open(os.path.join(local, "resources.json.default")))
     assert resources["class_allow_list"] == allow_list("site")
@@ -119,8 +138,12 @@ def test_install_policy_on_a_site_kit_as_the_operator_guide_writes_it(kit, tmp_p
     (scope,) = json.load(open(os.path.join(local, "privacy.json")))["scopes"]
     (filter_,) = scope["task_result_filters"]
     assert filter_["path"].endswith("PercentilePrivacy") and filter_["args"]["data_kinds"] == ["WEIGHT_DIFF"]
-    assert SiteConfig.load(local) == SiteConfig(data_root=str(tmp_path / "sites"), cache_dir=str(tmp_path / "cache"),
-                                                allow_drills=False, source=os.path.join(local, SITE_CONFIG_FILE))
+    assert SiteConfig.load(local) == SiteConfig(
+        data_root=str(tmp_path / "sites"),
+        cache_dir=str(tmp_path / "cache"),
+        allow_drills=False,
+        source=os.path.join(local, SITE_CONFIG_FILE),
+    )
 
 
 def test_install_policy_on_the_server_kit_moves_the_job_store_out_of_tmp(kit, tmp_path):

@@ -10,10 +10,9 @@ import numpy as np
 import SimpleITK as sitk
 from scipy import ndimage
 
+from conftest import TINY_SHAPE, tiny_config
 from fedseg.data_prep.layout import MODALITIES, TRAINING_FOLDER
 from fedseg.data_prep.synthetic import generate
-
-from conftest import TINY_SHAPE, tiny_config
 
 
 def subjects(folder: str) -> list[str]:
@@ -56,8 +55,10 @@ def test_tumour_is_nested_and_modalities_have_distinct_contrast(tiny_fets):
     for sid in subjects(tiny_fets):
         seg = np.asarray(nib.load(os.path.join(tiny_fets, sid, f"{sid}_seg.nii.gz")).dataobj)
         assert (seg == 2).any() and (seg == 4).any(), sid
-        volumes = [np.asarray(nib.load(os.path.join(tiny_fets, sid, f"{sid}_{m}.nii.gz")).dataobj, dtype=float)
-                   for m in MODALITIES]
+        volumes = [
+            np.asarray(nib.load(os.path.join(tiny_fets, sid, f"{sid}_{m}.nii.gz")).dataobj, dtype=float)
+            for m in MODALITIES
+        ]
         brain = volumes[0] > 0
         assert not (seg[~brain]).any(), sid  # tumour only inside the brain
         core = np.isin(seg, (1, 4))
@@ -86,10 +87,15 @@ def test_deterministic_from_seed(tmp_path, tiny_fets):
     config = tiny_config()
     config.institutions = config.institutions[:1]
     again = generate(str(tmp_path / "again"), config)
-    other = generate(str(tmp_path / "other"), tiny_config(seed=1).__class__(shape=config.shape, seed=1,
-                                                                             institutions=config.institutions))
+    other = generate(
+        str(tmp_path / "other"),
+        tiny_config(seed=1).__class__(shape=config.shape, seed=1, institutions=config.institutions),
+    )
     sid = "FeTS2022_00002"
-    read = lambda root: np.asarray(nib.load(os.path.join(root, sid, f"{sid}_flair.nii.gz")).dataobj)
+
+    def read(root):
+        return np.asarray(nib.load(os.path.join(root, sid, f"{sid}_flair.nii.gz")).dataobj)
+
     np.testing.assert_array_equal(read(again), read(tiny_fets))
     assert not np.array_equal(read(other), read(tiny_fets))
 

@@ -8,19 +8,38 @@ import subprocess
 import sys
 import zipfile
 
-from commands import REPO_ROOT
-
 import fedseg
+from commands import REPO_ROOT
 
 
 def test_the_wheel_installs_one_namespace_with_the_site_policy_templates(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", REPO_ROOT,
-                    "-w", str(tmp_path)], check=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            REPO_ROOT,
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        timeout=300,
+    )
     (wheel,) = glob.glob(str(tmp_path / f"fedref_seg-{fedseg.__version__}-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert {name.split("/")[0] for name in names} == {"fedseg", f"fedref_seg-{fedseg.__version__}.dist-info"}
-    for needed in ("fedseg/client.py", "fedseg/executor.py", "fedseg/app/site_policy/authorization.json",
-                   "fedseg/app/site_policy/privacy.json", "fedseg/app/provision/project.yml",
-                   "fedseg/data_prep/fets2022.py", "fedseg/jobs/recipes.py"):
+    for needed in (
+        "fedseg/client.py",
+        "fedseg/executor.py",
+        "fedseg/app/site_policy/authorization.json",
+        "fedseg/app/site_policy/privacy.json",
+        "fedseg/app/provision/project.yml",
+        "fedseg/data_prep/fets2022.py",
+        "fedseg/jobs/recipes.py",
+    ):
         assert needed in names, needed
     assert not any(name.startswith("fedseg/jobs/fedref") for name in names)  # job folders are not code

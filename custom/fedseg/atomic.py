@@ -27,9 +27,8 @@ def atomic_path(path: str) -> Iterator[str]:
 
 
 def write_text(path: str, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
 
 
 def write_json(path: str, data) -> None:

@@ -20,6 +20,7 @@ The idea is MONAI's ``PersistentDataset``; the differences are what a hospital s
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -85,19 +86,23 @@ def decode_transforms(with_label: bool = True) -> Compose:
     no more precision), the seg as its uint8 labels; ``spacing`` travels for HD95 in millimetres.
     """
     keys = ["image", "label"] if with_label else ["image"]
-    return Compose([
-        LoadImaged(keys=keys, image_only=True),
-        EnsureChannelFirstd(keys=keys),
-        EnsureTyped(keys=keys, track_meta=True),
-        CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
-        NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
-        _compact,
-    ])
+    return Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            EnsureTyped(keys=keys, track_meta=True),
+            CropForegroundd(keys=keys, source_key="image", allow_smaller=True),
+            NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True),
+            _compact,
+        ]
+    )
 
 
 def _compact(data: dict) -> dict:
-    out = {"image": data["image"].as_tensor().to(torch.float16).contiguous(),
-           "spacing": torch.as_tensor(data["image"].pixdim, dtype=torch.float32)}
+    out = {
+        "image": data["image"].as_tensor().to(torch.float16).contiguous(),
+        "spacing": torch.as_tensor(data["image"].pixdim, dtype=torch.float32),
+    }
     if "label" in data:
         out["label"] = data["label"].as_tensor().to(torch.uint8).contiguous()
     return out
@@ -113,7 +118,9 @@ class CaseCache(torch.utils.data.Dataset):
     ``folder`` None: no disk cache (every read decodes; only the RAM budget caches).
     """
 
-    def __init__(self, items: Sequence[dict], folder: str | None, ram_budget_mb: int = 0, with_label: bool = True) -> None:
+    def __init__(
+        self, items: Sequence[dict], folder: str | None, ram_budget_mb: int = 0, with_label: bool = True
+    ) -> None:
         self.items = list(items)
         self.folder = os.path.abspath(folder) if folder else None
         self.ram_budget = int(ram_budget_mb) * 2**20
@@ -152,8 +159,10 @@ class CaseCache(torch.utils.data.Dataset):
             return self.decode(dict(item))
         except Exception as exc:  # noqa: BLE001 - any decoding failure is this case's, named with its reason
             cause = exc.__cause__ or exc  # MONAI wraps the reader's error in "applying transform ..."
-            raise CaseError(f"case {case_name(item)}: cannot be decoded ({cause.__class__.__name__}: "
-                            f"{str(cause).splitlines()[0] if str(cause) else 'no detail'})") from exc
+            raise CaseError(
+                f"case {case_name(item)}: cannot be decoded ({cause.__class__.__name__}: "
+                f"{str(cause).splitlines()[0] if str(cause) else 'no detail'})"
+            ) from exc
 
     def _read(self, index: int) -> dict | None:
         path = self.path(index)
@@ -162,8 +171,12 @@ class CaseCache(torch.utils.data.Dataset):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - an unreadable cache file is decoded again, not trusted
-            logger.warning("case %s: cache file %s unreadable (%s), decoding the case again",
-                           case_name(self.items[index]), path, exc.__class__.__name__)
+            logger.warning(
+                "case %s: cache file %s unreadable (%s), decoding the case again",
+                case_name(self.items[index]),
+                path,
+                exc.__class__.__name__,
+            )
             _remove(path)
             return None
 
@@ -177,9 +190,14 @@ class CaseCache(torch.utils.data.Dataset):
         except OSError as exc:
             self._disk_ok = False
             why = "is full" if exc.errno in FULL_DISK else f"cannot be written ({exc.strerror or exc})"
-            logger.warning("disk cache %s %s: case %s not cached; from now on cases are decoded from their NIfTI "
-                           "files at every read (slower, same results); free space or set %s",
-                           self.folder, why, case_name(self.items[index]), CACHE_DIR_ENV)
+            logger.warning(
+                "disk cache %s %s: case %s not cached; from now on cases are decoded from their NIfTI "
+                "files at every read (slower, same results); free space or set %s",
+                self.folder,
+                why,
+                case_name(self.items[index]),
+                CACHE_DIR_ENV,
+            )
 
     def warm(self, progress: Callable[[int, int, str], None] | None = None) -> list[str]:
         """Decode and cache every case now; drop the ones that fail. Returns one line per dropped case."""
@@ -222,10 +240,8 @@ def cache_size_bytes(folder: str | None) -> int:
 
 
 def _remove(path: str) -> None:
-    try:
+    with contextlib.suppress(FileNotFoundError):
         os.remove(path)
-    except FileNotFoundError:
-        pass
 
 
 class Progress:

@@ -40,8 +40,14 @@ from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.atomic import atomic_path
 from fedseg.fedref import (
-    DEFAULT_ALPHA_MAX, DEFAULT_BUFFER_SIZE, DEFAULT_LAMBDA1, DEFAULT_LAMBDA2, DEFAULT_VARIANT, FedRefUpdater,
-    ReferenceBuffer, is_float_tensor,
+    DEFAULT_ALPHA_MAX,
+    DEFAULT_BUFFER_SIZE,
+    DEFAULT_LAMBDA1,
+    DEFAULT_LAMBDA2,
+    DEFAULT_VARIANT,
+    FedRefUpdater,
+    ReferenceBuffer,
+    is_float_tensor,
 )
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
@@ -69,8 +75,9 @@ def message_bytes(model: FLModel | None) -> int:
     """Bytes of a message's tensors: its parameters and any tensor dicts in its meta (Scaffold's controls)."""
     if model is None:
         return 0
-    extra = sum(payload_bytes(v) for k, v in (model.meta or {}).items()
-                if isinstance(v, dict) and k not in SERVER_SIDE_META)
+    extra = sum(
+        payload_bytes(v) for k, v in (model.meta or {}).items() if isinstance(v, dict) and k not in SERVER_SIDE_META
+    )
     return payload_bytes(model.params) + extra
 
 
@@ -125,8 +132,15 @@ class RoundRecorder:
 
     algorithm = "?"
 
-    def _init_recorder(self, min_clients: int, wait_after_min_seconds: int, metrics_filename: str,
-                       clients_per_round: int = 0, participation_seed: int = 0, validate_absent: bool = True) -> None:
+    def _init_recorder(
+        self,
+        min_clients: int,
+        wait_after_min_seconds: int,
+        metrics_filename: str,
+        clients_per_round: int = 0,
+        participation_seed: int = 0,
+        validate_absent: bool = True,
+    ) -> None:
         self.min_clients = int(min_clients)
         self.validate_absent = bool(validate_absent)
         self._all_sites: list[str] = []
@@ -155,8 +169,17 @@ class RoundRecorder:
         return chosen
 
     # -- sending: remember what went out, and do not wait forever for a silent site ----------------
-    def broadcast_model(self, data=None, task_name=AppConstants.TASK_TRAIN, targets=None, min_responses=None,
-                        timeout=0, wait_time_after_min_received=0, blocking=True, callback=None):
+    def broadcast_model(
+        self,
+        data=None,
+        task_name=AppConstants.TASK_TRAIN,
+        targets=None,
+        min_responses=None,
+        timeout=0,
+        wait_time_after_min_received=0,
+        blocking=True,
+        callback=None,
+    ):
         if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel):
             self._targets = [getattr(t, "name", t) for t in (targets or [])]
             self._reference_params = data.params or {}
@@ -166,10 +189,21 @@ class RoundRecorder:
             if min_responses is None and self.min_clients and self._targets:
                 min_responses = min(self.min_clients, len(self._targets))
                 wait_time_after_min_received = wait_time_after_min_received or self.wait_after_min_seconds
-        sent = super().broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
-                                       timeout=timeout, wait_time_after_min_received=wait_time_after_min_received,
-                                       blocking=blocking, callback=callback)
-        if task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN) and isinstance(data, FLModel) and not blocking:
+        sent = super().broadcast_model(
+            data=data,
+            task_name=task_name,
+            targets=targets,
+            min_responses=min_responses,
+            timeout=timeout,
+            wait_time_after_min_received=wait_time_after_min_received,
+            blocking=blocking,
+            callback=callback,
+        )
+        if (
+            task_name == getattr(self, "task_name", AppConstants.TASK_TRAIN)
+            and isinstance(data, FLModel)
+            and not blocking
+        ):
             self.validate_on_absent_sites(data, timeout)
         return sent
 
@@ -180,12 +214,24 @@ class RoundRecorder:
         if not (self.validate_absent and absent):
             return
         # FLARE keeps the last broadcast's failure-tolerance counts on the controller: keep the training task's
-        kept = {k: getattr(self, k) for k in ("_current_min_responses", "_current_num_targets", "_current_failed_clients")
-                if hasattr(self, k)}
-        super().broadcast_model(data=FLModel(params=model.params, params_type=model.params_type,
-                                             current_round=model.current_round, meta=dict(model.meta or {})),
-                                task_name=AppConstants.TASK_VALIDATION, targets=absent, timeout=timeout,
-                                blocking=False, callback=self.record_absent_validation)
+        kept = {
+            k: getattr(self, k)
+            for k in ("_current_min_responses", "_current_num_targets", "_current_failed_clients")
+            if hasattr(self, k)
+        }
+        super().broadcast_model(
+            data=FLModel(
+                params=model.params,
+                params_type=model.params_type,
+                current_round=model.current_round,
+                meta=dict(model.meta or {}),
+            ),
+            task_name=AppConstants.TASK_VALIDATION,
+            targets=absent,
+            timeout=timeout,
+            blocking=False,
+            callback=self.record_absent_validation,
+        )
         for name, value in kept.items():
             setattr(self, name, value)
 
@@ -194,16 +240,26 @@ class RoundRecorder:
         self._absent_records[site] = {k: _plain(v) for k, v in (result.metrics or {}).items()}
         return True
 
-    def send_model(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0,
-                   callback=None):
+    def send_model(
+        self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0, callback=None
+    ):
         # ModelController.send_model calls its base class directly; route through broadcast_model above
-        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
-                                    timeout=timeout, blocking=False, callback=callback)
+        return self.broadcast_model(
+            data=data,
+            task_name=task_name,
+            targets=targets,
+            min_responses=min_responses,
+            timeout=timeout,
+            blocking=False,
+            callback=callback,
+        )
 
-    def send_model_and_wait(self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None,
-                            timeout=0):
-        return self.broadcast_model(data=data, task_name=task_name, targets=targets, min_responses=min_responses,
-                                    timeout=timeout, blocking=True)
+    def send_model_and_wait(
+        self, task_name=AppConstants.TASK_TRAIN, data=None, targets=None, min_responses=None, timeout=0
+    ):
+        return self.broadcast_model(
+            data=data, task_name=task_name, targets=targets, min_responses=min_responses, timeout=timeout, blocking=True
+        )
 
     # -- receiving: check and record every update --------------------------------------------------
     def accept_update(self, result: FLModel) -> bool:
@@ -270,12 +326,27 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
 
     algorithm = "fedavg"
 
-    def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
-                 metrics_filename: str = ROUND_METRICS_FILE, algorithm_name: str | None = None,
-                 clients_per_round: int = 0, participation_seed: int = 0, validate_absent: bool = True, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        min_clients: int = 1,
+        wait_after_min_seconds: int = 60,
+        metrics_filename: str = ROUND_METRICS_FILE,
+        algorithm_name: str | None = None,
+        clients_per_round: int = 0,
+        participation_seed: int = 0,
+        validate_absent: bool = True,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename, clients_per_round, participation_seed,
-                            validate_absent)
+        self._init_recorder(
+            min_clients,
+            wait_after_min_seconds,
+            metrics_filename,
+            clients_per_round,
+            participation_seed,
+            validate_absent,
+        )
         self._accepted_results: dict[str, FLModel] = {}
         self.algorithm_name = algorithm_name
         if algorithm_name:
@@ -297,14 +368,22 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
             model = self.refine_global_model(model, previous_global)
             # Republish: the persistor and the best-model logic read the global model from the FL context
             # (FedOpt's update does not set it, and FedRef changes it after aggregation).
-            self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL,
-                                 make_model_learnable(weights=model.params, meta_props=model.meta),
-                                 private=True, sticky=True)
+            self.fl_ctx.set_prop(
+                AppConstants.GLOBAL_MODEL,
+                make_model_learnable(weights=model.params, meta_props=model.meta),
+                private=True,
+                sticky=True,
+            )
         else:
-            self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
-                       "the global model is kept unchanged")
-        self.write_round_record((aggr_result.metrics if aggr_result else None),
-                                (aggr_result.meta or {}).get("nr_aggregated") if aggr_result else 0, applied)
+            self.error(
+                f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
+                "the global model is kept unchanged"
+            )
+        self.write_round_record(
+            (aggr_result.metrics if aggr_result else None),
+            (aggr_result.meta or {}).get("nr_aggregated") if aggr_result else 0,
+            applied,
+        )
         return model
 
     def _get_aggregated_result(self) -> FLModel:
@@ -385,7 +464,9 @@ class FedRefController(RecordingFedAvg):
             self.updater.buffer = ReferenceBuffer.from_state(state)
             self.updater.velocity = state.get("velocity")
             if self.updater.buffer.capacity != buffer_size:
-                raise ValueError(f"{resume_buffer}: buffer of size {self.updater.buffer.capacity}, job asks for p={buffer_size}")
+                raise ValueError(
+                    f"{resume_buffer}: buffer of size {self.updater.buffer.capacity}, job asks for p={buffer_size}"
+                )
 
     def lambda2_at(self, round_number: int) -> float:
         """lambda2 of this round under the optional schedule."""
@@ -411,10 +492,18 @@ class FedRefController(RecordingFedAvg):
         def floats(params: dict) -> dict:
             return {k: v for k, v in params.items() if is_float_tensor(v)}
 
-        record = {"round": self.current_round, "applied": self._applied, "lambda1": self.updater.lambda1,
-                  "lambda2": self.updater.lambda2, "reference_weighting": self.reference_weighting,
-                  "variant": self.variant, "momentum": self.momentum,
-                  "averaged": floats(averaged), "previous_global": floats(previous_global), "buffer": buffered}
+        record = {
+            "round": self.current_round,
+            "applied": self._applied,
+            "lambda1": self.updater.lambda1,
+            "lambda2": self.updater.lambda2,
+            "reference_weighting": self.reference_weighting,
+            "variant": self.variant,
+            "momentum": self.momentum,
+            "averaged": floats(averaged),
+            "previous_global": floats(previous_global),
+            "buffer": buffered,
+        }
         with atomic_path(os.path.join(self.run_dir(), FEDREF_STEP_FILE)) as tmp:
             torch.save(record, tmp)
 
@@ -438,7 +527,9 @@ class FedRefController(RecordingFedAvg):
                 "variant": self.variant,
                 "momentum": self.momentum,
                 "step_ratio": _plain(self.updater.last_step_ratio),
-                "alpha_mean": _plain(np.mean(list(self.updater.last_shares.values()))) if self.updater.last_shares else None,
+                "alpha_mean": _plain(np.mean(list(self.updater.last_shares.values())))
+                if self.updater.last_shares
+                else None,
             }
         }
 
@@ -479,13 +570,26 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
 
     algorithm = "scaffold"
 
-    def __init__(self, *args, min_clients: int = 1, wait_after_min_seconds: int = 60,
-                 metrics_filename: str = ROUND_METRICS_FILE, clients_per_round: int = 0, participation_seed: int = 0,
-                 **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        min_clients: int = 1,
+        wait_after_min_seconds: int = 60,
+        metrics_filename: str = ROUND_METRICS_FILE,
+        clients_per_round: int = 0,
+        participation_seed: int = 0,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         # Scaffold sends its training task blocking: absent sites are not asked to validate
-        self._init_recorder(min_clients, wait_after_min_seconds, metrics_filename, clients_per_round, participation_seed,
-                            validate_absent=False)
+        self._init_recorder(
+            min_clients,
+            wait_after_min_seconds,
+            metrics_filename,
+            clients_per_round,
+            participation_seed,
+            validate_absent=False,
+        )
         self.task_name = AppConstants.TASK_TRAIN
 
     def aggregate(self, results, aggregate_fn=None):
@@ -502,12 +606,17 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
         if applied:
             model = super().update_model(model, aggr_result)
             # the best-model checkpoint is written from this: keep the control variates out of it
-            self.fl_ctx.set_prop(AppConstants.GLOBAL_MODEL,
-                                 make_model_learnable(weights=model.params, meta_props=_scalar_meta(model.meta)),
-                                 private=True, sticky=True)
+            self.fl_ctx.set_prop(
+                AppConstants.GLOBAL_MODEL,
+                make_model_learnable(weights=model.params, meta_props=_scalar_meta(model.meta)),
+                private=True,
+                sticky=True,
+            )
         else:
-            self.error(f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
-                       "the global model is kept unchanged")
+            self.error(
+                f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
+                "the global model is kept unchanged"
+            )
         self.write_round_record(aggr_result.metrics, (aggr_result.meta or {}).get("nr_aggregated"), applied)
         return model
 
@@ -515,5 +624,6 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
         """Persist the weights without the control variates and their deltas (numpy arrays in the meta would
         make the checkpoint unreadable to torch.load(weights_only=True), e.g. for cross-site evaluation)."""
         meta = _scalar_meta(model.meta)
-        super().save_model(FLModel(params=model.params, params_type=model.params_type, meta=meta,
-                                   current_round=model.current_round))
+        super().save_model(
+            FLModel(params=model.params, params_type=model.params_type, meta=meta, current_round=model.current_round)
+        )

@@ -67,8 +67,10 @@ def cache_folder(site_name: str, data_folder: str, cache_root: str | None = None
     folder = os.path.join(root, site_name)
     data = os.path.realpath(data_folder)
     if os.path.commonpath([os.path.realpath(folder), data]) == data:
-        raise ValueError(f"site {site_name}: cache folder {folder} is inside the data folder {data_folder}; "
-                         f"data folders are never written (set {CACHE_DIR_ENV} elsewhere)")
+        raise ValueError(
+            f"site {site_name}: cache folder {folder} is inside the data folder {data_folder}; "
+            f"data folders are never written (set {CACHE_DIR_ENV} elsewhere)"
+        )
     return folder
 
 
@@ -82,8 +84,10 @@ def load_site_datalist(folder: str) -> tuple[list[dict], list[dict]]:
 
 def to_regions() -> list:
     """Cached form -> what the network trains on: float32 image, TC/WT/ET masks."""
-    return [CastToTyped(keys="image", dtype=torch.float32),
-            ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING)]
+    return [
+        CastToTyped(keys="image", dtype=torch.float32),
+        ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING),
+    ]
 
 
 def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Compose:
@@ -115,7 +119,11 @@ def train_transforms(crop_size: Sequence[int], samples_per_case: int = 2) -> Com
 def validation_transforms(with_label: bool = True) -> Compose:
     """Whole volumes in their own grid, normalised (inference on a new case, which is not cached)."""
     keys = ["image", "label"] if with_label else ["image"]
-    steps = [LoadImaged(keys=keys, image_only=True), EnsureChannelFirstd(keys="image"), EnsureTyped(keys=keys, track_meta=True)]
+    steps = [
+        LoadImaged(keys=keys, image_only=True),
+        EnsureChannelFirstd(keys="image"),
+        EnsureTyped(keys=keys, track_meta=True),
+    ]
     if with_label:
         steps.append(ConvertToMultiChannelBasedOnBratsClassesd(keys="label", et_label=ENHANCING))
     return Compose(steps + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
@@ -175,7 +183,9 @@ def make_site_data(folder: str, settings: TrainingSettings, cache_dir: str | Non
         val_cases=val_cases,
         train_loader=DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, num_workers=workers),
         val_loader=DataLoader(val_ds, batch_size=1, shuffle=False, num_workers=workers),
-        round_val_loader=DataLoader(torch.utils.data.Subset(val_ds, subset), batch_size=1, shuffle=False, num_workers=workers),
+        round_val_loader=DataLoader(
+            torch.utils.data.Subset(val_ds, subset), batch_size=1, shuffle=False, num_workers=workers
+        ),
         round_val_indices=subset,
         cache_dir=cache_dir,
         problems=problems,

@@ -19,8 +19,8 @@ import os
 
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import FLContextKey, FLMetaKey
-from nvflare.apis.job_launcher_spec import JobReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.job_launcher_spec import JobReturnCode
 from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
 from nvflare.client.config import ExchangeFormat
 from nvflare.widgets.widget import Widget
@@ -43,7 +43,8 @@ def require_version(wanted: str, where: str) -> None:
         raise VersionMismatch(
             f"{where} refuses the job: it was built for {PACKAGE_NAME} {wanted} and this machine has "
             f"{PACKAGE_NAME} {fedseg.__version__} installed (install {PACKAGE_NAME}=={wanted}, or export the job "
-            f"again with {fedseg.__version__})")
+            f"again with {fedseg.__version__})"
+        )
 
 
 def training_settings(training: dict | None) -> TrainingSettings:
@@ -51,8 +52,10 @@ def training_settings(training: dict | None) -> TrainingSettings:
     known = set(TrainingSettings.__dataclass_fields__)
     unknown = sorted(set(training or {}) - known)
     if unknown:
-        raise ValueError(f"unknown training setting(s) {unknown}; this site's {PACKAGE_NAME} {fedseg.__version__} "
-                         f"knows {sorted(known)}")
+        raise ValueError(
+            f"unknown training setting(s) {unknown}; this site's {PACKAGE_NAME} {fedseg.__version__} "
+            f"knows {sorted(known)}"
+        )
     return TrainingSettings(**(training or {}))
 
 
@@ -101,8 +104,9 @@ class SiteExecutor(ClientAPIExecutor):
         self.training = dict(training or {})
         self.drills = list(drills or [])
         self.settings = training_settings(self.training)
-        super().__init__(execution_mode="in_process", task_script_path=TRAINER_SCRIPT,
-                         params_exchange_format=ExchangeFormat.PYTORCH)
+        super().__init__(
+            execution_mode="in_process", task_script_path=TRAINER_SCRIPT, params_exchange_format=ExchangeFormat.PYTORCH
+        )
 
     def handle_event(self, event_type: str, fl_ctx: FLContext) -> None:
         if event_type == EventType.START_RUN:
@@ -134,7 +138,8 @@ class SiteExecutor(ClientAPIExecutor):
         if self.drills and not site.allow_drills:
             raise PermissionError(
                 f"{site_name} refuses the job: it asks for resilience drills {self.drills} and this site does not "
-                f"allow them (allow_drills in local/{SITE_CONFIG_FILE}, or {ALLOW_DRILLS_ENV}=1)")
+                f"allow them (allow_drills in local/{SITE_CONFIG_FILE}, or {ALLOW_DRILLS_ENV}=1)"
+            )
         args = training_arguments(self.settings)
         if site.data_root:
             args += ["--data_root", site.data_root]
@@ -145,8 +150,10 @@ class SiteExecutor(ClientAPIExecutor):
         args = [str(a) for a in args]
         spaced = [a for a in args if not a or any(c.isspace() for c in a)]
         if spaced:  # FLARE splits the trainer's command line on whitespace, and keeps quotes as they are
-            raise ValueError(f"{site_name}: {spaced[0]!r} cannot be passed to the trainer (empty or with whitespace); "
-                             f"use a folder without spaces in local/{SITE_CONFIG_FILE}")
+            raise ValueError(
+                f"{site_name}: {spaced[0]!r} cannot be passed to the trainer (empty or with whitespace); "
+                f"use a folder without spaces in local/{SITE_CONFIG_FILE}"
+            )
         return " ".join(args)
 
 

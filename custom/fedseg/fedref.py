@@ -191,7 +191,9 @@ def map_step(
     return updated
 
 
-def site_disagreement(site_models: list[tuple[float, Mapping[str, Any]]], averaged: Mapping[str, Any]) -> dict[str, float]:
+def site_disagreement(
+    site_models: list[tuple[float, Mapping[str, Any]]], averaged: Mapping[str, Any]
+) -> dict[str, float]:
     """v per tensor: sum_k w_k (theta_k - theta_bar)^2 with w_k the normalised site weights, averaged over the tensor."""
     total = sum(float(w) for w, _ in site_models)
     if total <= 0:
@@ -201,13 +203,18 @@ def site_disagreement(site_models: list[tuple[float, Mapping[str, Any]]], averag
         if not is_float_tensor(mean):
             continue
         centre = _as_numpy(mean)
-        out[name] = float(sum(float(w) / total * np.mean((_as_numpy(m[name]) - centre) ** 2)
-                              for w, m in site_models if name in m))
+        out[name] = float(
+            sum(float(w) / total * np.mean((_as_numpy(m[name]) - centre) ** 2) for w, m in site_models if name in m)
+        )
     return out
 
 
-def diagonal_shares(disagreement: Mapping[str, float], stability: Mapping[str, float], lambda2: float,
-                    alpha_max: float = DEFAULT_ALPHA_MAX) -> dict[str, float]:
+def diagonal_shares(
+    disagreement: Mapping[str, float],
+    stability: Mapping[str, float],
+    lambda2: float,
+    alpha_max: float = DEFAULT_ALPHA_MAX,
+) -> dict[str, float]:
     """alpha per tensor = min(alpha_max, lambda2 v / (lambda2 v + s2)); 0 where both are 0 (nothing to weigh).
 
     Derivation: read the sites' mean as a noisy measurement theta_bar ~ N(theta, v) (v: how much the sites
@@ -227,7 +234,9 @@ def diagonal_shares(disagreement: Mapping[str, float], stability: Mapping[str, f
     return shares
 
 
-def diagonal_step(averaged: Mapping[str, Any], centre: Mapping[str, Any], shares: Mapping[str, float]) -> dict[str, Any]:
+def diagonal_step(
+    averaged: Mapping[str, Any], centre: Mapping[str, Any], shares: Mapping[str, float]
+) -> dict[str, Any]:
     """theta_{r+1} = theta_bar + alpha (.) (mu - theta_bar), one alpha per tensor (see ``diagonal_shares``).
 
     Each output is a convex combination of theta_bar and mu; tensors without a share keep the FedAvg value.
@@ -242,8 +251,9 @@ def diagonal_step(averaged: Mapping[str, Any], centre: Mapping[str, Any], shares
     return updated
 
 
-def momentum_step(averaged: Mapping[str, Any], previous_global: Mapping[str, Any], velocity: dict[str, Any] | None,
-                  beta: float) -> tuple[dict[str, Any], dict[str, Any]]:
+def momentum_step(
+    averaged: Mapping[str, Any], previous_global: Mapping[str, Any], velocity: dict[str, Any] | None, beta: float
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Server momentum on the FedAvg update: m <- beta m + (theta_bar - theta_r); returns (theta_r + m, m).
 
     beta = 0 returns theta_bar itself (the velocity is then the plain update). FedAvgM's rule with server
@@ -263,7 +273,9 @@ def momentum_step(averaged: Mapping[str, Any], previous_global: Mapping[str, Any
     return moved, new_velocity
 
 
-def step_ratio(new_global: Mapping[str, Any], averaged: Mapping[str, Any], previous_global: Mapping[str, Any]) -> float | None:
+def step_ratio(
+    new_global: Mapping[str, Any], averaged: Mapping[str, Any], previous_global: Mapping[str, Any]
+) -> float | None:
     """|theta_{r+1} - theta_r| / |theta_bar - theta_r| over every floating-point tensor (1 for plain FedAvg).
 
     Below 1: the server step damps the sites' progress; above 1: it extrapolates. None when the sites
@@ -319,8 +331,12 @@ class FedRefUpdater:
         if len(self.buffer) == 0:
             self.buffer.push(initial_global)
 
-    def update(self, averaged: Mapping[str, Any], previous_global: Mapping[str, Any],
-               site_models: list[tuple[float, Mapping[str, Any]]] | None = None) -> tuple[dict[str, Any], bool]:
+    def update(
+        self,
+        averaged: Mapping[str, Any],
+        previous_global: Mapping[str, Any],
+        site_models: list[tuple[float, Mapping[str, Any]]] | None = None,
+    ) -> tuple[dict[str, Any], bool]:
         """Returns (theta_{r+1}, applied): applied is False during warm-up (FedAvg, with momentum if set).
 
         ``site_models``: (weight, parameters) of the sites aggregated this round; needed by ``diagonal``.
@@ -331,24 +347,32 @@ class FedRefUpdater:
         if self.momentum:
             proposal, self.velocity = momentum_step(averaged, previous_global, self.velocity, self.momentum)
         applied = self.buffer.is_full
-        if applied:
-            new_global = self.prior_step(proposal, averaged, previous_global, site_models)
-        else:
-            new_global = proposal
+        new_global = self.prior_step(proposal, averaged, previous_global, site_models) if applied else proposal
         self.last_step_ratio = step_ratio(new_global, averaged, previous_global)
         self.buffer.push(new_global)
         return new_global, applied
 
-    def prior_step(self, proposal: Mapping[str, Any], averaged: Mapping[str, Any], previous_global: Mapping[str, Any],
-                   site_models: list[tuple[float, Mapping[str, Any]]] | None) -> dict[str, Any]:
+    def prior_step(
+        self,
+        proposal: Mapping[str, Any],
+        averaged: Mapping[str, Any],
+        previous_global: Mapping[str, Any],
+        site_models: list[tuple[float, Mapping[str, Any]]] | None,
+    ) -> dict[str, Any]:
         """The variant's MAP step from the (momentum-moved) FedAvg model, with a full buffer."""
         if self.variant == "mean":
-            return map_step(proposal, previous_global, self.buffer.reference_model(self.reference_weighting),
-                            self.lambda1, self.lambda2)
+            return map_step(
+                proposal,
+                previous_global,
+                self.buffer.reference_model(self.reference_weighting),
+                self.lambda1,
+                self.lambda2,
+            )
         if self.variant == "trend":
             return map_step(proposal, previous_global, self.buffer.trend_model(), self.lambda1, self.lambda2)
         if not site_models:
             raise ValueError("the diagonal variant needs the round's site models")
-        self.last_shares = diagonal_shares(site_disagreement(site_models, averaged), self.buffer.layer_variance(),
-                                           self.lambda2, self.alpha_max)
+        self.last_shares = diagonal_shares(
+            site_disagreement(site_models, averaged), self.buffer.layer_variance(), self.lambda2, self.alpha_max
+        )
         return diagonal_step(proposal, self.buffer.trend_model(), self.last_shares)

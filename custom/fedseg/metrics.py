@@ -28,7 +28,9 @@ def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence
     spacing: voxel size in mm (defaults to 1 mm isotropic).
     """
     if prediction.shape != label.shape or prediction.shape[0] != len(REGIONS):
-        raise ValueError(f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} must both be (3, X, Y, Z)")
+        raise ValueError(
+            f"prediction {tuple(prediction.shape)} and label {tuple(label.shape)} must both be (3, X, Y, Z)"
+        )
     spacing = [float(s) for s in (spacing if spacing is not None else (1.0,) * (prediction.ndim - 1))]
     pred = prediction.detach().float().cpu()[None]
     true = label.detach().float().cpu()[None]

@@ -35,18 +35,26 @@ class TrainingSettings:
     batch_size: int = _setting(2, "cases per step; each gives samples_per_case crops")
     samples_per_case: int = _setting(2, "random crops per case (half around tumour, half around background)")
     crop: tuple[int, ...] = _setting((48, 48, 48), "training crop in voxels; also the sliding-window size")
-    loss: str = _setting("dice_focal", "dice_focal leaves the all-background start within a few epochs; "
-                                       "dice_ce can sit there for 10+")
+    loss: str = _setting(
+        "dice_focal", "dice_focal leaves the all-background start within a few epochs; dice_ce can sit there for 10+"
+    )
     channels: tuple[int, ...] = _setting((16, 32, 64, 128), "U-Net channels per level")
     sw_batch_size: int = _setting(4, "sliding windows per forward pass in validation")
-    val_max_cases: int = _setting(8, "per-round validation on a fixed, seeded subset of at most this many cases "
-                                     "(0: all); cross-site evaluation scores every case")
-    cache_ram_mb: int = _setting(0, "decoded cases kept in the site's memory (MiB); the rest are read from its "
-                                    "disk cache, which the OS keeps in its page cache")
+    val_max_cases: int = _setting(
+        8,
+        "per-round validation on a fixed, seeded subset of at most this many cases "
+        "(0: all); cross-site evaluation scores every case",
+    )
+    cache_ram_mb: int = _setting(
+        0,
+        "decoded cases kept in the site's memory (MiB); the rest are read from its "
+        "disk cache, which the OS keeps in its page cache",
+    )
     amp: bool = _setting(True, "automatic mixed precision (CUDA only)")
     seed: int = _setting(0, "seed of the network's initial weights, the augmentation and the validation subset")
-    threads: int = _setting(1, "torch CPU threads per site: 1 where sites share a machine (simulator, POC); "
-                               "0: torch's default (every core)")
+    threads: int = _setting(
+        1, "torch CPU threads per site: 1 where sites share a machine (simulator, POC); 0: torch's default (every core)"
+    )
     num_workers: int = _setting(0, "DataLoader worker processes")
 
     def __post_init__(self) -> None:
@@ -69,8 +77,13 @@ class TrainingSettings:
 PROFILES: dict[str, TrainingSettings] = {
     "demo": TrainingSettings(),
     "fets2022": TrainingSettings(
-        local_steps=50, batch_size=1, samples_per_case=2, crop=(128, 128, 128), channels=(32, 64, 128, 256),
-        sw_batch_size=2, threads=0,
+        local_steps=50,
+        batch_size=1,
+        samples_per_case=2,
+        crop=(128, 128, 128),
+        channels=(32, 64, 128, 256),
+        sw_batch_size=2,
+        threads=0,
     ),
 }
 DEFAULT_PROFILE = "demo"
@@ -97,7 +110,9 @@ def add_training_arguments(parser: argparse.ArgumentParser, defaults: TrainingSe
         default = getattr(defaults, f.name) if defaults is not None else None
         kind = _type_of(f)
         shown = getattr(PROFILES[DEFAULT_PROFILE], f.name)
-        help_text = f"{f.metadata.get('help', '')} (demo: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        help_text = (
+            f"{f.metadata.get('help', '')} (demo: {' '.join(map(str, shown)) if isinstance(shown, tuple) else shown})"
+        )
         name = option_name(f.name, dashes)
         if kind is bool:
             parser.add_argument(name, type=_boolean, default=default, metavar="{true,false}", help=help_text)
@@ -150,8 +165,10 @@ def training_arguments(settings: TrainingSettings) -> list[str]:
 def settings_markdown() -> str:
     """The README's settings table: every training setting, its value in each profile and what it does."""
     names = sorted(PROFILES, key=lambda name: name != DEFAULT_PROFILE)
-    rows = ["| setting | " + " | ".join(f"`{name}`" for name in names) + " | what it does |",
-            "| --- | " + " | ".join("---" for _ in names) + " | --- |"]
+    rows = [
+        "| setting | " + " | ".join(f"`{name}`" for name in names) + " | what it does |",
+        "| --- | " + " | ".join("---" for _ in names) + " | --- |",
+    ]
     for f in fields(TrainingSettings):
         values = [getattr(PROFILES[name], f.name) for name in names]
         shown = [" ".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in values]

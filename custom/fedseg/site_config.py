@@ -62,15 +62,18 @@ class SiteConfig:
 
 
 @contextlib.contextmanager
-def site_environment(data_root: str | None = None, cache_dir: str | None = None,
-                     allow_drills: bool = False) -> Iterator[None]:
+def site_environment(
+    data_root: str | None = None, cache_dir: str | None = None, allow_drills: bool = False
+) -> Iterator[None]:
     """Set the site variables for the local site processes started inside (simulator, POC), then restore.
 
     A value left as None keeps what this process's environment already says.
     """
-    wanted = {DATA_ROOT_ENV: data_root and os.path.abspath(data_root),
-              CACHE_DIR_ENV: cache_dir and os.path.abspath(cache_dir),
-              ALLOW_DRILLS_ENV: "1" if allow_drills else None}
+    wanted = {
+        DATA_ROOT_ENV: data_root and os.path.abspath(data_root),
+        CACHE_DIR_ENV: cache_dir and os.path.abspath(cache_dir),
+        ALLOW_DRILLS_ENV: "1" if allow_drills else None,
+    }
     saved = {key: os.environ.get(key) for key in wanted}
     try:
         os.environ.update({key: value for key, value in wanted.items() if value is not None})

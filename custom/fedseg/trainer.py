@@ -46,22 +46,35 @@ def build_loss(name: str) -> torch.nn.Module:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The trainer's command line: every ``TrainingSettings`` field, plus where the site's data and cache are."""
     p = argparse.ArgumentParser(description="FedRef-Seg site trainer (FLARE Client API)")
-    p.add_argument("--data_root", default=None, help="folder holding one prepared folder per site "
-                   f"(default: the site's {DATA_ROOT_ENV} environment variable)")
-    p.add_argument("--cache_dir", default=None, help="folder for the sites' decoded-case caches (default: the site's "
-                   f"{CACHE_DIR_ENV} environment variable, else ./{DEFAULT_CACHE_NAME} in the site's workspace)")
+    p.add_argument(
+        "--data_root",
+        default=None,
+        help=f"folder holding one prepared folder per site (default: the site's {DATA_ROOT_ENV} environment variable)",
+    )
+    p.add_argument(
+        "--cache_dir",
+        default=None,
+        help="folder for the sites' decoded-case caches (default: the site's "
+        f"{CACHE_DIR_ENV} environment variable, else ./{DEFAULT_CACHE_NAME} in the site's workspace)",
+    )
     add_training_arguments(p, TrainingSettings(), dashes=False)
-    p.add_argument("--fault", action="append", default=[], metavar="SITE:KIND:ROUND",
-                   help="resilience drill: at ROUND, SITE sends an update with NaN (nan), a wrong shape (shape), "
-                        "or stops (die). For testing the server's defences only.")
+    p.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="SITE:KIND:ROUND",
+        help="resilience drill: at ROUND, SITE sends an update with NaN (nan), a wrong shape (shape), "
+        "or stops (die). For testing the server's defences only.",
+    )
     return p.parse_args(argv)
 
 
 class SiteTrainer:
     """Local training and validation on one site's prepared data; knows nothing of FLARE."""
 
-    def __init__(self, folder: str, args: argparse.Namespace, device: torch.device | None = None,
-                 site: str | None = None) -> None:
+    def __init__(
+        self, folder: str, args: argparse.Namespace, device: torch.device | None = None, site: str | None = None
+    ) -> None:
         self.settings = TrainingSettings(**settings_from_arguments(args, TrainingSettings()))
         s = self.settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -100,7 +113,9 @@ class SiteTrainer:
                 if taken == steps:
                     return
 
-    def train(self, epochs: int | None = None, fedprox_mu: float = 0.0, after_step=None, steps: int | None = None) -> dict:
+    def train(
+        self, epochs: int | None = None, fedprox_mu: float = 0.0, after_step=None, steps: int | None = None
+    ) -> dict:
         """Local work of one round; returns the number of optimiser steps taken and the mean training loss.
 
         By default the settings' ``local_steps`` (when > 0) or ``local_epochs``. ``fedprox_mu`` adds
@@ -138,8 +153,12 @@ class SiteTrainer:
             total += float(loss.detach())
         if skipped:
             logger.warning("%d of %d local steps skipped: non-finite training loss", skipped, skipped + taken)
-        return {"num_steps": taken, "train_loss": total / max(taken, 1), "train_seconds": time.perf_counter() - started,
-                "skipped_steps": skipped}
+        return {
+            "num_steps": taken,
+            "train_loss": total / max(taken, 1),
+            "train_seconds": time.perf_counter() - started,
+            "skipped_steps": skipped,
+        }
 
     @torch.no_grad()
     def validate(self, every_case: bool = False) -> dict:
@@ -151,8 +170,9 @@ class SiteTrainer:
         for batch in loader:
             image = batch["image"].to(self.device)
             with torch.autocast(self.device.type, enabled=self.use_amp):
-                logits = sliding_window_inference(image, self.crop, sw_batch_size=self.settings.sw_batch_size,
-                                                  predictor=self.model, overlap=0.25)
+                logits = sliding_window_inference(
+                    image, self.crop, sw_batch_size=self.settings.sw_batch_size, predictor=self.model, overlap=0.25
+                )
             prediction = torch.sigmoid(logits.float()) > 0.5
             spacing = [float(s) for s in batch["spacing"][0]]
             metrics.add(prediction[0], batch["label"][0].to(prediction.device), spacing)
@@ -232,9 +252,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     scaffold: ScaffoldState | None = None
     local_model: dict | None = None
     data = trainer.data
-    logger.info("%s: %d training / %d validation cases (per-round validation on %d), cache %s (%.0f MB, %.0f s)",
-                site, len(data.train_cases), len(data.val_cases), len(data.round_val_indices), data.cache_dir,
-                data.cache_bytes() / 1e6, trainer.cache_seconds)
+    logger.info(
+        "%s: %d training / %d validation cases (per-round validation on %d), cache %s (%.0f MB, %.0f s)",
+        site,
+        len(data.train_cases),
+        len(data.val_cases),
+        len(data.round_val_indices),
+        data.cache_dir,
+        data.cache_bytes() / 1e6,
+        trainer.cache_seconds,
+    )
 
     while flare.is_running():
         received = flare.receive()
@@ -272,16 +299,28 @@ def main(argv: Sequence[str] | None = None) -> None:
         if fault in ("nan", "shape"):
             logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
             difference = poison(difference, fault)
-        metrics.update({"train_loss": result["train_loss"], "train_seconds": result["train_seconds"],
-                        "skipped_steps": result["skipped_steps"],
-                        "fedprox_mu": mu, "n_train_cases": len(data.train_cases),
-                        "cache_mb": data.cache_bytes() / 1e6, "cache_seconds": trainer.cache_seconds,
-                        "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta)})
+        metrics.update(
+            {
+                "train_loss": result["train_loss"],
+                "train_seconds": result["train_seconds"],
+                "skipped_steps": result["skipped_steps"],
+                "fedprox_mu": mu,
+                "n_train_cases": len(data.train_cases),
+                "cache_mb": data.cache_bytes() / 1e6,
+                "cache_seconds": trainer.cache_seconds,
+                "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta),
+            }
+        )
         for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
             writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
         logger.info(
             "%s round %s: global model dice_mean %.3f on %d cases, local train loss %.4f (%d steps)",
-            site, round_no, metrics["dice_mean"], metrics["n_cases"], result["train_loss"], result["num_steps"],
+            site,
+            round_no,
+            metrics["dice_mean"],
+            metrics["n_cases"],
+            result["train_loss"],
+            result["num_steps"],
         )
         out_meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = result["num_steps"]
         flare.send(flare.FLModel(params=difference, params_type="DIFF", metrics=metrics, meta=out_meta))

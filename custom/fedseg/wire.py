@@ -11,8 +11,6 @@ dequantiser on the way in) and writes the size of the compressed payload into th
 
 from __future__ import annotations
 
-from typing import Union
-
 from nvflare.apis.dxo import DXO, DataKind
 from nvflare.apis.dxo_filter import DXOFilter
 from nvflare.apis.fl_context import FLContext
@@ -27,8 +25,8 @@ QUANTIZATION_TYPES = CPU_QUANTIZATION + GPU_QUANTIZATION
 # refused, with the reason: measured with bench.communication on nvflare 2.9.0
 BROKEN_QUANTIZATION = {
     "adaquant": "NVFlare 2.9.0's AdaQuantizer gives a tensor whose values span less than about 2e-4 zero "
-                "quantisation levels and dequantises it to NaN (0/0); the conv biases in our updates are such "
-                "tensors, so the server would reject every update",
+    "quantisation levels and dequantises it to NaN (0/0); the conv biases in our updates are such "
+    "tensors, so the server would reject every update",
 }
 
 
@@ -51,9 +49,10 @@ class WireSizeMeter(DXOFilter):
         kinds = [DataKind.WEIGHTS, DataKind.WEIGHT_DIFF]
         super().__init__(supported_data_kinds=kinds, data_kinds_to_filter=kinds)
 
-    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> Union[None, DXO]:
-        size = payload_bytes(dxo.data) + sum(payload_bytes(v) for k, v in dxo.meta.items()
-                                             if isinstance(v, dict) and k != WIRE_BYTES_KEY)
+    def process_dxo(self, dxo: DXO, shareable: Shareable, fl_ctx: FLContext) -> None | DXO:
+        size = payload_bytes(dxo.data) + sum(
+            payload_bytes(v) for k, v in dxo.meta.items() if isinstance(v, dict) and k != WIRE_BYTES_KEY
+        )
         dxo.set_meta_prop(WIRE_BYTES_KEY, size)
         return dxo
 
