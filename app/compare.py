@@ -37,6 +37,7 @@ from fedseg.app.report import (
     pooled,
 )
 from fedseg.atomic import atomic_directory, write_json
+from fedseg.fedref import DEFAULT_VARIANT
 
 REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
 
@@ -73,9 +74,12 @@ def rounds_to_target(curve: list[dict], target: float) -> int | None:
 
 
 def run_label(run: RunArtifacts) -> str:
-    """The algorithm, with FedRef's variant when it is not the default prior (fedref-trend, fedref-diagonal)."""
+    """The algorithm, with FedRef's variant when it is not the default prior (fedref-mean, fedref-diagonal).
+
+    A run recorded before there were variants used the mean prior.
+    """
     variant = run.run_info.get("settings", {}).get("fedref_variant", "mean")
-    return f"fedref-{variant}" if run.algorithm == "fedref" and variant != "mean" else run.algorithm
+    return f"fedref-{variant}" if run.algorithm == "fedref" and variant != DEFAULT_VARIANT else run.algorithm
 
 
 def summarise(run: RunArtifacts, target: float) -> dict:

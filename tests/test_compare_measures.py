@@ -19,7 +19,7 @@ def scores(dice: float) -> dict:
     return {"dice_tc": dice, "dice_wt": dice, "dice_et": dice, "dice_mean": dice, "n_cases": 1}
 
 
-def make_run(root, name: str, algorithm: str, seed: int, curve: list[float], variant: str = "mean") -> str:
+def make_run(root, name: str, algorithm: str, seed: int, curve: list[float], variant: str = "trend") -> str:
     """A run of 2-of-3 participation: the two trainers score ``d``, the absent site ``d - 0.3`` (validation only)."""
     folder = root / name
     server = folder / "server" / "simulate_job"
@@ -51,21 +51,21 @@ def test_area_under_curve_paired_interval_and_participation(tmp_path):
     fedavg = {0: [0.2, 0.4, 0.5, 0.6], 1: [0.3, 0.4, 0.6, 0.6], 2: [0.2, 0.5, 0.5, 0.7]}
     trend = {0: [0.2, 0.5, 0.6, 0.6], 1: [0.3, 0.4, 0.6, 0.7], 2: [0.2, 0.6, 0.7, 0.7]}
     folders = [make_run(tmp_path, f"fedavg_{s}", "fedavg", s, c) for s, c in fedavg.items()]
-    folders += [make_run(tmp_path, f"trend_{s}", "fedref", s, c, variant="trend") for s, c in trend.items()]
+    folders += [make_run(tmp_path, f"trend_{s}", "fedref", s, c, variant="mean") for s, c in trend.items()]
     index = write_comparison(folders, str(tmp_path / "out"), target=0.3)
     result = json.loads((tmp_path / "out" / "compare.json").read_text())
 
     assert result["participation"] == "2 of 3 sites per round"
     auc = {r["algorithm"]: r["auc"] for r in result["runs"]}
-    assert sorted(auc) == ["fedavg", "fedref-trend"]  # a FedRef variant is named as such
+    assert sorted(auc) == ["fedavg", "fedref-mean"]  # a FedRef variant other than the default is named as such
     run_auc = {(r["algorithm"], r["seed"]): r["auc"] for r in result["runs"]}
     for seed, curve in trend.items():
-        assert run_auc[("fedref-trend", seed)] == pytest.approx(statistics.mean(pooled_curve(curve)))
+        assert run_auc[("fedref-mean", seed)] == pytest.approx(statistics.mean(pooled_curve(curve)))
     winners = {w["measure"]: w for w in result["winners"]}
     assert winners["auc"]["values"]["fedavg"] == pytest.approx(
         statistics.mean(statistics.mean(pooled_curve(c)) for c in fedavg.values())
     )
-    assert winners["auc"]["winners"] == ["fedref-trend"]
+    assert winners["auc"]["winners"] == ["fedref-mean"]
     assert winners["last3_dice_mean"]["values"]["fedavg"] == pytest.approx(
         statistics.mean(statistics.mean(pooled_curve(c)[-3:]) for c in fedavg.values())
     )
@@ -73,7 +73,7 @@ def test_area_under_curve_paired_interval_and_participation(tmp_path):
     diffs = [statistics.mean(pooled_curve(trend[s])) - statistics.mean(pooled_curve(fedavg[s])) for s in fedavg]
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     paired = {(p["algorithm"], p["measure"]): p for p in result["paired_differences"]}
-    row = paired[("fedref-trend", "auc")]
+    row = paired[("fedref-mean", "auc")]
     assert row["n"] == 3 and row["mean"] == pytest.approx(mean)
     assert row["low"] == pytest.approx(mean - 4.303 * sd / math.sqrt(3))  # t(0.975, 2 df)
     assert row["high"] == pytest.approx(mean + 4.303 * sd / math.sqrt(3))

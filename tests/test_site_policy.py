@@ -94,7 +94,8 @@ def kits(tmp_path_factory) -> str:
     """The kits `make provision` writes from the committed project.yml (fresh copies per test below)."""
     workspace = tmp_path_factory.mktemp("provision")
     output = ok(make("provision", PROVISION_DIR=str(workspace), timeout=120))
-    return output.strip().splitlines()[-1].split(": ", 1)[1].rstrip("/")
+    (kits,) = [line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("startup kits: ")]
+    return kits.rstrip("/")
 
 
 @pytest.fixture
