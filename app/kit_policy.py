@@ -2,10 +2,14 @@
 
 Run by whoever owns the kit, on the machine that runs it (docs/operations.md says who edits what):
 - a hospital site's kit gets ``authorization.json`` (no bring-your-own-code for anyone), ``resources.json``
-  (the kit's own resources with our class allow-list, enforced), ``privacy.json`` (a percentile filter on
-  the weight differences the site sends) and ``fedseg_site.json`` (the site's data and cache folders);
+  (the kit's own resources with our class allow-list, enforced, and no streaming of job logs to the
+  server), ``privacy.json`` (a percentile filter on the weight differences the site sends, with a per-round
+  clip) and ``fedseg_site.json`` (the site's data and cache folders, what it allows, its caps on a job);
 - the server's kit gets ``resources.json`` with the same kind of allow-list and its job store and snapshots
-  in ``--store`` instead of under /tmp.
+  in ``--store`` instead of under /tmp, ``authorization.json`` (the same: no bring-your-own-code for
+  anyone) and ``fedseg_server.json`` (its caps on what a job may ask and its checkpoint store, the defaults);
+- both get the configuration-only app validator (``fedseg.policy.ConfigOnlyJobValidator``) in
+  ``resources.json``: FLARE refuses to deploy an app holding anything but its two JSON configs.
 A policy file that already exists with other content is kept unless ``--force`` (then it is saved as
 ``<name>.before-fedseg`` first). Files are written atomically; the kit's ``*.default`` files are only read.
 """
@@ -19,7 +23,8 @@ import shutil
 from fedseg.atomic import write_json
 from fedseg.policy import with_allow_list
 from fedseg.regions import DATALIST_NAME
-from fedseg.site_config import SITE_CONFIG_FILE
+from fedseg.server_config import SERVER_CONFIG_FILE, ServerConfig
+from fedseg.site_config import SITE_CONFIG_FILE, SiteConfig
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site_policy")
 SITE_TEMPLATES = ("authorization.json", "privacy.json")
@@ -68,8 +73,11 @@ def server_resources(resources: dict, store: str) -> dict:
 
 
 def site_settings(kit: str, data_root: str | None, cache_dir: str | None) -> dict:
-    """``fedseg_site.json``: the site's folders (checked now, so that a typo is found before a job runs)."""
-    settings: dict = {"allow_drills": False}
+    """``fedseg_site.json``: the site's folders (checked now, so that a typo is found before a job runs), what
+    it lets a job do and its caps on a job's settings, written out with their defaults (``SiteConfig``) so
+    that hospital IT sees each one it may change."""
+    defaults = SiteConfig().to_json()
+    settings: dict = {k: v for k, v in defaults.items() if k not in ("data_root", "cache_dir")}
     if data_root:
         data_root = os.path.abspath(data_root)
         if not os.path.isdir(data_root):
@@ -93,9 +101,14 @@ def planned_files(
     role = kit_role(kit)
     resources = kit_resources(kit)
     if role == "server":
-        return {"resources.json": server_resources(resources, store or os.path.join(kit, "store"))}
+        return {
+            "resources.json": server_resources(resources, store or os.path.join(kit, "store")),
+            "authorization.json": _read_json(os.path.join(TEMPLATES, "authorization.json")),
+            SERVER_CONFIG_FILE: ServerConfig().to_json(),
+        }
     files = {name: _read_json(os.path.join(TEMPLATES, name)) for name in SITE_TEMPLATES}
-    files["resources.json"] = with_allow_list(resources, "site")
+    # job logs stay on the site: they name its cases' counts, but FLARE would stream them to the server
+    files["resources.json"] = {**with_allow_list(resources, "site"), "allow_log_streaming": False}
     files[SITE_CONFIG_FILE] = site_settings(kit, data_root, cache_dir)
     return files
 

@@ -105,6 +105,26 @@ def allow_fedseg_classes(poc_workspace: str) -> list[str]:
     return written
 
 
+def write_server_config(poc_workspace: str, config: dict) -> list[str]:
+    """The POC server's ``local/fedseg_server.json`` (its checkpoint store when a run is continued); returns it."""
+    from fedseg.app.kit_policy import kit_role
+    from fedseg.atomic import write_json
+    from fedseg.server_config import SERVER_CONFIG_FILE
+
+    written = []
+    for startup in sorted(glob.glob(os.path.join(poc_workspace, "**", "startup"), recursive=True)):
+        kit = os.path.dirname(startup)
+        try:
+            role = kit_role(kit)
+        except ValueError:
+            continue
+        if role == "server" and os.path.isdir(os.path.join(kit, "local")):
+            path = os.path.join(kit, "local", SERVER_CONFIG_FILE)
+            write_json(path, config)
+            written.append(path)
+    return written
+
+
 class FedSegPocEnv(poc_env.PocEnv):
     """NVFlare's ``PocEnv`` whose kits allow-list FedRef-Seg's classes before the federation starts."""
 
@@ -122,6 +142,7 @@ class FedSegPocEnv(poc_env.PocEnv):
             examples_dir=None,
         )
         allow_fedseg_classes(self.poc_workspace)
+        write_server_config(self.poc_workspace, getattr(self, "server_config", {}))
         poc_env._start_poc(
             poc_workspace=self.poc_workspace, gpu_ids=self.gpu_ids, excluded=[self.username], services_list=[]
         )
@@ -234,7 +255,14 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     os.environ["NVFLARE_POC_WORKSPACE"] = poc_workspace
     # the site processes POC starts inherit this environment: each reads its data folder from it
     restore = contextlib.ExitStack()
-    restore.enter_context(site_environment(data_root, settings.cache_dir, allow_drills=bool(settings.faults)))
+    restore.enter_context(
+        site_environment(
+            data_root,
+            settings.cache_dir,
+            allow_drills=bool(settings.faults),
+            allow_scaffold=settings.algorithm == "scaffold",  # POC: the researcher's own machine
+        )
+    )
     print(
         f"POC federation: server on localhost:{fed_learn_port} (admin {admin_port}), sites {', '.join(settings.sites)}",
         flush=True,
@@ -243,6 +271,7 @@ def run_poc(settings: JobSettings, data_root: str, workspace: str, timeout: floa
     env = FedSegPocEnv(
         clients=list(settings.sites), num_clients=len(settings.sites), project_conf_path=project_path, username=ADMIN
     )
+    env.server_config = settings.server_config()  # a continued run: the store its files were copied to
     recipe = build_recipe(settings)
     started = time.time()
     try:
@@ -358,11 +387,13 @@ def server_stopped(settings: JobSettings, poc_workspace: str, job_id: str, data_
 
 
 def resume_settings(settings: JobSettings, out: str) -> JobSettings:
-    """The settings that finish a stopped run: its last global model and reference buffer copied to
-    ``<out>/resumed_from`` (a new POC federation rebuilds its workspace), and only the rounds still to run
-    of the ``num_rounds`` planned; round numbers continue where the stopped run left off."""
-    import shutil
+    """The settings that finish a stopped run: its last global model and reference buffer copied into the new POC
+    server's checkpoint store, ``<out>/resumed_from`` (a new POC federation rebuilds its workspace), the job
+    naming that run (``resume_job``), and only the rounds still to run of the ``num_rounds`` planned; round
+    numbers continue where the stopped run left off (the server takes them from the buffer)."""
     from dataclasses import replace
+
+    from fedseg.jobs.recipes import RESUMED_RUN_NAME, stage_resume
 
     model, buffer, next_round = settings.resume_files()
     left = settings.num_rounds - next_round
@@ -371,13 +402,10 @@ def resume_settings(settings: JobSettings, out: str) -> JobSettings:
             f"{settings.resume_from}: the run already did {next_round} of {settings.num_rounds} rounds; "
             "give --rounds the total the run should reach"
         )
-    keep = os.path.join(os.path.abspath(out), "resumed_from")
-    os.makedirs(keep, exist_ok=True)
-    for path in (model, buffer):
-        if os.path.dirname(path) != keep:
-            shutil.copy2(path, os.path.join(keep, os.path.basename(path)))
+    store = os.path.join(os.path.abspath(out), "resumed_from")
+    staged = stage_resume(settings, store)
     print(f"continuing from round {next_round}: {model} and {buffer}; {left} round(s) to run", flush=True)
-    return replace(settings, resume_from=keep, num_rounds=left)
+    return replace(staged, resume_from=os.path.join(store, RESUMED_RUN_NAME), num_rounds=left)
 
 
 def federation_processes(poc_workspace: str) -> list:

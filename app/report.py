@@ -149,7 +149,11 @@ def events(run: RunArtifacts) -> list[dict]:
 
 
 def cross_site_matrix(run: RunArtifacts) -> dict[str, dict[str, float | None]]:
-    """model -> site -> mean Dice: every site's local model and the global models on every site."""
+    """model -> site -> mean Dice: the global model on every site, and any local model a site chose to share.
+
+    Our jobs ask for no local model (cross-site evaluation without ``submit_model``) and a hospital's site
+    sends one only with ``share_local_model`` in its fedseg_site.json, so usually only the global row is here.
+    """
     matrix: dict[str, dict[str, float | None]] = {}
     for site, models in sorted((run.cross_site or {}).items()):
         for model, scores in sorted(models.items()):
@@ -363,7 +367,13 @@ def render_html(summary: dict, plot_png: bytes) -> str:
     if matrix:
         sites = summary["sites"]
         cross = (
-            "<h2>Cross-site validation (mean Dice)</h2><table><tr><th>model \\ data of</th>"
+            "<h2>Cross-site validation (mean Dice)</h2>"
+            + (
+                "<p>Sites' local models: not shared (only the global model is scored on every site).</p>"
+                if all(model == SERVER_MODEL_KEY for model in matrix)
+                else ""
+            )
+            + "<table><tr><th>model \\ data of</th>"
             + "".join(f"<th>{html.escape(s)}</th>" for s in sites)
             + "</tr>"
             + "".join(

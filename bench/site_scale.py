@@ -198,6 +198,8 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
             f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}"
         )
     from fedseg.app.artifacts import load_run
+    from fedseg.cache import cache_size_bytes
+    from fedseg.jobs.recipes import SIMULATOR_CACHE_NAME
 
     records = load_run(os.path.join(workspace, "fedseg_fedref")).rounds
     site = [r["sites"]["site-1"] for r in records]
@@ -206,7 +208,8 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
         "site_process_peak_rss_mib": site_peak / 2**20,
         "simulator_peak_rss_mib": tree_peak / 2**20,
         "wall_seconds": time.time() - started,
-        "cache_mb": site[-1].get("cache_mb"),
+        # read here, on the site's own disk: the sites no longer send their cache's size (it sums brain volumes)
+        "cache_mb": cache_size_bytes(os.path.join(workspace, SIMULATOR_CACHE_NAME, "site-1")) / 1e6,
         "caching_seconds": site[-1].get("cache_seconds"),
         "seconds_per_step": site[-1]["train_seconds"] / site[-1]["num_steps"],
         "round_seconds": [r["seconds"] for r in records],
@@ -297,7 +300,7 @@ def main() -> None:
     parser.add_argument(
         "--val-cases",
         type=int,
-        default=2,
+        default=8,  # a site refuses fewer than its min_val_cases (fedseg.site_config; default 8)
         help="validation cases per round (the profile's subset is cut to this; time is per case)",
     )
     parser.add_argument("--device", default="cpu")

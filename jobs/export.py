@@ -6,7 +6,7 @@ folder from its own kit, see docs/operations.md). Every hyperparameter is writte
 defaults included, so that it can be read and edited there.
 
     python -m fedseg.jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
-                          [--quantization float16] [--byoc]
+                          [--quantization float16] [--byoc] [--resume-job JOB_ID --algorithms fedref]
 
 ``--byoc`` also puts the ``fedseg`` package in the job's custom folders (bring-your-own-code), for POC or
 experiments on sites without it installed; a hospital's site policy refuses such jobs.
@@ -26,8 +26,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Sequence
+from dataclasses import replace
 
-from fedseg.jobs.recipes import ALGORITHMS, REPO_ROOT, JobSettings, build_recipe
+from fedseg.jobs.recipes import ALGORITHMS, PERSISTOR_ID, REPO_ROOT, JobSettings, build_recipe
 from fedseg.settings import DEFAULT_PROFILE, PROFILES
 from fedseg.wire import QUANTIZATION_TYPES
 
@@ -58,10 +59,15 @@ def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
             args = workflow.setdefault("args", {})
             args["min_clients"] = settings.min_clients
             args["wait_after_min_seconds"] = settings.wait_after_min_seconds
+            if args.get("source_model", "") is None:  # FedOpt optimises the persistor's network: no model to name
+                del args["source_model"]
             if settings.algorithm == "fedref":
                 for name, setting in FEDREF_ARGS.items():
                     args[name] = getattr(settings, setting)
             workflow["args"] = dict(sorted(args.items()))
+        for component in config.get("components", []):
+            if component.get("id") == PERSISTOR_ID:  # the network the server builds: channels and seed, always
+                component["args"] = {"channels": list(settings.channels), "init_seed": settings.seed}
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=4)
             f.write("\n")
@@ -129,10 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--profile", choices=sorted(PROFILES), default=DEFAULT_PROFILE, help="the sites' training settings"
     )
     parser.add_argument("--byoc", action="store_true", help="ship the fedseg package in the job (POC, experiments)")
+    parser.add_argument(
+        "--resume-job",
+        metavar="JOB_ID",
+        help="fedref: continue this stopped job (the server finds its checkpoints in its own store)",
+    )
     args = parser.parse_args(argv)
+    if args.resume_job and args.algorithms != ["fedref"]:
+        parser.error("--resume-job continues a fedref run: give --algorithms fedref")
     os.makedirs(args.out, exist_ok=True)
     for algorithm in args.algorithms:
         settings = default_settings(algorithm, args.rounds, args.sites, args.quantization, args.profile, args.byoc)
+        if args.resume_job:
+            settings = replace(settings, resume_job=args.resume_job)
         print(export_job(settings, args.out))
     return 0
 

@@ -20,14 +20,15 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
-from nvflare.recipe.utils import add_cross_site_evaluation, add_experiment_tracking
+from nvflare.recipe.utils import add_experiment_tracking
 
 import fedseg
 from fedseg.atomic import write_json
+from fedseg.checkpoint import buffer_round, find_resume_files
 from fedseg.controller import (
-    REFERENCE_BUFFER_FILE,
     ROUND_METRICS_FILE,
     FedRefController,
     RecordingFedAvg,
@@ -44,7 +45,11 @@ from fedseg.fedref import (
     VARIANTS,
 )
 from fedseg.network import FedSegUNet
+from fedseg.persistor import SeededModelPersistor
 from fedseg.policy import with_allow_list
+from fedseg.privacy import add_global_model_evaluation
+from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
+from fedseg.server_config import SERVER_CONFIG_FILE, plain_name
 from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile
 from fedseg.site_config import site_environment
 from fedseg.wire import GPU_QUANTIZATION, WireSizeMeter, check_quantization, quantization_filters
@@ -59,9 +64,11 @@ ALGORITHMS = {
     "fedavgm": RecordingFedOpt,
     "scaffold": RecordingScaffold,
 }
-FEDOPT_MODEL_ID = "fedopt_model"
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES  # the server's allowed names are these (fedseg.server_config)
+PERSISTOR_ID = "persistor"
 RUN_INFO_FILE = "run.json"
 SIMULATOR_CACHE_NAME = "fedseg_cache"  # beside the run folders of a simulator workspace
+SIMULATOR_STORE_NAME = "fedseg_checkpoints"  # the simulated server's checkpoint store (runs to continue)
 
 
 @dataclass
@@ -108,8 +115,12 @@ class JobSettings(TrainingSettings):
     # filters: "float16" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
     quantization: str | None = None
     name: str | None = None
-    # continue a stopped FedRef run: its run folder (global model, reference buffer and last round)
+    # continue a stopped FedRef run. In a job: resume_job, that run's job id; the server finds its files in its
+    # own checkpoint store. For the simulator and POC: resume_from, a folder holding the run's files, which
+    # they copy into their local server's store (checkpoint_store, never written into the job)
     resume_from: str | None = None
+    resume_job: str | None = None
+    checkpoint_store: str | None = None
     # ship the fedseg package inside the job (bring-your-own-code) for sites that do not have it installed
     byoc: bool = False
 
@@ -142,6 +153,10 @@ class JobSettings(TrainingSettings):
             raise ValueError(f"unknown fedref_variant {self.fedref_variant!r}; choose one of {VARIANTS}")
         if self.quantization is not None:
             check_quantization(self.quantization)
+        if self.resume_job is not None:
+            plain_name("resume_job", self.resume_job)
+            if self.algorithm != "fedref":
+                raise ValueError(f"resume_job: only a fedref run can be continued, not {self.algorithm}")
 
     @property
     def job_name(self) -> str:
@@ -152,27 +167,23 @@ class JobSettings(TrainingSettings):
         return SiteExecutor(package_version=fedseg.__version__, training=self.training_values(), drills=self.faults)
 
     def resume_files(self) -> tuple[str, str, int] | None:
-        """(global model checkpoint, reference buffer, next round) of the run to continue, if any."""
+        """(global model checkpoint, reference buffer, next round) of the run in ``resume_from``, if any."""
         if not self.resume_from:
             return None
-        import torch
+        model, buffer = find_resume_files(self.resume_from)
+        return model, buffer, buffer_round(buffer) + 1
 
-        found = {}
-        for name in (REFERENCE_BUFFER_FILE, "FL_global_model.pt"):  # the newest buffer, then the model beside it
-            hits = glob.glob(os.path.join(self.resume_from, "**", name), recursive=True)
-            if not hits:
-                raise FileNotFoundError(f"{self.resume_from}: no {name} to resume from")
-            if name == REFERENCE_BUFFER_FILE:
-                found[name] = os.path.abspath(max(hits, key=os.path.getmtime))
-            else:  # saved in the same step: the one under the buffer's folder, else the newest
-                near = [h for h in hits if os.path.abspath(h).startswith(os.path.dirname(found[REFERENCE_BUFFER_FILE]))]
-                found[name] = os.path.abspath(min(near, key=len) if near else max(hits, key=os.path.getmtime))
-        buffer = torch.load(found[REFERENCE_BUFFER_FILE], map_location="cpu", weights_only=False)
-        return found["FL_global_model.pt"], found[REFERENCE_BUFFER_FILE], int(buffer.get("round", -1)) + 1
+    def server_config(self) -> dict:
+        """The local server's ``fedseg_server.json`` for the simulator and POC (empty: the defaults)."""
+        return {"checkpoint_store": os.path.abspath(self.checkpoint_store)} if self.checkpoint_store else {}
 
     def network(self) -> FedSegUNet:
         """The initial global model, seeded: the same settings start every run from the same weights."""
-        return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1), init_seed=self.seed)
+        return self.persistor().network()
+
+    def persistor(self) -> SeededModelPersistor:
+        """The server's persistor: it builds the initial global model from the network settings and the seed."""
+        return SeededModelPersistor(channels=list(self.channels), init_seed=self.seed)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -183,11 +194,15 @@ class FedSegRecipe(FedAvgRecipe):
 
     def __init__(self, settings: JobSettings) -> None:
         self.settings = settings
-        self.resume = settings.resume_files()
+        if settings.resume_from and not settings.resume_job:
+            raise ValueError(
+                "resume_from is a folder on this machine: run it through run_simulation or `fedseg poc`, "
+                "which give the job resume_job (the stopped run's id in the server's store)"
+            )
         super().__init__(
-            initial_ckpt=self.resume[0] if self.resume else None,
             name=settings.job_name,
-            model=settings.network(),
+            model_persistor=settings.persistor(),  # instead of PTFileModelPersistor: no file a job could name
+            model_locator=PTFileModelLocator(pt_persistor_id=PERSISTOR_ID),  # cross-site evaluation's models
             # meta.json's min_clients: FLARE starts the job with this many sites and fails it only when fewer
             # stay alive; the controller asks every site each round and needs this many answers (one setting)
             min_clients=settings.min_clients,
@@ -197,8 +212,6 @@ class FedSegRecipe(FedAvgRecipe):
         )
         self._job.to_server(VersionGuard(package_version=fedseg.__version__), id="version_guard")
         self.add_server_config(dead_site_config(settings.dead_site_seconds))
-        if settings.algorithm in ("fedadam", "fedavgm"):
-            self._job.to_server(settings.network(), id=FEDOPT_MODEL_ID)  # FedOpt's server-side optimiser target
 
     def _prepare_client_apps(self) -> None:
         # instead of NVFlare's ScriptRunner (ClientAPIExecutor + the script copied into the job's custom folder)
@@ -213,7 +226,6 @@ class FedSegRecipe(FedAvgRecipe):
             min_clients=s.min_clients,
             wait_after_min_seconds=s.wait_after_min_seconds,
             memory_gc_rounds=self.server_memory_gc_rounds,
-            start_round=self.resume[2] if self.resume else 0,
             clients_per_round=s.clients_per_round,
             participation_seed=s.seed,
         )
@@ -244,7 +256,7 @@ class FedSegRecipe(FedAvgRecipe):
                 variant=s.fedref_variant,
                 momentum=s.fedref_momentum,
                 alpha_max=s.fedref_alpha_max,
-                resume_buffer=self.resume[1] if self.resume else None,
+                resume_job=s.resume_job,
                 **fedavg,
             )
         if s.algorithm == "fedprox":
@@ -270,7 +282,6 @@ class FedSegRecipe(FedAvgRecipe):
             "args": {"factor": 1.0, "total_iters": 1},
         }
         return RecordingFedOpt(
-            source_model=FEDOPT_MODEL_ID,
             optimizer_args=optimizer,
             lr_scheduler_args=constant,
             algorithm_name=s.algorithm,
@@ -295,8 +306,8 @@ def build_recipe(settings: JobSettings) -> FedSegRecipe:
     add_experiment_tracking(recipe, "tensorboard")  # the sites' per-round scalars, in the server's TensorBoard
     if settings.quantization:
         add_compressed_transfer(recipe, settings.quantization)
-    if settings.cross_site_eval:
-        add_cross_site_evaluation(recipe)
+    if settings.cross_site_eval:  # the global model on every site; no site's local model is asked for
+        add_global_model_evaluation(recipe)
     return recipe
 
 
@@ -357,14 +368,24 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
         shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
     if not settings.cache_dir:  # the simulated sites' caches outlive a run: the next run starts at once
         settings = replace(settings, cache_dir=os.path.join(workspace_root, SIMULATOR_CACHE_NAME))
+    if settings.resume_from:
+        settings = stage_resume(settings, os.path.join(workspace_root, SIMULATOR_STORE_NAME, settings.job_name))
     recipe = build_recipe(settings)
     # the simulator enforces a class allow-list on non-BYOC jobs: ours, the one a hospital installs
     write_json(os.path.join(run_folder, "local", "resources.json"), with_allow_list({"format_version": 2}, "simulator"))
+    # the simulated server's own settings (FLARE copies <run>/local into every participant's local/)
+    if settings.server_config():
+        write_json(os.path.join(run_folder, "local", SERVER_CONFIG_FILE), settings.server_config())
     env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=workspace_root)
     started = time.time()
     failure = None
     try:
-        with site_environment(settings.data_root, settings.cache_dir, allow_drills=bool(settings.faults)):
+        with site_environment(
+            settings.data_root,
+            settings.cache_dir,
+            allow_drills=bool(settings.faults),
+            allow_scaffold=settings.algorithm == "scaffold",
+        ):
             recipe.run(env)
     except Exception as exc:  # the simulator raises for a failed job; we still report what it left
         failure = exc
@@ -392,6 +413,26 @@ def run_simulation(settings: JobSettings, workspace_root: str, data_source: str 
             f"logs: {run_folder}/<site>/log.txt"
         ) from failure
     return run_folder
+
+
+RESUMED_RUN_NAME = "resumed"  # the stopped run's plain name in the local server's store
+
+
+def stage_resume(settings: JobSettings, store: str) -> JobSettings:
+    """Copy the stopped run in ``settings.resume_from`` into a local server's checkpoint store (simulator, POC) as
+    ``<store>/resumed/``; the job names it (``resume_job``), the local server is told the store."""
+    model, buffer, _ = settings.resume_files()
+    target = os.path.join(store, RESUMED_RUN_NAME)
+    staged = os.path.join(target, "staging")
+    if os.path.isdir(staged):
+        shutil.rmtree(staged)
+    os.makedirs(staged)
+    for path in (model, buffer):
+        shutil.copy2(path, os.path.join(staged, os.path.basename(path)))
+    for path in (model, buffer):  # replace the previous copy only once both files are in
+        os.replace(os.path.join(staged, os.path.basename(path)), os.path.join(target, os.path.basename(path)))
+    os.rmdir(staged)
+    return replace(settings, resume_job=RESUMED_RUN_NAME, checkpoint_store=store)
 
 
 def _completed_rounds(run_folder: str) -> int:

@@ -37,7 +37,7 @@ def baseline(federation, algorithm: str):
 
 def fedref_step(run) -> dict:
     """The inputs of the run's last MAP step, as the FedRef controller recorded them."""
-    return torch.load(os.path.join(run.server_dir, FEDREF_STEP_FILE), weights_only=False)
+    return torch.load(os.path.join(run.server_dir, FEDREF_STEP_FILE), weights_only=True)
 
 
 def as_float64(model: dict) -> dict[str, np.ndarray]:
@@ -93,7 +93,7 @@ def test_fedref_global_model_is_the_closed_form_of_its_last_round(fedref_run):
     saved = weights(run.global_model)
     averaged, previous = as_float64(step["averaged"]), as_float64(step["previous_global"])
     buffered = [as_float64(m) for m in step["buffer"]]
-    after = [as_float64(m) for m in torch.load(run.reference_buffer, weights_only=False)["models"]]
+    after = [as_float64(m) for m in torch.load(run.reference_buffer, weights_only=True)["models"]]
     assert saved.keys() == averaged.keys() == previous.keys()
     for name, value in saved.items():
         if job.fedref_variant == "trend":  # p = 2: the line through the two buffered models, one round ahead
@@ -206,7 +206,7 @@ def test_a_stopped_fedref_run_resumes_with_its_buffer_and_global_model(fedref_ru
     # the sites were sent the first run's final global model, and the MAP step used its buffer
     step = fedref_step(resumed)
     saved, previous = weights(first.global_model), as_float64(step["previous_global"])
-    buffered = [as_float64(m) for m in torch.load(first.reference_buffer, weights_only=False)["models"]]
+    buffered = [as_float64(m) for m in torch.load(first.reference_buffer, weights_only=True)["models"]]
     for name, value in saved.items():
         np.testing.assert_array_equal(previous[name], value, err_msg=name)
         for got, want in zip(step["buffer"], buffered, strict=True):
@@ -225,7 +225,7 @@ def test_float16_transfer_halves_the_bytes_and_keeps_the_server_in_full_precisio
     # the quantiser changed the messages, not what the server keeps: global model and FedRef's buffer are fp32
     state = load_network(run.global_model, job.network().config()).state_dict()
     assert {t.dtype for t in state.values()} == {torch.float32}
-    buffer = torch.load(next(Path(run.folder).rglob("fedref_reference_buffer.pt")), weights_only=False)
+    buffer = torch.load(next(Path(run.folder).rglob("fedref_reference_buffer.pt")), weights_only=True)
     tensors = [v for model in buffer["models"] for v in model.values()]
     assert tensors and {torch.as_tensor(v).dtype for v in tensors} == {torch.float32}
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from server_fakes import start
 
+from fedseg.checkpoint import to_tensors
 from fedseg.controller import FedRefController, _plain, update_problem
 from fedseg.fedref import FedRefUpdater
+from fedseg.server_config import JobRefused
 
 
 def model(rng) -> dict:
@@ -30,12 +33,17 @@ def test_restarted_controller_gives_the_same_next_global_model(tmp_path):
     current = initial
     for avg in averaged[:3]:
         current, _ = stopped.update(avg, current)
-    path = tmp_path / "fedref_reference_buffer.pt"
-    torch.save({**stopped.buffer.state(), "round": 2}, path)
+    run = tmp_path / "workspace" / "stopped-job"  # the stopped job's run folder in the server's workspace
+    (run / "app_server").mkdir(parents=True)
+    torch.save(to_tensors({**stopped.buffer.state(), "round": 2}), run / "fedref_reference_buffer.pt")
+    torch.save({"model": to_tensors(current)}, run / "app_server" / "FL_global_model.pt")
 
     restarted = FedRefController(
-        num_clients=2, num_rounds=2, buffer_size=3, lambda1=0.1, lambda2=0.3, resume_buffer=str(path)
+        num_clients=2, num_rounds=2, buffer_size=3, lambda1=0.1, lambda2=0.3, resume_job="stopped-job"
     )
+    start(restarted, tmp_path / "workspace")
+    assert restarted.start_round == 3  # the buffer's round + 1, decided by the server
+    assert restarted.persistor._start_from == str(run / "app_server" / "FL_global_model.pt")
     assert len(restarted.updater.buffer) == 3
     for got, want in zip(restarted.updater.buffer.models, stopped.buffer.models):
         np.testing.assert_array_equal(got["w"], want["w"])
@@ -48,9 +56,12 @@ def test_restarted_controller_gives_the_same_next_global_model(tmp_path):
 def test_resume_with_another_buffer_size_is_refused(tmp_path):
     updater = FedRefUpdater(2)
     updater.start({"w": np.zeros(2, np.float32)})
-    torch.save(updater.buffer.state(), tmp_path / "b.pt")
-    with pytest.raises(ValueError, match="job asks for p=3"):
-        FedRefController(num_clients=2, num_rounds=1, buffer_size=3, resume_buffer=str(tmp_path / "b.pt"))
+    (tmp_path / "old").mkdir()
+    torch.save(to_tensors({**updater.buffer.state(), "round": 0}), tmp_path / "old" / "fedref_reference_buffer.pt")
+    torch.save({"model": {}}, tmp_path / "old" / "FL_global_model.pt")
+    controller = FedRefController(num_clients=2, num_rounds=1, buffer_size=3, resume_job="old")
+    with pytest.raises(JobRefused, match=r"buffer_size = 3: run old saved a buffer of size 2"):
+        start(controller, tmp_path)
 
 
 def test_lambda2_schedule():

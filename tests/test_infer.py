@@ -96,6 +96,21 @@ def test_model_that_does_not_fit_the_network(tmp_path, model_file):
         segment(str(tmp_path / "FeTS2022_00009"), str(broken), str(tmp_path / "s.nii.gz"), CONFIG)
 
 
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.devnull,))
+
+
+def test_a_model_file_that_would_run_code_is_refused_unread(tmp_path, model_file):
+    write_subject(str(tmp_path), "FeTS2022_00011", (16, 16, 16))
+    crafted = tmp_path / "crafted.pt"
+    torch.save({"model": {"w": _RunsCode()}}, crafted)
+    with pytest.raises(
+        InferenceError, match=r"not a readable PyTorch checkpoint \(read weights only; it holds more than weights\)"
+    ):
+        segment(str(tmp_path / "FeTS2022_00011"), str(crafted), str(tmp_path / "s.nii.gz"), CONFIG)
+
+
 def test_four_files_in_any_folder(tmp_path, model_file):
     write_subject(str(tmp_path), "FeTS2022_00010", (16, 16, 16))
     files = []

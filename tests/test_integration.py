@@ -75,7 +75,7 @@ def test_saved_global_model_is_the_fedref_model_and_loads_into_the_network(steps
         out = network(torch.zeros(1, 4, 32, 32, 24))
     assert out.shape == (1, 3, 32, 32, 24)
     saved = load_state_dict(run.global_model)
-    buffer = torch.load(run.reference_buffer, weights_only=False)
+    buffer = torch.load(run.reference_buffer, weights_only=True)
     newest = buffer["models"][-1]  # FedRef pushes each new global model: it must be what was persisted
     assert buffer["capacity"] == 3 and len(buffer["models"]) == 3
     for name, value in newest.items():

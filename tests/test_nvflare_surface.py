@@ -94,3 +94,18 @@ def test_a_site_still_takes_its_job_process_exit_code_from_the_file_we_write():
         "fedseg.executor.mark_unfinished_run, which leaves JobReturnCode.UNKNOWN for a killed one"
     )
     assert JobReturnCode.UNKNOWN == 127
+
+
+def test_the_pt_persistor_still_saves_to_the_paths_our_seeded_persistor_sets():
+    """fedseg.persistor.SeededModelPersistor replaces PTFileModelPersistor._initialize (which reads checkpoint
+    paths from a job's environment.json) and sets the attributes the inherited save and inventory code read."""
+    from nvflare.app_opt.pt.file_model_persistor import PTFileModelPersistor
+
+    initialize = inspect.getsource(PTFileModelPersistor._initialize)
+    for attribute in ("self._ckpt_save_path", "self._best_ckpt_save_path", "self.log_dir", "self.ckpt_preload_path"):
+        assert attribute in initialize, f"PTFileModelPersistor._initialize no longer sets {attribute}"
+    assert "self._ckpt_save_path" in inspect.getsource(PTFileModelPersistor.save_model)
+    assert "self._best_ckpt_save_path" in inspect.getsource(PTFileModelPersistor.handle_event)
+    assert "self.log_dir" in inspect.getsource(PTFileModelPersistor.get_model_inventory)
+    assert "self._initialize(fl_ctx)" in inspect.getsource(PTFileModelPersistor.handle_event)
+    assert "self.ckpt_preload_path" in inspect.getsource(PTFileModelPersistor.load_model)

@@ -161,15 +161,22 @@ class Federation:
         try:
             job_id = researcher.submit_job(job)
             _, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=2)
-            if meta["status"] == "FINISHED:COMPLETED":
+            # what the researcher may download: the server's workspace of the job (FLARE moves it into its job
+            # store when the job ends), with the server's job log; a job refused at deployment has none
+            with contextlib.suppress(Exception):
                 meta["download"] = researcher.download_job_result(job_id)
             return job_id, meta
         finally:
             researcher.close()
 
     def site_log(self, site: str, job_id: str) -> str:
-        with open(os.path.join(self.kits[site], job_id, "log.txt"), encoding="utf-8") as f:
-            return f.read()
+        """The job's log on ``site``, empty if it never started there."""
+        return _read_text(os.path.join(self.kits[site], job_id, "log.txt"))
+
+    @staticmethod
+    def server_log(meta: dict) -> str:
+        """The server's log of a finished job, from the researcher's download of it."""
+        return _read_text(os.path.join(meta.get("download") or "", "workspace", "log.txt"))
 
     def export(self, name: str, **settings) -> str:
         return export_job(
@@ -177,13 +184,27 @@ class Federation:
         )
 
 
+def _read_text(path: str) -> str:
+    if not os.path.isfile(path):
+        return ""
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+# dead_site_seconds: a job that every site refuses ends in seconds, not after FLARE's default minute
 TINY_JOB = dict(
-    sites=["site-1", "site-2"], num_rounds=2, local_epochs=1, crop=(32, 32, 24), channels=(8, 16, 32), threads=1
+    sites=["site-1", "site-2"],
+    num_rounds=2,
+    local_epochs=1,
+    crop=(32, 32, 24),
+    channels=(8, 16, 32),
+    threads=1,
+    dead_site_seconds=10,
 )
 
 
-def edit_client_config(job: str, change) -> None:
-    path = os.path.join(job, "app", "config", "config_fed_client.json")
+def edit_client_config(job: str, change, side: str = "client") -> None:
+    path = os.path.join(job, "app", "config", f"config_fed_{side}.json")
     with open(path) as f:
         config = json.load(f)
     change(config)
@@ -207,13 +228,32 @@ def test_config_only_fedref_job_completes_and_the_servers_records_show_the_priva
             assert 0.095 <= site["update_zero_fraction"] <= 0.2, site
     # the job went to the store the project admin chose, not to /tmp
     assert os.path.isdir(federation.tmp_path / "store" / "jobs-storage" / job_id)
+    # what a site logs (and could stream to the server) names no patient and no folder of the hospital's
+    for site in ("site-1", "site-2"):
+        log = federation.site_log(site, job_id)
+        assert "round 1" in log and "FeTS2022_" not in log and str(federation.tmp_path / "sites") not in log, site
+
+    # the run goes on as a new job that names it by its id: the server finds its checkpoints in its own store
+    resumed = export_job(
+        JobSettings(algorithm="fedref", name="fedref_resumed", **{**TINY_JOB, "num_rounds": 1}, resume_job=job_id),
+        str(federation.tmp_path / "jobs" / "fedref_resumed"),
+    )
+    _, meta = federation.submit(resumed)
+    assert meta["status"] == "FINISHED:COMPLETED", meta
+    assert f"continuing run {job_id} at round 2" in federation.server_log(meta)
+    records = [
+        os.path.join(d, "round_metrics.jsonl")
+        for d, _, files in os.walk(meta["download"])
+        if "round_metrics.jsonl" in files
+    ]
+    assert [json.loads(line)["round"] for line in open(sorted(records, key=len)[0])] == [2]
 
 
-def test_a_byoc_job_is_refused_by_every_site(federation):
+def test_a_byoc_job_is_refused_by_the_server_before_any_site_receives_it(federation):
     _, meta = federation.submit(federation.export("byoc", byoc=True), timeout=180)
     assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
-    for site in ("site-1", "site-2"):
-        assert f"{site}: NVFLARE_ERROR: BYOC not permitted" in meta["job_deploy_detail"], meta["job_deploy_detail"]
+    # the server's own policy (install-policy server) refuses code too: the job never reaches a hospital
+    assert meta["job_deploy_detail"] == ["server: BYOC not permitted"], meta["job_deploy_detail"]
 
 
 def test_a_job_naming_a_command_running_executor_is_refused_by_the_allow_list(federation):
@@ -266,3 +306,148 @@ def _ports(prod: str) -> tuple[int, int]:
     with open(os.path.join(os.path.dirname(prod), "..", "project.yml")) as f:
         server = next(p for p in yaml.safe_load(f)["participants"] if p["type"] == "server")
     return server["fed_learn_port"], server["admin_port"]
+
+
+def test_hospital_it_aborts_a_researchers_running_job_from_its_admin_kit(federation):
+    job = export_job(
+        JobSettings(algorithm="fedref", name="long", **{**TINY_JOB, "num_rounds": 50}),
+        str(federation.tmp_path / "jobs" / "long"),
+    )
+    researcher = session(federation.prod, "researcher@fedseg.org")
+    it_a = session(federation.prod, "it@hospital-a.org")
+    clinician = session(federation.prod, "clinician@hospital-a.org")
+    try:
+        job_id = researcher.submit_job(job)
+        deadline = time.time() + 120
+        while researcher.get_job_meta(job_id)["status"] != "RUNNING" and time.time() < deadline:
+            time.sleep(1)
+        assert researcher.get_job_meta(job_id)["status"] == "RUNNING"
+        with pytest.raises(Exception, match="(?i)not authorized"):
+            clinician.abort_job(job_id)  # a member only looks
+        it_a.abort_job(job_id)  # hospital IT stops it (docs/operations.md)
+        _, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=180, poll_interval=2)
+        assert meta["status"] == "FINISHED:ABORTED", meta
+        with pytest.raises(Exception, match="(?i)not authorized"):
+            it_a.delete_job(job_id)  # stopping it is all: the researcher's job stays the researcher's
+        # the sites are back to idle, ready for the next job
+        assert not [p for p in federation_processes(str(federation.tmp_path)) if job_id in " ".join(p.cmdline())]
+    finally:
+        for s in (researcher, it_a, clinician):
+            s.close()
+
+
+# -- a hostile researcher (the lead) tries for more than the hospitals and the server allow (issue 21) --------
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle that creates ``marker`` when it is loaded with ``torch.load(weights_only=False)``."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def _server_controller(job: str, change) -> None:
+    edit_client_config(job, lambda c: change(next(w for w in c["workflows"] if w["id"] == "controller")), "server")
+
+
+def test_a_pickle_beside_the_configs_is_refused_at_deployment_and_never_loaded(federation):
+    import torch
+
+    marker = federation.tmp_path / "pickle_ran_on_the_server"
+    job = federation.export("pickle")
+    torch.save(RunsCodeWhenUnpickled(marker), os.path.join(job, "app", "config", "buffer.pt"))
+    _, meta = federation.submit(job, timeout=180)
+    assert meta["status"] == "FINISHED:FAILED_TO_RUN", meta
+    assert "its app holds config/buffer.pt" in str(meta["job_deploy_detail"]), meta["job_deploy_detail"]
+    assert not marker.exists()
+
+
+def test_a_job_naming_a_file_for_the_persistor_is_refused_by_the_allow_list(federation):
+    import torch
+
+    marker = federation.tmp_path / "persistor_pickle_ran"
+    planted = federation.tmp_path / "reachable_on_the_server.pt"  # any file the server user can read
+    torch.save(RunsCodeWhenUnpickled(marker), planted)
+    job = federation.export("persistor_path")
+
+    def old_persistor(config):
+        (persistor,) = [c for c in config["components"] if c["id"] == "persistor"]
+        persistor.update(
+            path="nvflare.app_opt.pt.file_model_persistor.PTFileModelPersistor",
+            args={"source_ckpt_file_full_name": str(planted), "load_weights_only": False},
+        )
+
+    edit_client_config(job, old_persistor, "server")
+    job_id, meta = federation.submit(job, timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    assert "PTFileModelPersistor' at config path" in federation.server_log(meta)
+    assert "is not in allow_list" in federation.server_log(meta)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    "setting, value, expected",
+    [
+        ("metrics_filename", "ABSOLUTE", "must be a plain name"),
+        ("resume_job", "../../etc", "resume_job = '../../etc': must be a plain name"),
+        ("num_rounds", 5000, "num_rounds = 5000 exceeds the server's cap max_rounds = 1000"),
+    ],
+)
+def test_the_server_refuses_paths_and_settings_over_its_caps_before_any_round(federation, setting, value, expected):
+    outside = federation.tmp_path / "written_outside_the_workspace.jsonl"
+    value = str(outside) if value == "ABSOLUTE" else value
+    job = federation.export(f"server_{setting}")
+    _server_controller(job, lambda controller: controller["args"].update({setting: value}))
+    job_id, meta = federation.submit(job, timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    assert expected in federation.server_log(meta)
+    assert not outside.exists()
+    assert "round 0" not in federation.site_log("site-1", job_id)  # no site trained
+
+
+def test_a_frozen_server_optimiser_is_refused(federation):
+    job = export_job(
+        JobSettings(algorithm="fedavgm", name="frozen", **TINY_JOB), str(federation.tmp_path / "jobs" / "frozen")
+    )
+    _server_controller(job, lambda controller: controller["args"]["optimizer_args"]["args"].update(lr=0))
+    job_id, meta = federation.submit(job, timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    assert "optimizer_args.args.lr = 0" in federation.server_log(meta)
+
+
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"lr": "${secret:file:SECRET}"}, "refuses the job: training setting lr '${secret:file:"),
+        ({"local_steps": 10**9}, "refuses the job: local_steps 1000000000 is over this site's cap max_local_steps"),
+        ({"val_max_cases": 1}, "refuses the job: val_max_cases 1 is under this site's minimum min_val_cases"),
+    ],
+    ids=["secret", "over-cap", "one-patient-validation"],
+)
+def test_every_site_refuses_training_settings_it_did_not_allow(federation, change, expected):
+    secret = federation.tmp_path / "hospital_secret.txt"
+    secret.write_text("TOKEN-4f1c9e-HOSPITAL-ONLY")
+    change = {k: v.replace("SECRET", str(secret)) if isinstance(v, str) else v for k, v in change.items()}
+    job = federation.export(f"site_{'_'.join(change)}")
+    edit_client_config(job, lambda config: config["executors"][0]["executor"]["args"]["training"].update(change))
+    job_id, meta = federation.submit(job, timeout=240)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    for site in ("site-1", "site-2"):
+        log = federation.site_log(site, job_id)
+        assert f"{site} {expected}" in log, (site, log[-2000:])
+        assert "global model dice_mean" not in log  # nothing was trained or validated
+    # the secret's content reached no log, on the sites or the server
+    for path in federation.tmp_path.rglob("log*.txt"):
+        assert "TOKEN-4f1c9e" not in path.read_text(errors="replace"), path
+
+
+def test_a_scaffold_job_is_refused_by_the_hospitals(federation):
+    job = export_job(
+        JobSettings(algorithm="scaffold", name="scaffold", **TINY_JOB), str(federation.tmp_path / "jobs" / "scaffold")
+    )
+    job_id, meta = federation.submit(job, timeout=240)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    assert "site-1 refuses the job: it is a Scaffold job" in federation.site_log("site-1", job_id)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.transforms import ConvertToMultiChannelBasedOnBratsClassesd
 
-from fedseg.metrics import RegionMetrics, case_scores
+from fedseg.metrics import MISSED_HD95_MM, RegionMetrics, case_scores
 from fedseg.regions import REGIONS, invalid_labels, labels_to_regions, regions_to_labels
 
 
@@ -91,9 +91,13 @@ def test_hd95_known_answers_with_spacing():
     scores = case_scores(stack(truth, shifted, empty), stack(truth, truth, truth), spacing=(2.0, 1.0, 1.0))
     assert scores["hd95_tc"] == pytest.approx(0.0)
     assert scores["hd95_wt"] == pytest.approx(6.0)  # 3 voxels x 2 mm
-    diagonal = np.sqrt(60**2 + 20**2 + 20**2)
-    assert scores["hd95_et"] == pytest.approx(diagonal)  # missed region: largest distance, Dice 0
+    # missed region: Dice 0 and BraTS's fixed 373.13 mm, not this volume's diagonal (a measure of the head)
+    assert scores["hd95_et"] == MISSED_HD95_MM == 373.13
     assert scores["dice_et"] == 0.0
+    other_grid = case_scores(stack(truth, shifted, empty), stack(truth, truth, truth), spacing=(1.0, 3.0, 3.0))
+    assert other_grid["hd95_et"] == MISSED_HD95_MM  # the same whatever the case's size and spacing
+    false_alarm = case_scores(stack(truth, truth, truth), stack(truth, truth, empty))
+    assert false_alarm["hd95_et"] == MISSED_HD95_MM and false_alarm["dice_et"] == 0.0
 
 
 def test_region_metrics_summary_means_over_cases():
@@ -145,3 +149,16 @@ def test_region_metrics_use_the_case_spacing_and_give_population_sd():
     assert summary["dice_wt_sd"] == pytest.approx(np.std([0.5, 1.0]))  # 3 of 6 slices overlap: Dice 0.5
     assert summary["dice_tc_sd"] == 0.0
     assert np.isnan(RegionMetrics().summary()["dice_mean_sd"])
+
+
+def test_no_spread_leaves_a_site_below_its_minimum_of_cases():
+    shape = (10, 10, 10)
+    full, empty = cube(shape, (0, 0, 0), 10), np.zeros(shape, dtype=bool)
+    metrics = RegionMetrics()
+    metrics.add(stack(full, full, full), stack(full, full, full))
+    metrics.add(stack(empty, full, empty), stack(full, full, full))
+    below = metrics.summary(min_cases=3)  # mean and sd of two cases would give both cases' scores
+    assert below["n_cases"] == 2 and below["dice_tc"] == pytest.approx(0.5)
+    assert not [key for key in below if key.endswith("_sd")]
+    at = metrics.summary(min_cases=2)
+    assert at["dice_tc_sd"] == pytest.approx(0.5) and set(at) == set(metrics.summary())

@@ -244,3 +244,21 @@ def test_a_site_score_without_a_case_count_weighs_nothing(run_folder, tmp_path):
     final = json.load(open(tmp_path / "report" / "summary.json"))["final"]
     assert final["sites"]["site-2"]["n_cases"] == 0
     assert final["overall"]["n_cases"] == 3 and final["overall"]["dice_wt"] == pytest.approx(0.9)
+
+
+def test_a_run_whose_sites_shared_no_local_model_reports_the_global_model_only(run_folder, tmp_path):
+    # today's runs: cross-site evaluation without submit_model, and round records without cache_mb or sd
+    path = run_folder / "server" / "simulate_job" / "cross_site_val" / "cross_val_results.json"
+    cross = json.loads(path.read_text())
+    path.write_text(
+        json.dumps({site: {"SRV_FL_global_model.pt": m["SRV_FL_global_model.pt"]} for site, m in cross.items()})
+    )
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert list(summary["cross_site"]) == ["SRV_FL_global_model.pt"]
+    assert summary["final"]["overall"]["dice_wt"] == pytest.approx((0.9 * 3 + 0.7 * 1) / 4)  # unchanged
+    assert "local models: not shared" in open(index, encoding="utf-8").read()
+    with_local = write_report(load_run(str(run_folder)), str(tmp_path / "again"))
+    assert "not shared" in open(with_local, encoding="utf-8").read()
+    path.write_text(json.dumps(cross))
+    assert "not shared" not in open(write_report(load_run(str(run_folder)), str(tmp_path / "shared"))).read()

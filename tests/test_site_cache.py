@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fedseg.cache import CACHE_SUFFIX, CaseCache, case_name, decode_transforms
-from fedseg.data import cache_folder, load_site_datalist, make_site_data, validation_subset
+from fedseg.data import LEFT_OUT_FILE, cache_folder, load_site_datalist, make_site_data, validation_subset
 from fedseg.data_prep.fets2022 import prepare
 from fedseg.settings import TrainingSettings
 from fedseg.trainer import SiteTrainer, parse_args
@@ -102,7 +102,8 @@ def test_an_unreadable_cache_file_is_decoded_again_not_used(site, tmp_path, capl
     with caplog.at_level(logging.WARNING, logger="fedseg.cache"):
         case = CaseCache(training, str(tmp_path / "cache"))[1]
     assert case["image"].shape[0] == 4
-    assert f"case {case_name(training[1])}: cache file" in caplog.text
+    assert "a cache file was unreadable" in caplog.text
+    assert case_name(training[1]) not in caplog.text and str(tmp_path) not in caplog.text  # job logs may leave
     assert os.path.getsize(path) > 100  # rewritten whole
 
 
@@ -121,7 +122,8 @@ def test_a_full_disk_is_one_line_and_training_goes_on_with_nothing_half_written(
     with caplog.at_level(logging.WARNING, logger="fedseg.cache"):
         assert cases.warm() == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-    assert len(warnings) == 1 and "is full" in warnings[0] and str(folder) in warnings[0]
+    assert len(warnings) == 1 and "is full" in warnings[0] and "cache_dir" in warnings[0]
+    assert str(folder) not in warnings[0] and not any(case_name(i) in warnings[0] for i in training)
     assert os.listdir(folder) == []  # no half-written file under any name
     monkeypatch.setattr(torch, "save", real_save)
     assert len(cases) == 3 and cases[2]["image"].shape[0] == 4  # still served, decoded each time
@@ -167,6 +169,11 @@ def test_validation_subset_is_fixed_bounded_and_seeded():
     assert len(chosen) == 8 == len(set(chosen)) and chosen == sorted(chosen)
     assert validation_subset(100, 8, seed=0) == chosen  # the same every round and every run
     assert validation_subset(100, 8, seed=1) != chosen
+    # the site's minimum: a job's narrower subset is raised to it, 0 (every case) stays every case
+    assert len(validation_subset(100, 1, seed=0, min_cases=8)) == 8
+    assert validation_subset(5, 1, seed=0, min_cases=8) == [0, 1, 2, 3, 4]
+    assert validation_subset(100, 0, seed=0, min_cases=8) == list(range(100))
+    assert validation_subset(100, 12, seed=0, min_cases=8) == validation_subset(100, 12, seed=0)
 
 
 def tiny_trainer(site, tmp_path, *extra) -> SiteTrainer:
@@ -203,12 +210,19 @@ def test_per_round_validation_uses_the_subset_and_cross_site_evaluation_every_ca
     prepare(
         tiny_fets, str(tmp_path / "sites"), partitions=[1], mode="link", validation_fraction=0.75, show_progress=False
     )
-    trainer = tiny_trainer(str(tmp_path / "sites" / "site-1"), tmp_path, "--val_max_cases", "1")
+    folder = str(tmp_path / "sites" / "site-1")
+    trainer = tiny_trainer(folder, tmp_path, "--val_max_cases", "2", "--min_val_cases", "2")
     assert len(trainer.data.val_cases) == 3
     per_round = trainer.validate()
     every = trainer.validate(every_case=True)
-    assert per_round["n_cases"] == 1 and per_round["val_all_cases"] == 0.0 and per_round["n_val_cases_site"] == 3
+    assert per_round["n_cases"] == 2 and per_round["val_all_cases"] == 0.0 and per_round["n_val_cases_site"] == 3
     assert every["n_cases"] == 3 and every["val_all_cases"] == 1.0
+    assert "dice_mean_sd" in per_round and "dice_mean_sd" in every  # at the site's minimum: a spread is sent
+    # one patient per round is not possible: below the site's minimum the subset is the minimum
+    assert tiny_trainer(folder, tmp_path, "--val_max_cases", "1", "--min_val_cases", "2").validate()["n_cases"] == 2
+    # a site with fewer validation cases than its minimum scores them all and sends no spread
+    few = tiny_trainer(folder, tmp_path, "--min_val_cases", "8").validate()
+    assert few["n_cases"] == 3 and not any(key.endswith("_sd") for key in few)
 
 
 def test_site_data_leaves_out_a_broken_case_and_trains_on_the_rest(site, tmp_path, caplog):
@@ -217,7 +231,10 @@ def test_site_data_leaves_out_a_broken_case_and_trains_on_the_rest(site, tmp_pat
     with caplog.at_level(logging.ERROR, logger="fedseg.data"):
         data = make_site_data(site, TrainingSettings(crop=(16, 16, 16)), str(tmp_path / "cache"), label="site-1")
     assert len(data.train_cases) == 2 and len(data.problems) == 1
-    assert f"case {case_name(training[0])}" in caplog.text and "left out" in caplog.text
+    assert "1 case(s) could not be decoded and are left out" in caplog.text and LEFT_OUT_FILE in caplog.text
+    assert case_name(training[0]) not in caplog.text and site not in caplog.text  # no subject id, no path
+    left_out = (tmp_path / "cache" / LEFT_OUT_FILE).read_text()  # named, with the reason, on the site only
+    assert left_out.startswith(f"case {case_name(training[0])}")
 
 
 def test_a_step_with_a_non_finite_loss_is_skipped_and_the_weights_stay_finite(site, tmp_path):

@@ -68,8 +68,9 @@ def test_a_job_built_for_another_version_is_refused_naming_both():
 
 
 def test_an_unknown_training_setting_is_refused_not_ignored():
-    with pytest.raises(ValueError, match=r"unknown training setting\(s\) \['local_epoch'\]"):
-        SiteExecutor(package_version=package.__version__, training={"local_epoch": 3})
+    executor = SiteExecutor(package_version=package.__version__, training={"local_epoch": 3})
+    with pytest.raises(ValueError, match=r"site-1 refuses the job: unknown training setting\(s\) \['local_epoch'\]"):
+        executor.script_arguments(SiteConfig(), "site-1")
 
 
 def test_drills_run_only_where_the_site_allows_them(tmp_path, monkeypatch):
@@ -138,13 +139,19 @@ def test_install_policy_on_a_site_kit_as_the_operator_guide_writes_it(kit, tmp_p
     assert not any("ClientAPIExecutor" in c for c in resources["class_allow_list"])
     (scope,) = json.load(open(os.path.join(local, "privacy.json")))["scopes"]
     (filter_,) = scope["task_result_filters"]
-    assert filter_["path"].endswith("PercentilePrivacy") and filter_["args"]["data_kinds"] == ["WEIGHT_DIFF"]
+    # ours, whose clip does not grow with the job's steps (fedseg.privacy), and only on weight differences
+    assert filter_["path"] == "fedseg.privacy.PercentilePrivacy" and filter_["args"]["data_kinds"] == ["WEIGHT_DIFF"]
+    assert filter_["path"] in resources["class_allow_list"]
+    assert resources["allow_log_streaming"] is False  # job logs stay on the site
     assert SiteConfig.load(local) == SiteConfig(
         data_root=str(tmp_path / "sites"),
         cache_dir=str(tmp_path / "cache"),
         allow_drills=False,
         source=os.path.join(local, SITE_CONFIG_FILE),
     )
+    written = json.load(open(os.path.join(local, SITE_CONFIG_FILE)))
+    assert set(written) == set(SiteConfig.keys())  # every cap and switch, with its default, for IT to edit
+    assert (written["share_local_model"], written["allow_scaffold"], written["min_val_cases"]) == (False, False, 8)
 
 
 def test_install_policy_on_the_server_kit_moves_the_job_store_out_of_tmp(kit, tmp_path):

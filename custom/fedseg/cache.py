@@ -13,8 +13,8 @@ The idea is MONAI's ``PersistentDataset``; the differences are what a hospital s
 - a cache file is written to a temporary name in the cache folder itself and renamed (atomic on one
   file system; MONAI writes via the system temp folder and ``shutil.move``, which copies across file
   systems), so a killed process or a full disk never leaves a half-written file under a valid name;
-- a full disk is one warning line naming the folder and the case; training goes on, the rest of the
-  cases are decoded from their NIfTI files each time;
+- a full disk is one warning line (no folder or subject named: a job's log may be read off the site);
+  training goes on, the rest of the cases are decoded from their NIfTI files each time;
 - a case that cannot be decoded is named with its reason and left out by ``warm``; the rest go on.
 """
 
@@ -171,12 +171,7 @@ class CaseCache(torch.utils.data.Dataset):
         try:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001 - an unreadable cache file is decoded again, not trusted
-            logger.warning(
-                "case %s: cache file %s unreadable (%s), decoding the case again",
-                case_name(self.items[index]),
-                path,
-                exc.__class__.__name__,
-            )
+            logger.warning("a cache file was unreadable (%s); decoding its case again", exc.__class__.__name__)
             _remove(path)
             return None
 
@@ -191,11 +186,9 @@ class CaseCache(torch.utils.data.Dataset):
             self._disk_ok = False
             why = "is full" if exc.errno in FULL_DISK else f"cannot be written ({exc.strerror or exc})"
             logger.warning(
-                "disk cache %s %s: case %s not cached; from now on cases are decoded from their NIfTI "
-                "files at every read (slower, same results); free space or set %s",
-                self.folder,
+                "the site's disk cache %s: from now on cases are decoded from their NIfTI files at every read "
+                "(slower, same results); free space in the cache folder or set cache_dir (fedseg_site.json) or %s",
                 why,
-                case_name(self.items[index]),
                 CACHE_DIR_ENV,
             )
 
@@ -254,4 +247,4 @@ class Progress:
         now = time.monotonic()
         if done == total or now - self.last >= self.every:
             self.last = now
-            logger.info("%s: %d/%d cases (%s), %.0f s", self.label, done, total, name, now - self.started)
+            logger.info("%s: %d/%d cases, %.0f s", self.label, done, total, now - self.started)  # no subject id

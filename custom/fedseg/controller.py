@@ -15,9 +15,14 @@
   global model through a validate task (``validate_absent``), so every round's curve covers every site
   (``validation_only`` in the record; their scores never enter the aggregate).
 ``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
-buffer with every global checkpoint; a restarted server resumes from that file. Each round it also
+buffer with every global checkpoint; a job that names a stopped run's job id (``resume_job``) continues
+it from the buffer and global model the server finds in its own checkpoint store. Each round it also
 records the step's inputs (FedAvg model, previous global model, buffered models) in ``fedref_step.pt``,
 overwritten every round, so that anyone can recompute the last global model from the closed form.
+
+A job is data from a researcher the server does not fully trust: file names are plain names inside the
+run folder (checked at construction), and every setting is checked against its type, its range and the
+server's caps (``fedseg.server_config``) when the workflow starts, before any model is built or sent.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from typing import Any
 
@@ -39,20 +45,44 @@ from nvflare.app_common.workflows.scaffold import Scaffold as _Scaffold
 from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 
 from fedseg.atomic import atomic_path
+from fedseg.checkpoint import (
+    REFERENCE_BUFFER_FILE,
+    find_resume_files,
+    load_file,
+    to_arrays,
+    to_tensors,
+    unpack_stored_run,
+)
 from fedseg.fedref import (
     DEFAULT_ALPHA_MAX,
     DEFAULT_BUFFER_SIZE,
     DEFAULT_LAMBDA1,
     DEFAULT_LAMBDA2,
     DEFAULT_VARIANT,
+    VARIANTS,
     FedRefUpdater,
     ReferenceBuffer,
     is_float_tensor,
 )
+from fedseg.persistor import SeededModelPersistor
+from fedseg.server_config import (
+    MAX_BUFFER_SIZE,
+    MAX_PULL,
+    MAX_WAIT_SECONDS,
+    JobRefused,
+    ServerConfig,
+    boolean,
+    check_optimizer,
+    check_scheduler,
+    choice,
+    integer,
+    job_store,
+    number,
+    plain_name,
+)
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
 ROUND_METRICS_FILE = "round_metrics.jsonl"
-REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
 FEDREF_STEP_FILE = "fedref_step.pt"  # the inputs of the last MAP step, to check it from the run's artifacts
 CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
 
@@ -141,14 +171,14 @@ class RoundRecorder:
         participation_seed: int = 0,
         validate_absent: bool = True,
     ) -> None:
-        self.min_clients = int(min_clients)
-        self.validate_absent = bool(validate_absent)
+        self.min_clients = min_clients
+        self.validate_absent = validate_absent
         self._all_sites: list[str] = []
         self._absent_records: dict[str, dict] = {}
-        self.clients_per_round = int(clients_per_round)
-        self.participation_seed = int(participation_seed)
-        self.wait_after_min_seconds = int(wait_after_min_seconds)
-        self.metrics_filename = metrics_filename
+        self.clients_per_round = clients_per_round
+        self.participation_seed = participation_seed
+        self.wait_after_min_seconds = wait_after_min_seconds
+        self.metrics_filename = plain_name("metrics_filename", metrics_filename)
         self._site_records: dict[str, dict] = {}
         self._rejected: dict[str, str] = {}
         self._targets: list[str] = []
@@ -158,6 +188,42 @@ class RoundRecorder:
     # -- where files go --------------------------------------------------------------------------
     def run_dir(self) -> str:
         return self.engine.get_workspace().get_run_dir(self.fl_ctx.get_job_id())
+
+    # -- what the server allows: checked when the workflow starts, before any model is built or sent ----------
+    def start_controller(self, fl_ctx) -> None:
+        super().start_controller(fl_ctx)
+        self.server_config = ServerConfig.for_workspace(self.engine.get_workspace())
+        self.check_job(self.server_config)
+
+    def effective_algorithm(self) -> str:
+        """The algorithm this controller runs, from its class and settings (never from a name the job gives)."""
+        return self.algorithm
+
+    def check_job(self, config: ServerConfig) -> None:
+        """Refuse (JobRefused, one line) any setting outside its type, range or the server's caps."""
+        config.check_algorithm(self.effective_algorithm())
+        config.check_rounds(self.num_rounds)
+        integer("num_clients", self.num_clients, 1, 100000)
+        integer("min_clients", self.min_clients, 1, None)
+        integer("clients_per_round", self.clients_per_round, 0, None)
+        integer("wait_after_min_seconds", self.wait_after_min_seconds, 0, MAX_WAIT_SECONDS)
+        integer("participation_seed", self.participation_seed, None, None)
+        boolean("validate_absent", self.validate_absent)
+        integer("memory_gc_rounds", self.memory_gc_rounds, 0, None)
+        self.check_start_round()
+        if not isinstance(self.persistor, SeededModelPersistor):
+            raise JobRefused(
+                f"persistor_id = {getattr(self, '_persistor_id', None)!r}: must name a fedseg.persistor."
+                f"SeededModelPersistor component (the server builds the initial model), found {type(self.persistor).__name__}"
+            )
+        config.check_network(self.persistor.channels)
+
+    def check_start_round(self) -> None:
+        if self.start_round != 0:
+            raise JobRefused(
+                f"start_round = {self.start_round!r}: a job starts at round 0; a FedRef job continues a stopped run "
+                "with resume_job (the server takes the round from that run)"
+            )
 
     # -- choosing: which sites train this round -----------------------------------------------------
     def sample_clients(self, num_clients=None) -> list[str]:
@@ -338,6 +404,12 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
         validate_absent: bool = True,
         **kwargs,
     ) -> None:
+        if kwargs.get("model") is not None:
+            raise JobRefused(
+                "model: a job may not give the initial weights; the server's persistor builds them from the seed"
+            )
+        if kwargs.get("save_filename") is not None:
+            plain_name("save_filename", kwargs["save_filename"])
         super().__init__(*args, **kwargs)
         self._init_recorder(
             min_clients,
@@ -351,6 +423,25 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
         self.algorithm_name = algorithm_name
         if algorithm_name:
             self.algorithm = algorithm_name
+
+    def effective_algorithm(self) -> str:
+        return "fedprox" if self.fedprox_mu else "fedavg"
+
+    def check_job(self, config: ServerConfig) -> None:
+        algorithm = self.effective_algorithm()
+        if self.algorithm_name is not None and self.algorithm_name != algorithm:
+            raise JobRefused(f"algorithm_name = {self.algorithm_name!r}: this controller's settings run {algorithm!r}")
+        super().check_job(config)
+        if self.fedprox_mu is not None:
+            number("fedprox_mu", self.fedprox_mu, 0.0, MAX_PULL)
+        choice("task_name", self.task_name, ["train"])
+        if self.aggregator is not None:
+            raise JobRefused(f"aggregator = {type(self.aggregator).__name__}: the server sums the updates itself")
+        if self.patience is not None:
+            integer("patience", self.patience, 0, None)
+        weights = self.aggregation_weights or {}
+        for site, weight in weights.items():
+            number(f"aggregation_weights[{site!r}]", weight, 0.0, 1e6)
 
     def _aggregate_one_result(self, result: FLModel) -> bool:
         # held until the round's results are in, then summed in site order (_get_aggregated_result):
@@ -418,7 +509,9 @@ class FedRefController(RecordingFedAvg):
         reference_weighting: ``uniform`` or ``linear`` (newer global models weigh more).
         lambda2_factor, lambda2_every, lambda2_max: optional schedule, lambda2 is multiplied by
             ``lambda2_factor`` every ``lambda2_every`` rounds, capped at ``lambda2_max`` (off by default).
-        resume_buffer: a ``fedref_reference_buffer.pt`` saved by an earlier run, to continue it.
+        resume_job: the job id of a stopped FedRef run to continue: the server takes its newest reference
+            buffer, the global model saved beside it and the next round from its own checkpoint store
+            (``fedseg.server_config``), when the workflow starts; a job never names a file.
         variant: the prior, ``mean`` | ``trend`` | ``diagonal`` (``fedseg.fedref.VARIANTS``).
         momentum: server momentum before the MAP pull (0: none).
         alpha_max: ``diagonal``: the largest share of the pull toward the prior centre.
@@ -436,7 +529,7 @@ class FedRefController(RecordingFedAvg):
         lambda2_factor: float = 1.0,
         lambda2_every: int = 0,
         lambda2_max: float | None = None,
-        resume_buffer: str | None = None,
+        resume_job: str | None = None,
         variant: str = DEFAULT_VARIANT,
         momentum: float = 0.0,
         alpha_max: float = DEFAULT_ALPHA_MAX,
@@ -450,23 +543,106 @@ class FedRefController(RecordingFedAvg):
         self.lambda2_factor = lambda2_factor
         self.lambda2_every = lambda2_every
         self.lambda2_max = lambda2_max
-        self.resume_buffer = resume_buffer
+        self.resume_job = plain_name("resume_job", resume_job) if resume_job is not None else None
         self.variant = variant
         self.momentum = momentum
         self.alpha_max = alpha_max
+        self.check_arguments()  # before FedRefUpdater sees them: one line naming the setting, for any type
         self.updater = FedRefUpdater(buffer_size, lambda1, lambda2, reference_weighting, variant, momentum, alpha_max)
         self._applied = False
         self._site_models: list[tuple[float, dict]] = []
-        if resume_buffer:
-            import torch
 
-            state = torch.load(resume_buffer, map_location="cpu", weights_only=False)
-            self.updater.buffer = ReferenceBuffer.from_state(state)
-            self.updater.velocity = state.get("velocity")
-            if self.updater.buffer.capacity != buffer_size:
-                raise ValueError(
-                    f"{resume_buffer}: buffer of size {self.updater.buffer.capacity}, job asks for p={buffer_size}"
-                )
+    def effective_algorithm(self) -> str:
+        return "fedref"
+
+    def check_arguments(self) -> None:
+        """FedRef's own settings: types and ranges (a pull above MAX_PULL would all but freeze the model)."""
+        integer("buffer_size", self.buffer_size, 1, MAX_BUFFER_SIZE)
+        number("lambda1", self.lambda1, 0.0, MAX_PULL)
+        number("lambda2", self.lambda2, 0.0, MAX_PULL)
+        choice("reference_weighting", self.reference_weighting, ["uniform", "linear"])
+        choice("variant", self.variant, VARIANTS)
+        number("momentum", self.momentum, 0.0, 1.0, high_open=True)
+        number("alpha_max", self.alpha_max, 0.0, 1.0)
+        integer("lambda2_every", self.lambda2_every, 0, None)
+        number("lambda2_factor", self.lambda2_factor, 0.0, MAX_PULL, low_open=True)
+        if self.lambda2_max is not None:
+            number("lambda2_max", self.lambda2_max, 0.0, MAX_PULL)
+        elif self.lambda2_every and self.lambda2_factor > 1:
+            raise JobRefused(
+                f"lambda2_factor = {self.lambda2_factor!r} every {self.lambda2_every} rounds needs lambda2_max "
+                f"(at most {MAX_PULL})"
+            )
+
+    def check_job(self, config: ServerConfig) -> None:
+        if self.fedprox_mu:
+            raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
+        super().check_job(config)
+        if self.resume_job is not None:
+            self.resume(config)
+
+    def check_start_round(self) -> None:
+        if self.resume_job is None:
+            super().check_start_round()
+
+    def resume(self, config: ServerConfig) -> None:
+        """Continue the stopped run ``resume_job`` from the server's own store: its buffer, its global model (through
+        the persistor, weights only) and its next round."""
+        workspace = self.engine.get_workspace()
+        store = os.path.realpath(config.store(workspace.get_root_dir()))
+        folder = os.path.join(store, self.resume_job)
+        real = os.path.realpath(folder)
+        if self.resume_job == self.fl_ctx.get_job_id() or os.path.islink(folder) or os.path.dirname(real) != store:
+            raise JobRefused(f"resume_job = {self.resume_job!r}: not a run folder of the server's checkpoint store")
+        if not os.path.isdir(real):
+            real = self.unpack_finished_run(workspace)
+        try:
+            model, buffer = find_resume_files(real)
+        except FileNotFoundError:
+            raise JobRefused(
+                f"resume_job = {self.resume_job!r}: that run left no {REFERENCE_BUFFER_FILE} with a global model"
+            ) from None
+        self.load_reference_buffer(buffer)
+        next_round = self._resumed_round + 1
+        if self.start_round not in (0, next_round):
+            raise JobRefused(
+                f"start_round = {self.start_round!r}: run {self.resume_job} continues at round {next_round}"
+            )
+        self.start_round = next_round
+        self.persistor.start_from(model)
+        self.info(f"continuing run {self.resume_job} at round {next_round} from {os.path.relpath(buffer, store)}")
+
+    def unpack_finished_run(self, workspace) -> str:
+        """A finished job's checkpoints, from the workspace FLARE saved in its job store (the run folder is gone),
+        unpacked into this run's folder; JobRefused when the store holds no such job."""
+        from nvflare.app_common.storages.filesystem_storage import FilesystemStorage
+
+        root = job_store(workspace.get_site_config_dir())
+        try:
+            found = root and os.path.isdir(root)
+            saved = FilesystemStorage(root_dir=root).get_data(self.resume_job, "workspace") if found else None
+        except Exception:  # FLARE's StorageException: no such job, or it left no workspace
+            saved = None
+        if saved is None:
+            raise JobRefused(
+                f"resume_job = {self.resume_job!r}: no such run in the server's checkpoint store or job store"
+            )
+        return unpack_stored_run(saved, os.path.join(self.run_dir(), "resumed_from", self.resume_job))
+
+    def load_reference_buffer(self, path: str) -> None:
+        """A saved buffer (weights only) into the updater; its capacity must be this job's p."""
+        state = load_file(path)
+        if not isinstance(state, dict) or "capacity" not in state or "models" not in state:
+            raise JobRefused(f"{os.path.basename(path)} of run {self.resume_job}: not a FedRef reference buffer")
+        state = to_arrays(state)
+        buffer = ReferenceBuffer.from_state(state)
+        if buffer.capacity != self.buffer_size:
+            raise JobRefused(
+                f"buffer_size = {self.buffer_size!r}: run {self.resume_job} saved a buffer of size {buffer.capacity}"
+            )
+        self.updater.buffer = buffer
+        self.updater.velocity = state.get("velocity")
+        self._resumed_round = int(state.get("round", -1))
 
     def lambda2_at(self, round_number: int) -> float:
         """lambda2 of this round under the optional schedule."""
@@ -505,7 +681,7 @@ class FedRefController(RecordingFedAvg):
             "buffer": buffered,
         }
         with atomic_path(os.path.join(self.run_dir(), FEDREF_STEP_FILE)) as tmp:
-            torch.save(record, tmp)
+            torch.save(to_tensors(record), tmp)
 
     def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
         if self.variant == "diagonal":  # the others need only the average: hold no extra copies
@@ -541,22 +717,44 @@ class FedRefController(RecordingFedAvg):
         state["round"] = self.current_round
         state["velocity"] = self.updater.velocity
         with atomic_path(os.path.join(self.run_dir(), REFERENCE_BUFFER_FILE)) as tmp:
-            torch.save(state, tmp)
+            torch.save(to_tensors(state), tmp)
 
 
 class RecordingFedOpt(RecordingFedAvg, _FedOpt):
-    """NVFlare's FedOpt (server-side optimiser on the averaged update: FedAdam, FedAvgM) with our records."""
+    """NVFlare's FedOpt (server-side optimiser on the averaged update: FedAdam, FedAvgM) with our records.
+
+    The optimiser's model is the persistor's seeded network (the initial global model), built when the run
+    starts: a job names no model component, whose size the server could not check before building it.
+    """
 
     algorithm = "fedopt"
+    OPTIMIZERS = {"torch.optim.Adam": "fedadam", "torch.optim.SGD": "fedavgm"}
 
     def __init__(self, *args, device: str | None = None, **kwargs) -> None:
+        if kwargs.get("source_model") is not None:
+            raise JobRefused("source_model: a job names no model; FedOpt optimises the persistor's seeded network")
+        kwargs["source_model"] = None
+        if device is not None and not (isinstance(device, str) and re.fullmatch(r"cpu|cuda(:[0-9]{1,2})?", device)):
+            raise JobRefused(f"device = {device!r}: must be cpu, cuda or cuda:N")
         super().__init__(*args, device=device, **kwargs)
         self.device = device  # chosen at run time: a torch.device here would not survive job export
+
+    def effective_algorithm(self) -> str:
+        spec = self.optimizer_args if isinstance(self.optimizer_args, dict) else {}
+        return self.OPTIMIZERS.get(spec.get("path"), "fedopt")
+
+    def check_job(self, config: ServerConfig) -> None:
+        if self.fedprox_mu:
+            raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
+        check_optimizer(self.optimizer_args)
+        check_scheduler(self.lr_scheduler_args)
+        super().check_job(config)
 
     def run(self) -> None:
         import torch
 
         self.device = torch.device(self.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+        self.source_model = self.persistor.network()
         super().run()
 
 
@@ -580,6 +778,10 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
         participation_seed: int = 0,
         **kwargs,
     ) -> None:
+        if kwargs.get("model") is not None:
+            raise JobRefused(
+                "model: a job may not give the initial weights; the server's persistor builds them from the seed"
+            )
         super().__init__(*args, **kwargs)
         # Scaffold sends its training task blocking: absent sites are not asked to validate
         self._init_recorder(

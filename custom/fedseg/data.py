@@ -4,7 +4,9 @@ A prepared site folder holds ``datalist.json`` in MONAI's decathlon format: ``tr
 lists of ``{"image": [t1, t1ce, t2, flair], "label": seg}`` with paths relative to the folder. The four
 modalities are stacked as channels in ``regions.MODALITIES`` order; the label becomes TC/WT/ET masks.
 Decoded cases come from the site's disk cache (``fedseg.cache``), so memory does not grow with the
-number of cases; per-round validation reads a fixed, seeded subset of at most ``val_max_cases`` cases.
+number of cases; per-round validation reads a fixed, seeded subset of at most ``val_max_cases`` cases
+(never fewer than the site's ``min_val_cases``). Log lines give counts, never a subject id or a path: a job's
+log may be read off the site; which cases were left out, and why, goes to ``LEFT_OUT_FILE`` in the cache.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ logger = logging.getLogger("fedseg.data")
 
 DATA_ROOT_ENV = "FEDSEG_DATA_ROOT"
 DEFAULT_CACHE_NAME = "fedseg_cache"
+LEFT_OUT_FILE = "left_out_cases.txt"  # in the site's cache folder: the cases that could not be decoded, and why
 
 
 def site_folder(site_name: str, data_root: str | None = None) -> str:
@@ -52,8 +55,11 @@ def site_folder(site_name: str, data_root: str | None = None) -> str:
     if not root:
         raise ValueError(f"site {site_name}: no data root given (pass --data_root or set {DATA_ROOT_ENV})")
     folder = os.path.join(os.path.abspath(os.path.expanduser(root)), site_name)
-    if not os.path.isfile(os.path.join(folder, DATALIST_NAME)):
-        raise FileNotFoundError(f"site {site_name}: no {DATALIST_NAME} in {folder}")
+    if not os.path.isfile(os.path.join(folder, DATALIST_NAME)):  # the path stays out of the message (job log)
+        raise FileNotFoundError(
+            f"site {site_name}: no {site_name}/{DATALIST_NAME} in the site's data root (data_root in its "
+            f"fedseg_site.json or {DATA_ROOT_ENV})"
+        )
     return folder
 
 
@@ -68,8 +74,8 @@ def cache_folder(site_name: str, data_folder: str, cache_root: str | None = None
     data = os.path.realpath(data_folder)
     if os.path.commonpath([os.path.realpath(folder), data]) == data:
         raise ValueError(
-            f"site {site_name}: cache folder {folder} is inside the data folder {data_folder}; "
-            f"data folders are never written (set {CACHE_DIR_ENV} elsewhere)"
+            f"site {site_name}: its cache folder is inside the data folder; data folders are never written "
+            f"(set cache_dir in fedseg_site.json, or {CACHE_DIR_ENV}, elsewhere)"
         )
     return folder
 
@@ -129,11 +135,30 @@ def validation_transforms(with_label: bool = True) -> Compose:
     return Compose(steps + [NormalizeIntensityd(keys="image", nonzero=True, channel_wise=True)])
 
 
-def validation_subset(count: int, max_cases: int, seed: int) -> list[int]:
-    """A fixed, seeded choice of at most ``max_cases`` of ``count`` validation cases (all when 0 or enough)."""
+def validation_subset(count: int, max_cases: int, seed: int, min_cases: int = 0) -> list[int]:
+    """A fixed, seeded choice of at most ``max_cases`` of ``count`` validation cases (all when 0 or enough).
+
+    ``max_cases`` below ``min_cases`` (the site's minimum) is raised to it: a job cannot narrow a round's
+    scores to one chosen patient (the site also refuses such a job up front).
+    """
+    if 0 < max_cases < min_cases:
+        max_cases = min_cases
     if max_cases <= 0 or count <= max_cases:
         return list(range(count))
     return sorted(random.Random(f"validation-subset-{seed}").sample(range(count), max_cases))
+
+
+def _record_left_out(cache_dir: str | None, problems: list[str]) -> str:
+    """Write the left-out cases, with their reasons, beside the cache; the log line's hint where to read them."""
+    if not cache_dir:
+        return ""
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        with open(os.path.join(cache_dir, LEFT_OUT_FILE), "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in problems))
+    except OSError:
+        return ""
+    return f" (which, and why: {LEFT_OUT_FILE} in this site's cache folder)"
 
 
 @dataclass
@@ -153,10 +178,13 @@ class SiteData:
         return cache_size_bytes(self.cache_dir)
 
 
-def make_site_data(folder: str, settings: TrainingSettings, cache_dir: str | None, label: str = "site") -> SiteData:
+def make_site_data(
+    folder: str, settings: TrainingSettings, cache_dir: str | None, label: str = "site", min_val_cases: int = 0
+) -> SiteData:
     """Cache every case of a site (once; later runs reuse the cache), then build its loaders.
 
-    A case that cannot be decoded is left out with one line naming it and the reason; the rest go on.
+    A case that cannot be decoded is left out, the rest go on: the log counts them, ``LEFT_OUT_FILE`` in the
+    cache folder names them with the reason.
     """
     training, validation = load_site_datalist(folder)
     if not training:
@@ -165,10 +193,11 @@ def make_site_data(folder: str, settings: TrainingSettings, cache_dir: str | Non
     val_cases = CaseCache(validation, cache_dir, settings.cache_ram_mb)
     problems = train_cases.warm(Progress(f"{label}: caching training cases"))
     problems += val_cases.warm(Progress(f"{label}: caching validation cases"))
-    for line in problems:
-        logger.error("%s: %s; left out", label, line)
+    if problems:
+        where = _record_left_out(cache_dir, problems)
+        logger.error("%s: %d case(s) could not be decoded and are left out%s", label, len(problems), where)
     if not len(train_cases):
-        raise ValueError(f"{label}: no training case could be decoded ({problems[0] if problems else 'none listed'})")
+        raise ValueError(f"{label}: no training case could be decoded")
     freed = train_cases.prune(train_cases.file_names() | val_cases.file_names())
     if freed:
         logger.info("%s: removed %.0f MB of stale cache files (changed or removed cases)", label, freed / 1e6)
@@ -176,7 +205,7 @@ def make_site_data(folder: str, settings: TrainingSettings, cache_dir: str | Non
     augment.set_random_state(seed=settings.seed)
     train_ds = Dataset(train_cases, augment)
     val_ds = Dataset(val_cases, Compose(to_regions()))
-    subset = validation_subset(len(val_cases), settings.val_max_cases, settings.seed)
+    subset = validation_subset(len(val_cases), settings.val_max_cases, settings.seed, min_val_cases)
     workers = settings.num_workers
     return SiteData(
         train_cases=train_cases,

@@ -1,13 +1,13 @@
 """Dice and HD95 per tumour region (TC, WT, ET), computed with MONAI's metrics.
 
 Conventions for empty masks follow the BraTS evaluation: a region absent from both the ground truth and
-the prediction scores Dice 1 and HD95 0; absent from only one of them, Dice 0 and HD95 equal to the image
-diagonal in mm (the largest distance possible, BraTS's 373.13 mm for a 240x240x155 1 mm volume).
+the prediction scores Dice 1 and HD95 0; absent from only one of them, Dice 0 and HD95 ``MISSED_HD95_MM``,
+BraTS's fixed 373.13 mm (the diagonal of a 240x240x155 1 mm volume). A fixed value, not the case's own
+brain-box diagonal: that would be a measurement of the patient's head, sent in the site's metrics.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -19,6 +19,7 @@ from fedseg.regions import REGIONS
 DICE_KEYS = tuple(f"dice_{r.lower()}" for r in REGIONS)
 HD95_KEYS = tuple(f"hd95_{r.lower()}" for r in REGIONS)
 METRIC_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS
+MISSED_HD95_MM = 373.13  # BraTS: HD95 of a region present in only one of prediction and truth
 
 
 def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence[float] | None = None) -> dict:
@@ -42,14 +43,13 @@ def case_scores(prediction: torch.Tensor, label: torch.Tensor, spacing: Sequence
             pred[:, present], true[:, present], spacing=spacing
         )[0]
         hd95 = {i: float(d) for i, d in zip(present, distances)}
-    diagonal = math.sqrt(sum((n * s) ** 2 for n, s in zip(prediction.shape[1:], spacing)))
     scores = {}
     for i, region in enumerate(REGIONS):
         has_pred, has_true = bool(pred[0, i].any()), bool(true[0, i].any())
         if not has_pred and not has_true:
             d, h = 1.0, 0.0
         elif not has_pred or not has_true:
-            d, h = 0.0, diagonal
+            d, h = 0.0, MISSED_HD95_MM
         else:
             d, h = float(dice[i]), hd95[i]
         scores[f"dice_{region.lower()}"] = d
@@ -69,16 +69,19 @@ class RegionMetrics:
         self.cases.append(scores)
         return scores
 
-    def summary(self) -> dict:
+    def summary(self, min_cases: int = 0) -> dict:
         """Mean and (population) standard deviation of every metric over cases, plus ``n_cases``.
 
         Population sd (ddof 0) so that a report can pool sites exactly from (n, mean, sd). NaN when there
-        were no cases.
+        were no cases. With fewer than ``min_cases`` cases (the site's ``min_val_cases``) the sd keys are left
+        out: with the mean, a spread over two or three cases comes close to giving each case's score.
         """
         out: dict = {}
+        with_sd = len(self.cases) >= min_cases
         for key in METRIC_KEYS:
             values = [c[key] for c in self.cases]
             out[key] = float(np.mean(values)) if values else float("nan")
-            out[f"{key}_sd"] = float(np.std(values)) if values else float("nan")
+            if with_sd:
+                out[f"{key}_sd"] = float(np.std(values)) if values else float("nan")
         out["n_cases"] = len(self.cases)
         return out

@@ -5,7 +5,11 @@ Each task from the server brings a model:
   the round's local work (``local_steps`` steps, or ``local_epochs`` epochs), send back the weight
   difference with the number of steps taken and the metrics;
 - validate (cross-site evaluation): score the received model on every local validation case;
-- submit_model (cross-site evaluation, sent without params): return this site's latest local model.
+- submit_model (cross-site evaluation, sent without params): return this site's latest local model (only
+  where the site shares it: ``SiteExecutor`` answers the task itself otherwise).
+What leaves the site is aggregate: means over at least ``--min_val_cases`` cases (or all the site has), a
+spread (sd) only over that many, no per-case value and nothing that measures the anatomy (the cache's size
+stays in the site's log). Log lines carry counts, never subject ids or paths.
 FedProx arrives as ``fedprox_mu`` in the model's meta and adds the proximal term here; FedRef needs
 nothing from sites.
 """
@@ -28,6 +32,7 @@ from fedseg.data import DATA_ROOT_ENV, DEFAULT_CACHE_NAME, cache_folder, make_si
 from fedseg.metrics import RegionMetrics
 from fedseg.network import FedSegUNet
 from fedseg.settings import LOSSES, TrainingSettings, add_training_arguments, settings_from_arguments
+from fedseg.site_config import SiteConfig
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY
 
 logger = logging.getLogger("fedseg.trainer")
@@ -57,6 +62,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="folder for the sites' decoded-case caches (default: the site's "
         f"{CACHE_DIR_ENV} environment variable, else ./{DEFAULT_CACHE_NAME} in the site's workspace)",
     )
+    p.add_argument(
+        "--min_val_cases",
+        type=int,
+        default=SiteConfig.min_val_cases,
+        help="the site's minimum of validation cases behind a sent score (min_val_cases in its fedseg_site.json)",
+    )
     add_training_arguments(p, TrainingSettings(), dashes=False)
     p.add_argument(
         "--fault",
@@ -84,7 +95,8 @@ class SiteTrainer:
         site = site or os.path.basename(os.path.normpath(folder))
         cache = cache_folder(site, folder, getattr(args, "cache_dir", None))
         started = time.perf_counter()
-        self.data = make_site_data(folder, s, cache, label=site)
+        self.min_val_cases = int(getattr(args, "min_val_cases", 0) or 0)
+        self.data = make_site_data(folder, s, cache, label=site, min_val_cases=self.min_val_cases)
         self.cache_seconds = time.perf_counter() - started
         self.train_loader, self.val_loader = self.data.train_loader, self.data.val_loader
         self.loss_fn = build_loss(s.loss)
@@ -176,7 +188,7 @@ class SiteTrainer:
             prediction = torch.sigmoid(logits.float()) > 0.5
             spacing = [float(s) for s in batch["spacing"][0]]
             metrics.add(prediction[0], batch["label"][0].to(prediction.device), spacing)
-        summary = metrics.summary()
+        summary = metrics.summary(min_cases=self.min_val_cases)
         summary["val_seconds"] = time.perf_counter() - started
         summary["val_all_cases"] = float(every_case or len(loader) == len(self.data.val_cases))
         summary["n_val_cases_site"] = len(self.data.val_cases)
@@ -253,14 +265,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     local_model: dict | None = None
     data = trainer.data
     logger.info(
-        "%s: %d training / %d validation cases (per-round validation on %d), cache %s (%.0f MB, %.0f s)",
+        "%s: %d training / %d validation cases (per-round validation on %d), cache ready in %.0f s (%.0f MB)",
         site,
         len(data.train_cases),
         len(data.val_cases),
         len(data.round_val_indices),
-        data.cache_dir,
-        data.cache_bytes() / 1e6,
         trainer.cache_seconds,
+        data.cache_bytes() / 1e6,  # the brain volumes' sum: in this log only, never in the metrics sent
     )
 
     while flare.is_running():
@@ -306,7 +317,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                 "skipped_steps": result["skipped_steps"],
                 "fedprox_mu": mu,
                 "n_train_cases": len(data.train_cases),
-                "cache_mb": data.cache_bytes() / 1e6,
                 "cache_seconds": trainer.cache_seconds,
                 "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta),
             }
