@@ -20,6 +20,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 
+from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
@@ -47,7 +48,6 @@ from fedseg.fedref import (
 from fedseg.network import FedSegUNet
 from fedseg.persistor import SeededModelPersistor
 from fedseg.policy import with_allow_list
-from fedseg.privacy import add_global_model_evaluation
 from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
 from fedseg.server_config import SERVER_CONFIG_FILE, plain_name
 from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile
@@ -287,6 +287,19 @@ class FedSegRecipe(FedAvgRecipe):
             algorithm_name=s.algorithm,
             **fedavg,
         )
+
+
+def add_global_model_evaluation(recipe: FedSegRecipe) -> None:
+    """Cross-site evaluation of the server's models on every site, without asking any site for its local model.
+
+    NVFlare's ``add_cross_site_evaluation`` also sends ``submit_model``: each site would send its full local
+    model (WEIGHTS, which the sites' privacy filter on WEIGHT_DIFF does not touch) and the server would forward
+    it to the other sites. CrossSiteModelEval's own switch for "server models only" is an empty
+    ``submit_model_task_name``; it reads the models through the recipe's locator (FedAvgRecipe's ``locator_id``).
+    """
+    recipe._job.to_server(
+        CrossSiteModelEval(model_locator_id=recipe._job.comp_ids["locator_id"], submit_model_task_name="")
+    )
 
 
 def dead_site_config(seconds: int) -> dict:

@@ -23,7 +23,7 @@ from nvflare.app_common.filters.percentile_privacy import PercentilePrivacy as N
 
 import fedseg as package
 from fedseg.executor import SiteExecutor
-from fedseg.privacy import PercentilePrivacy, add_global_model_evaluation
+from fedseg.privacy import PercentilePrivacy
 from fedseg.settings import PROFILES, TrainingSettings, check_setting, checked_settings
 from fedseg.site_config import ALLOW_SCAFFOLD_ENV, SITE_CONFIG_FILE, SiteConfig, site_environment
 from fedseg.trainer import parse_args
@@ -250,25 +250,13 @@ def test_cross_site_evaluation_goes_on_without_a_refused_local_model(monkeypatch
 
 
 def test_our_jobs_ask_for_the_global_model_only(tmp_path):
-    from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+    from fedseg.jobs.export import export_job
+    from fedseg.jobs.recipes import JobSettings
 
-    from fedseg.executor import TRAINER_SCRIPT
-    from fedseg.network import FedSegUNet
-
-    recipe = FedAvgRecipe(
-        name="cse",
-        min_clients=1,
-        num_rounds=1,
-        model=FedSegUNet(channels=(4, 8), strides=[2]),
-        train_script=TRAINER_SCRIPT,
-    )
-    add_global_model_evaluation(recipe)
-    recipe.export(str(tmp_path))
-    (config,) = [
-        os.path.join(d, "config_fed_server.json") for d, _, f in os.walk(tmp_path) if "config_fed_server.json" in f
-    ]
+    job = export_job(JobSettings(algorithm="fedavg", name="cse", sites=["site-1"]), str(tmp_path))
+    (config,) = [os.path.join(d, "config_fed_server.json") for d, _, f in os.walk(job) if "config_fed_server.json" in f]
     (evaluation,) = [w for w in json.load(open(config))["workflows"] if w["path"].endswith("CrossSiteModelEval")]
-    assert evaluation["args"]["submit_model_task_name"] == ""
+    assert evaluation["args"] == {"model_locator_id": "locator", "submit_model_task_name": ""}
 
 
 def update(steps: int) -> DXO:

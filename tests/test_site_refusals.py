@@ -1,5 +1,6 @@
-"""A site of FLARE's simulator refuses, before it trains, a job over its caps and a Scaffold job it does not
-allow: the job does not complete and the site's job log holds the one-line reason."""
+"""A site of FLARE's simulator refuses, before it trains, a Scaffold job it does not allow: the job does not
+complete and the site's job log holds the one-line reason. (A job over a site's caps is refused the same way
+in the provisioned federation, tests/test_provisioned.py.)"""
 
 from __future__ import annotations
 
@@ -20,18 +21,6 @@ def site_logs(workspace) -> str:
     return "".join(
         open(p, encoding="utf-8").read() for p in glob.glob(f"{workspace}/**/site-*/log.txt", recursive=True)
     )
-
-
-def test_a_job_over_a_sites_cap_is_refused_before_it_trains(two_sites, tmp_path):
-    job = JobSettings(data_root=two_sites, local_steps=501, cross_site_eval=False, **TINY)
-    with pytest.raises(SimulationError, match="0 of 1 rounds"):
-        run_simulation(job, str(tmp_path))
-    logs = site_logs(tmp_path)
-    for site in TINY["sites"]:
-        assert (
-            f"{site} refuses the job: local_steps 501 is over this site's cap max_local_steps 500 "
-            "(this site's default; no local/fedseg_site.json)" in logs
-        ), site
 
 
 def test_a_scaffold_job_is_refused_where_the_site_does_not_allow_it(two_sites, tmp_path, monkeypatch):

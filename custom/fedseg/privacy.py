@@ -61,22 +61,3 @@ def _numpy(value) -> np.ndarray:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu().numpy()
     return np.asarray(value)
-
-
-def add_global_model_evaluation(recipe) -> None:
-    """NVFlare's cross-site evaluation of the global model on every site, without asking for local models.
-
-    ``add_cross_site_evaluation`` keeps CrossSiteModelEval's ``submit_model`` task: each site would send its
-    full local model (WEIGHTS, which the sites' privacy filter on WEIGHT_DIFF does not touch) and the server
-    would forward it to the other sites. An empty ``submit_model_task_name`` is CrossSiteModelEval's own
-    switch for "server models only"; the job's exported config then says so.
-    """
-    from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
-    from nvflare.recipe.utils import add_cross_site_evaluation
-
-    add_cross_site_evaluation(recipe)
-    workflows = recipe._job._deploy_map["server"].app_config.workflows
-    (evaluation,) = [w.controller for w in workflows if isinstance(w.controller, CrossSiteModelEval)]
-    if not hasattr(evaluation, "_submit_model_task_name"):  # what CrossSiteModelEval reads and exports
-        raise RuntimeError("NVFlare's CrossSiteModelEval changed: re-check fedseg.privacy.add_global_model_evaluation")
-    evaluation._submit_model_task_name = ""
