@@ -100,12 +100,18 @@ def test_hd95_known_answers_with_spacing():
     assert false_alarm["hd95_et"] == MISSED_HD95_MM and false_alarm["dice_et"] == 0.0
 
 
-def test_region_metrics_summary_means_over_cases():
+def two_cases() -> RegionMetrics:
+    """A perfect case and one whose TC and ET are missed (Dice 0 there, 1 elsewhere)."""
     shape = (10, 10, 10)
     full, empty = cube(shape, (0, 0, 0), 10), np.zeros(shape, dtype=bool)
     metrics = RegionMetrics()
     metrics.add(stack(full, full, full), stack(full, full, full))
     metrics.add(stack(empty, full, empty), stack(full, full, full))
+    return metrics
+
+
+def test_region_metrics_summary_means_over_cases():
+    metrics = two_cases()
     summary = metrics.summary()
     assert summary["n_cases"] == 2
     assert summary["dice_wt"] == pytest.approx(1.0)
@@ -152,11 +158,7 @@ def test_region_metrics_use_the_case_spacing_and_give_population_sd():
 
 
 def test_no_spread_leaves_a_site_below_its_minimum_of_cases():
-    shape = (10, 10, 10)
-    full, empty = cube(shape, (0, 0, 0), 10), np.zeros(shape, dtype=bool)
-    metrics = RegionMetrics()
-    metrics.add(stack(full, full, full), stack(full, full, full))
-    metrics.add(stack(empty, full, empty), stack(full, full, full))
+    metrics = two_cases()
     below = metrics.summary(min_cases=3)  # mean and sd of two cases would give both cases' scores
     assert below["n_cases"] == 2 and below["dice_tc"] == pytest.approx(0.5)
     assert not [key for key in below if key.endswith("_sd")]

@@ -52,7 +52,7 @@ def load_file(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several kinds for a damaged or non-weights file
-        # not torch's own text: it suggests loading with weights_only=False, which is what must never happen
+        # not torch's own text: it suggests turning the weights-only guard off, which is what must never happen
         kind = "it holds more than weights" if isinstance(exc, pickle.UnpicklingError) else exc.__class__.__name__
         raise ValueError(f"{path}: not a readable PyTorch checkpoint (read weights only; {kind})") from exc
 
