@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from nvflare.app_common.abstract.fl_model import FLModel
 from server_fakes import start
 
 from fedseg.checkpoint import to_tensors
@@ -51,6 +52,31 @@ def test_restarted_controller_gives_the_same_next_global_model(tmp_path):
         current, applied = restarted.updater.update(avg, current)
         assert applied
         np.testing.assert_allclose(current["w"], want["w"], rtol=1e-6)
+
+
+def test_a_round_is_recorded_only_once_its_checkpoint_is_saved(tmp_path):
+    controller = start(FedRefController(num_clients=1, num_rounds=1, buffer_size=2), tmp_path)
+    run = tmp_path / "this-job"
+    app = run / "app_server"
+    app.mkdir(parents=True)
+    persistor = controller.persistor
+    persistor.model = persistor.network()
+    persistor._ckpt_save_path = str(app / "FL_global_model.pt")
+    initial = {k: v.numpy() for k, v in persistor.model.state_dict().items()}
+    controller.updater.start(initial)
+    controller.current_round = 0
+    seen = []
+    record = controller.write_round_record
+    def spy(*args):
+        seen.append(sorted(p.name for p in run.rglob("*.pt")))
+        record(*args)
+    controller.write_round_record = spy
+    controller._site_records = {"site-1": {}}
+    controller._targets = ["site-1"]
+    averaged = {k: v + 0.01 for k, v in initial.items()}
+    controller.update_model(FLModel(params=dict(initial)), FLModel(params=averaged, meta={"nr_aggregated": 1}))
+    # a server killed once the record is there leaves a run that resumes from that round
+    assert seen == [["FL_global_model.pt", "fedref_reference_buffer.pt", "fedref_step.pt"]]
 
 
 def test_resume_with_another_buffer_size_is_refused(tmp_path):

@@ -470,6 +470,7 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
                 f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
                 "the global model is kept unchanged"
             )
+        self.checkpoint_round(model)
         self.write_round_record(
             (aggr_result.metrics if aggr_result else None),
             (aggr_result.meta or {}).get("nr_aggregated") if aggr_result else 0,
@@ -489,6 +490,9 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         """Server-side step after aggregation (none for FedAvg)."""
         return model
+
+    def checkpoint_round(self, model: FLModel) -> None:
+        """Save what a restart needs before the round is recorded (none for FedAvg, which cannot resume)."""
 
     def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
         """The round's accepted site updates before they are summed (FedRef's diagonal prior needs them)."""
@@ -687,9 +691,18 @@ class FedRefController(RecordingFedAvg):
         if self.variant == "diagonal":  # the others need only the average: hold no extra copies
             self._site_models = [(self.aggregation_weight(site, r), r.params) for site, r in sorted(accepted.items())]
 
-    def save_model(self, model: FLModel) -> None:
-        super().save_model(model)
+    def checkpoint_round(self, model: FLModel) -> None:
+        """A round is done once its checkpoint is on disk: the global model and the buffer are saved before the
+        round record is written, so a server killed at any moment leaves a run that resumes from its last
+        recorded round (or from the one after it, if the kill fell between the buffer and the record)."""
+        if not self.stop_condition:  # with a stop condition FLARE's FedAvg saves only the best model; keep that
+            super().save_model(model)
+            self._checkpointed_round = self.current_round
         self.save_reference_buffer()
+
+    def save_model(self, model: FLModel) -> None:
+        if getattr(self, "_checkpointed_round", None) != self.current_round:
+            super().save_model(model)
 
     def round_extra(self) -> dict:
         return {
@@ -819,6 +832,7 @@ class RecordingScaffold(RoundRecorder, _Scaffold):
                 f"round {self.current_round}: fewer than {self.min_clients} acceptable updates; "
                 "the global model is kept unchanged"
             )
+        self.checkpoint_round(model)
         self.write_round_record(aggr_result.metrics, (aggr_result.meta or {}).get("nr_aggregated"), applied)
         return model
 
