@@ -67,9 +67,11 @@ def test_a_round_is_recorded_only_once_its_checkpoint_is_saved(tmp_path):
     controller.current_round = 0
     seen = []
     record = controller.write_round_record
+
     def spy(*args):
         seen.append(sorted(p.name for p in run.rglob("*.pt")))
         record(*args)
+
     controller.write_round_record = spy
     controller._site_records = {"site-1": {}}
     controller._targets = ["site-1"]
