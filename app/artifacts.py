@@ -3,6 +3,10 @@
 A run folder is any folder that holds, somewhere below it, the server's ``round_metrics.jsonl`` (written by
 ``fedseg.controller``); next to it FLARE leaves the global model and, with cross-site evaluation,
 ``cross_site_val/cross_val_results.json``. ``run.json`` at the top records how the run was started.
+
+A run that continued a stopped one (``resume_job``) holds that run's round records too, copied by the server
+into ``resumed_from/<job id>/`` beside its own (and, below that, those of any run that one continued): the
+rounds are the earlier parts' followed by its own, each earlier record marked with its job (``resumed_from``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from fedseg.checkpoint import RESUMED_FROM_DIR, part_job
 from fedseg.controller import REFERENCE_BUFFER_FILE, ROUND_METRICS_FILE
 from fedseg.jobs.recipes import RUN_INFO_FILE
 
@@ -50,8 +55,28 @@ class RunArtifacts:
 
 
 def _find_one(root: str, name: str) -> str | None:
+    """The shortest path to ``name`` below ``root``, outside the copies of earlier runs (``resumed_from/``)."""
     hits = sorted(glob.glob(os.path.join(root, "**", name), recursive=True), key=len)
-    return hits[0] if hits else None
+    own = [h for h in hits if RESUMED_FROM_DIR not in os.path.relpath(h, root).split(os.sep)[:-1]]
+    return own[0] if own else None
+
+
+def earlier_rounds(server_dir: str, first_round: int) -> list[dict]:
+    """The round records of the runs this one continued, before ``first_round``, each marked with its job id.
+
+    The nearest part first (``resumed_from/<id>/``, then what that one continued, below it): each part gives
+    the rounds before the first one already taken, so a round is never counted twice.
+    """
+    pattern = os.path.join(server_dir, RESUMED_FROM_DIR, "**", ROUND_METRICS_FILE)
+    taken: list[dict] = []
+    for path in sorted(glob.glob(pattern, recursive=True), key=len):
+        job = part_job(os.path.relpath(path, server_dir))
+        if job is None:  # e.g. FLARE's own metrics/round_metrics.jsonl of that run: another format
+            continue
+        records = [{**r, "resumed_from": job} for r in read_round_metrics(path) if r["round"] < first_round]
+        if records:
+            taken, first_round = records + taken, records[0]["round"]
+    return taken
 
 
 def read_round_metrics(path: str) -> list[dict]:
@@ -83,6 +108,7 @@ def load_run(folder: str) -> RunArtifacts:
     rounds = read_round_metrics(metrics_path)
     if not rounds:
         raise RunArtifactsError(f"{metrics_path}: holds no completed round")
+    rounds = earlier_rounds(server_dir, rounds[0]["round"]) + rounds
     info_path = os.path.join(folder, RUN_INFO_FILE)
     run_info = {}
     if os.path.isfile(info_path):

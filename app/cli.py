@@ -4,6 +4,8 @@ synth     synthetic FeTS2022-layout data (MNI152 anatomy, non-IID institutions)
 prepare   FeTS2022 folder + partitioning CSV -> one prepared folder per FLARE site
 simulate  run a federation in FLARE's simulator
 report    the HTML/CSV/JSON report of a finished run
+resume    continue a stopped FedRef job of a provisioned federation, from the researcher's admin kit
+testbed   (root) hosts in network namespaces with shaped, cuttable links, to rehearse a federation on one machine
 demo      all of the above on synthetic data, with settings that learn on a CPU in minutes
 """
 
@@ -88,6 +90,33 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     index = write_report(load_run(args.run), args.out or os.path.join(args.run, "report"))
     print(f"report: {index}")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a stopped FedRef job: the same job, resumed by the server from its own checkpoints."""
+    from fedseg.app.resume import run
+
+    return run(args.job_id, args.startup_kit, args.user, wait=args.wait, timeout=args.timeout)
+
+
+def cmd_testbed(args: argparse.Namespace) -> int:
+    """Bring a testbed of network hosts up or down, or list the ones that are up."""
+    from fedseg.app import testbed
+
+    try:
+        if args.action == "up":
+            made = testbed.up(args.name, args.hosts, testbed.parse_rates(args.rate or []), owner_pid=0)
+            print(testbed.describe(made))
+        elif args.action == "down":
+            testbed.down(args.name)
+            print(f"testbed {args.name}: removed")
+        else:
+            for name in testbed.names():
+                print(testbed.describe(testbed.Testbed.load(name)))
+    except testbed.TestbedError as exc:
+        print(f"fedseg testbed: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -425,6 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")
     p.add_argument("--out", default=None, help="report folder (default: <run>/report)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("resume", help="continue a stopped FedRef job of a provisioned federation (Flare API)")
+    p.add_argument("job_id", help="the stopped job's id (list_jobs)")
+    p.add_argument(
+        "--startup-kit", required=True, help="the researcher's admin kit folder, e.g. <prod>/researcher@fedseg.org"
+    )
+    p.add_argument("--user", help="the admin user (default: the kit folder's name)")
+    p.add_argument("--wait", action="store_true", help="wait for the continued job; exit 1 unless FINISHED:COMPLETED")
+    p.add_argument("--timeout", type=float, default=0.0, help="with --wait: the most seconds to wait (0: no limit)")
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("testbed", help="(root) network hosts on this machine: namespaces, names, shaped links")
+    p.add_argument("action", choices=["up", "down", "list"])
+    p.add_argument("name", nargs="?", default="fed", help="the testbed's name (1-8 letters/digits; default fed)")
+    p.add_argument("--hosts", nargs="+", default=["server", "site-1", "site-2", "site-3", "admin"])
+    p.add_argument(
+        "--rate", action="append", metavar="HOST=RATE", help="shape a host's link both ways, e.g. site-1=20mbit"
+    )
+    p.set_defaults(func=cmd_testbed)
 
     p = sub.add_parser("install-policy", help="FedRef-Seg's site or server policy files into a startup kit's local/")
     p.add_argument("kit", help="the startup kit folder (a site's or the server's)")

@@ -25,6 +25,8 @@ from fedseg.policy import with_allow_list
 from fedseg.regions import DATALIST_NAME
 from fedseg.server_config import SERVER_CONFIG_FILE, ServerConfig
 from fedseg.site_config import SITE_CONFIG_FILE, SiteConfig
+from fedseg.stale_jobs import COMPONENT_ID as STALE_JOBS_ID
+from fedseg.stale_jobs import COMPONENT_PATH as STALE_JOBS_PATH
 
 TEMPLATES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "site_policy")
 SITE_TEMPLATES = ("authorization.json", "privacy.json")
@@ -69,6 +71,9 @@ def server_resources(resources: dict, store: str) -> dict:
     for component in out.get("components", []):
         if component.get("id") == "job_manager":
             component.setdefault("args", {})["uri_root"] = os.path.join(store, "jobs-storage")
+    components = out.setdefault("components", [])
+    if not any(c.get("id") == STALE_JOBS_ID for c in components):  # a restarted server lets go of its dead jobs
+        components.append({"id": STALE_JOBS_ID, "path": STALE_JOBS_PATH, "args": {}})
     return with_allow_list(out, "server")
 
 

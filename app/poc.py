@@ -183,7 +183,10 @@ def prepared_sites(data_root: str) -> list[str]:
 
 
 def _rounds_done(poc_workspace: str, job_id: str) -> int:
-    paths = glob.glob(os.path.join(poc_workspace, "**", job_id, "**", ROUND_METRICS_FILE), recursive=True)
+    # the shortest path: the run's own records, not a copy of an earlier run's (resumed_from/)
+    paths = sorted(
+        glob.glob(os.path.join(poc_workspace, "**", job_id, "**", ROUND_METRICS_FILE), recursive=True), key=len
+    )
     if not paths:
         return 0
     with open(paths[0], encoding="utf-8") as f:

@@ -6,6 +6,8 @@ Numbers come only from the run's artifacts (``fedseg.app.artifacts``):
 - final scores: cross-site evaluation of the final global model on each site's validation split (the
   model after the last round); without it, the last round's validation, and the report says so.
 Overall scores weigh each site by its number of validation cases (a mean over all cases).
+A run that continued a stopped one covers both parts: the curves start with the earlier run's rounds, and
+the report says which rounds came from which job (``parts``).
 """
 
 from __future__ import annotations
@@ -209,6 +211,34 @@ def last_rounds_mean(curve: list[dict], count: int = 3) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def run_parts(run: RunArtifacts) -> list[dict]:
+    """Which job each stretch of rounds came from: the runs this one continued (``job``), then its own (None)."""
+    parts: list[dict] = []
+    for record in run.rounds:
+        job = record.get("resumed_from")
+        if parts and parts[-1]["job"] == job:
+            parts[-1]["last_round"] = record["round"]
+        else:
+            parts.append({"job": job, "first_round": record["round"], "last_round": record["round"]})
+    return parts
+
+
+def parts_note(parts: list[dict]) -> str:
+    """One sentence for a continued run, e.g. "Rounds 0-1 from job 3f2c, continued as this job from round 2."
+    (empty for a run in one part)."""
+    if len(parts) < 2:
+        return ""
+
+    def span(part: dict) -> str:
+        first, last = part["first_round"], part["last_round"]
+        return f"round {first}" if first == last else f"rounds {first}-{last}"
+
+    earlier = ", ".join(f"{span(p)} from job {p['job']}" for p in parts if p["job"] is not None)
+    own = [p for p in parts if p["job"] is None]
+    sentence = earlier + (f", continued as this job from round {own[0]['first_round']}" if own else "")
+    return sentence[0].upper() + sentence[1:] + "."
+
+
 def participation(run: RunArtifacts) -> str:
     """How many sites trained per round, in words (from the run's settings)."""
     settings = run.run_info.get("settings", {})
@@ -268,6 +298,7 @@ def build_summary(run: RunArtifacts) -> dict:
         "rounds": len(run.rounds),
         "sites": run.sites,
         "participation": participation(run),
+        "parts": run_parts(run),
         "auc": area_under_curve(overall_rows),
         "last3_dice_mean": last_rounds_mean(overall_rows),
         "final": {"source": source, "overall": overall, "sites": sites},
@@ -405,6 +436,8 @@ def render_html(summary: dict, plot_png: bytes) -> str:
         for s in sorted(counts)
     )
     notes = "".join(f"<li>{html.escape(line)}</li>" for line in reading(summary))
+    parts = parts_note(summary.get("parts") or [])
+    parts_text = f"<p>{html.escape(parts)}</p>" if parts else ""
     image = base64.b64encode(plot_png).decode("ascii")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>FedRef-Seg report: {html.escape(summary["algorithm"])}</title>
@@ -430,6 +463,7 @@ overall is the mean over all validation cases.</p>
 <h2>What the numbers say</h2><ul>{notes}</ul>
 <h2>Learning curves</h2>
 <p>{html.escape(validation_note(summary))}</p>
+{parts_text}
 <p>Area under the overall mean-Dice curve (mean over rounds): {_fmt(summary.get("auc"))}; mean of the last
 3 rounds: {_fmt(summary.get("last3_dice_mean"))}.</p>
 <img alt="Dice per region over rounds" src="data:image/png;base64,{image}">

@@ -6,10 +6,15 @@ folder from its own kit, see docs/operations.md). Every hyperparameter is writte
 defaults included, so that it can be read and edited there.
 
     python -m fedseg.jobs.export [--out jobs] [--rounds N] [--sites site-1 site-2 site-3] [--profile demo|fets2022]
-                          [--quantization float16] [--byoc] [--resume-job JOB_ID --algorithms fedref]
+                          [--quantization float16] [--byoc]
+                          [--resume-job JOB_ID [--planned-rounds N] --algorithms fedref]
 
 ``--byoc`` also puts the ``fedseg`` package in the job's custom folders (bring-your-own-code), for POC or
 experiments on sites without it installed; a hospital's site policy refuses such jobs.
+
+``--resume-job`` continues a stopped FedRef job: ``--rounds`` more rounds, or with ``--planned-rounds`` only
+those still to do of that total (the server knows where the run stopped). ``fedseg resume <job id>`` writes
+and submits such a job from the stopped job itself.
 
 ``--profile`` picks the sites' training settings (``fedseg.settings``): the committed jobs use ``demo``;
 ``fets2022`` is the full-size FeTS2022 profile (128^3 crops, bounded local steps and validation).
@@ -57,6 +62,7 @@ def _explicit_server_args(job_dir: str, settings: JobSettings) -> None:
             if workflow.get("id") != "controller":
                 continue
             args = workflow.setdefault("args", {})
+            args["num_rounds"] = settings.num_rounds  # FLARE's default (5) would be left out; `fedseg resume` reads it
             args["min_clients"] = settings.min_clients
             args["wait_after_min_seconds"] = settings.wait_after_min_seconds
             if args.get("source_model", "") is None:  # FedOpt optimises the persistor's network: no model to name
@@ -140,14 +146,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="JOB_ID",
         help="fedref: continue this stopped job (the server finds its checkpoints in its own store)",
     )
+    parser.add_argument(
+        "--planned-rounds",
+        type=int,
+        metavar="N",
+        help="with --resume-job: the total rounds the run is to reach; the server runs only those still to do "
+        "(instead of --rounds more)",
+    )
     args = parser.parse_args(argv)
     if args.resume_job and args.algorithms != ["fedref"]:
         parser.error("--resume-job continues a fedref run: give --algorithms fedref")
+    if args.planned_rounds is not None and not args.resume_job:
+        parser.error("--planned-rounds is the total of a continued run: give --resume-job")
     os.makedirs(args.out, exist_ok=True)
     for algorithm in args.algorithms:
         settings = default_settings(algorithm, args.rounds, args.sites, args.quantization, args.profile, args.byoc)
         if args.resume_job:
-            settings = replace(settings, resume_job=args.resume_job)
+            settings = replace(settings, resume_job=args.resume_job, planned_rounds=args.planned_rounds)
         print(export_job(settings, args.out))
     return 0
 

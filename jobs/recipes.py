@@ -116,10 +116,12 @@ class JobSettings(TrainingSettings):
     quantization: str | None = None
     name: str | None = None
     # continue a stopped FedRef run. In a job: resume_job, that run's job id; the server finds its files in its
-    # own checkpoint store. For the simulator and POC: resume_from, a folder holding the run's files, which
-    # they copy into their local server's store (checkpoint_store, never written into the job)
+    # own checkpoint store; with planned_rounds (the total the run is to reach) the server runs only the rounds
+    # still to do, else num_rounds more. For the simulator and POC: resume_from, a folder holding the run's
+    # files, which they copy into their local server's store (checkpoint_store, never written into the job)
     resume_from: str | None = None
     resume_job: str | None = None
+    planned_rounds: int | None = None
     checkpoint_store: str | None = None
     # ship the fedseg package inside the job (bring-your-own-code) for sites that do not have it installed
     byoc: bool = False
@@ -157,6 +159,11 @@ class JobSettings(TrainingSettings):
             plain_name("resume_job", self.resume_job)
             if self.algorithm != "fedref":
                 raise ValueError(f"resume_job: only a fedref run can be continued, not {self.algorithm}")
+        if self.planned_rounds is not None:
+            if self.resume_job is None:
+                raise ValueError("planned_rounds: only a job that continues a stopped run (resume_job) has them")
+            if type(self.planned_rounds) is not int or self.planned_rounds < 1:
+                raise ValueError(f"planned_rounds must be an integer >= 1, got {self.planned_rounds!r}")
 
     @property
     def job_name(self) -> str:
@@ -257,6 +264,7 @@ class FedSegRecipe(FedAvgRecipe):
                 momentum=s.fedref_momentum,
                 alpha_max=s.fedref_alpha_max,
                 resume_job=s.resume_job,
+                planned_rounds=s.planned_rounds,
                 **fedavg,
             )
         if s.algorithm == "fedprox":

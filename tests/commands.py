@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT = os.path.join(REPO_ROOT, "app", "provision", "project.yml")
 VENV = sys.prefix
 
 
@@ -45,3 +46,14 @@ def ok(result: subprocess.CompletedProcess) -> str:
     """The command's output, after checking it exited 0 (else the assertion shows the output's end)."""
     assert result.returncode == 0, f"{' '.join(result.args)} exited {result.returncode}:\n{result.stdout[-4000:]}"
     return result.stdout
+
+
+def provision(workspace, server: dict, extra_participants=(), name: str | None = None) -> str:
+    """`make provision` of the committed project.yml with the server's entries changed (``server``: ports, host
+    name) and any participants added, as a project admin edits it; returns the kits' folder the command prints."""
+    from fedseg.app.testbed_federation import write_project
+
+    path = write_project(PROJECT, os.path.join(workspace, "project.yml"), server, extra_participants, name)
+    output = ok(make("provision", PROJECT_YML=path, PROVISION_DIR=str(workspace), timeout=120))
+    (kits,) = [line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("startup kits: ")]
+    return kits.rstrip("/")

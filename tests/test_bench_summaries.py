@@ -213,3 +213,77 @@ def test_long_horizon_pairs_each_setting_with_its_own_fedavg_and_centralised_run
     assert trend["fl_over_centralised"] == pytest.approx((0.61 / 0.8 + 0.73 / 0.75) / 2)
     assert rows[(0, "fedavg")]["fl_over_centralised"] is None  # no centralised run with full participation's steps
     assert rows[(2, CENTRALISED)]["seeds"] == 2
+
+
+def test_network_summary_pairs_each_round_with_the_unlimited_link_of_the_same_precision():
+    from bench.network import rate_bits, summarise
+
+    def rounds(seconds, work=1.0, size=100, link=110):
+        return [
+            {
+                "round": n,
+                "seconds": s,
+                "slowest_site_seconds": work,
+                "rest_seconds": s - work,
+                "missing": [],
+                "bytes_received_by_site": {"site-1": size, "site-2": size},
+                "bytes_sent_by_site": {"site-1": size, "site-2": size},
+                "link_bytes_down": {"site-1": link, "site-2": link},
+                "link_bytes_up": {"site-1": link, "site-2": link},
+            }
+            for n, s in enumerate(seconds)
+        ]
+
+    def config(precision, rate, seconds, flare=None, **kwargs):
+        flare_log = {"site-1": {"download_seconds": flare, "upload_seconds": flare}} if flare else {}
+        return {"precision": precision, "rate": rate, "per_round": rounds(seconds, **kwargs), "flare_log": flare_log}
+
+    configs = [
+        config("float16", "unlimited", [30.0, 4.0, 4.0], size=50, link=55),
+        config("full", "20mbit", [60.0, 12.0, 10.0, 14.0], flare=[9.0, 4.0, 5.0, 3.0], link=1_250_000),
+        config("full", "unlimited", [40.0, 4.0, 5.0, 4.0], flare=[2.0, 0.5, 0.5, 0.5]),
+        config("float16", "20mbit", [50.0, 8.0, 6.0], size=50, link=625_000),
+    ]
+    rows = {(r["precision"], r["rate"]): r for r in summarise(configs)}
+    assert [(r["precision"], r["rate"]) for r in summarise(configs)] == [
+        ("full", "unlimited"),
+        ("full", "20mbit"),
+        ("float16", "unlimited"),
+        ("float16", "20mbit"),
+    ]
+    slow = rows[("full", "20mbit")]
+    # round 0 (deployment, warm-up) in no median; rounds paired by number: 12-4, 10-5, 14-4
+    assert slow["rounds_summarised"] == [1, 2, 3] and slow["round0_seconds"] == 60.0
+    assert slow["round_seconds"] == 12.0 and slow["transfer_seconds"] == 8.0
+    assert slow["transfer_share"] == pytest.approx(8.0 / 12.0)  # the median of 8/12, 5/10, 10/14
+    assert slow["round_vs_unlimited"] == pytest.approx(3.0)  # median of 3, 2, 3.5
+    assert slow["rest_transfer_seconds"] == 8.0
+    assert [r["transfer_seconds"] for r in slow["per_round"]] == [8.0, 5.0, 10.0]  # each round kept
+    assert slow["line_seconds"] == pytest.approx(2 * 1_250_000 * 8 / 20e6)  # down + up at the link's rate
+    # FLARE's own timing: round 0's transfer (the first) left out; (4 + 4) - (0.5 + 0.5)
+    assert slow["flare_download_seconds"] == 4.0 and slow["flare_transfer_seconds"] == 7.0
+    base = rows[("full", "unlimited")]
+    assert base["transfer_seconds"] == 0.0 and base["round_vs_unlimited"] == 1.0 and base["line_seconds"] is None
+    half = rows[("float16", "20mbit")]
+    assert half["baseline"] == "float16 @ unlimited" and half["transfer_seconds"] == 3.0  # median of 4, 2
+    assert half["bytes_received_by_site_vs_full"] == 0.5 and half["link_bytes_up_vs_full"] == 0.5
+    assert rate_bits("100mbit") == 1e8 and rate_bits("unlimited") is None
+    with pytest.raises(ValueError, match="a tc rate"):
+        rate_bits("20 Mbit/s")
+    assert rows[("float16", "20mbit")]["flare_transfer_seconds"] is None  # no log figures: none made up
+
+
+def test_flare_transfer_times_are_read_from_a_site_log_model_sized_only():
+    from bench.network import flare_transfers
+
+    log = "\n".join(
+        [
+            "... - function - INFO - [client] download ref=ab-1 done: elapsed=4.21s size=9.2MB (9,595,016 bytes)",
+            "... - _Transaction - INFO - [server] download tx Tx-1 done: status=finished elapsed=3.90s "
+            "size=9.2MB (9,595,016 bytes)",
+            "... - function - INFO - [client] download ref=ab-2 done: elapsed=0.01s size=0.0MB (8,295 bytes)",
+            "... - _Transaction - INFO - [server] download tx Tx-2 done: status=timeout elapsed=600.00s "
+            "size=9.2MB (9,595,016 bytes)",
+        ]
+    )
+    assert flare_transfers(log) == {"download_seconds": [4.21], "upload_seconds": [3.9]}

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from nvflare.app_common.abstract.fl_model import FLModel
-from server_fakes import start
+from server_fakes import start, stopped_run
 
 from fedseg.checkpoint import to_tensors
 from fedseg.controller import FedRefController, _plain, update_problem
@@ -52,6 +54,28 @@ def test_restarted_controller_gives_the_same_next_global_model(tmp_path):
         current, applied = restarted.updater.update(avg, current)
         assert applied
         np.testing.assert_allclose(current["w"], want["w"], rtol=1e-6)
+
+
+def test_a_continued_run_goes_on_to_its_planned_rounds_and_its_report_covers_both_parts(tmp_path):
+    from fedseg.app.artifacts import load_run
+
+    workspace = tmp_path / "workspace"
+    stopped_run(workspace, round_number=2, rounds=[0, 1, 2])  # killed after round 2 of 5
+    controller = FedRefController(
+        num_clients=2, num_rounds=5, buffer_size=2, resume_job="stopped-job", planned_rounds=5
+    )  # the stopped job's num_rounds, as `fedseg resume` leaves it: planned_rounds decides
+    start(controller, workspace)
+    assert (controller.start_round, controller.num_rounds) == (3, 2)
+    for round_number in range(controller.start_round, controller.start_round + controller.num_rounds):
+        controller.current_round = round_number
+        controller.write_round_record({"dice_mean": 0.5}, 2, True)  # what the server writes after each round
+
+    run = load_run(controller.run_dir())
+    assert run.server_dir == controller.run_dir()  # its own records, not the copy below resumed_from/
+    assert [r["round"] for r in run.rounds] == [0, 1, 2, 3, 4]
+    assert [r.get("resumed_from") for r in run.rounds] == ["stopped-job"] * 3 + [None] * 2
+    copy = os.path.join(controller.run_dir(), "resumed_from", "stopped-job", "round_metrics.jsonl")
+    assert open(copy).read() == open(workspace / "stopped-job" / "round_metrics.jsonl").read()
 
 
 def test_a_round_is_recorded_only_once_its_checkpoint_is_saved(tmp_path):

@@ -27,33 +27,20 @@ import pytest
 import yaml
 
 import fedseg as fedseg_package
-from commands import fedseg, make, ok
+from commands import fedseg, ok
+from commands import provision as provision_project
 from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.export import export_job
-from fedseg.jobs.recipes import REPO_ROOT, JobSettings
+from fedseg.jobs.recipes import JobSettings
 
 pytestmark = pytest.mark.integration
 
-PROJECT = os.path.join(REPO_ROOT, "app", "provision", "project.yml")
-
 
 def provision(workspace, fed_learn_port: int, admin_port: int, extra_participants: tuple = ()) -> str:
-    """`make provision` of the committed project.yml with free ports (and any participants added);
-    returns the kits' folder the command prints."""
-    with open(PROJECT) as f:
-        project = yaml.safe_load(f)
-    for participant in project["participants"]:
-        if participant["type"] == "server":
-            participant["fed_learn_port"], participant["admin_port"] = fed_learn_port, admin_port
-    project["participants"] += list(extra_participants)
-    os.makedirs(workspace, exist_ok=True)
-    path = os.path.join(workspace, "project.yml")
-    with open(path, "w") as f:
-        yaml.safe_dump(project, f, sort_keys=False)
-    output = ok(make("provision", PROJECT_YML=path, PROVISION_DIR=str(workspace), timeout=120))
-    (kits,) = [line.split(": ", 1)[1] for line in output.splitlines() if line.startswith("startup kits: ")]
-    return kits.rstrip("/")
+    return provision_project(
+        workspace, {"fed_learn_port": fed_learn_port, "admin_port": admin_port}, extra_participants
+    )
 
 
 def test_make_provision_again_after_an_edit_gives_new_kits_with_the_same_root_ca(tmp_path):

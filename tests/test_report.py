@@ -262,3 +262,66 @@ def test_a_run_whose_sites_shared_no_local_model_reports_the_global_model_only(r
     assert "not shared" in open(with_local, encoding="utf-8").read()
     path.write_text(json.dumps(cross))
     assert "not shared" not in open(write_report(load_run(str(run_folder)), str(tmp_path / "shared"))).read()
+
+
+def write_rounds(path, rounds, dice: float) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        for r in rounds:
+            f.write(json.dumps({"round": r, "algorithm": "fedref", "sites": {"site-1": scores(dice + 0.01 * r, 3)}}))
+            f.write("\n")
+
+
+def test_a_continued_run_is_reported_with_the_rounds_of_the_runs_it_continued(tmp_path):
+    """A provisioned download of a job that continued job-b, which had continued job-a: the server copied each
+    part's records below resumed_from/; a round both parts hold is the nearer part's."""
+    server = tmp_path / "download" / "job-c" / "workspace"
+    write_rounds(server / "round_metrics.jsonl", [5, 6], 0.7)
+    write_rounds(server / "resumed_from" / "job-b" / "round_metrics.jsonl", [2, 3, 4], 0.5)
+    write_rounds(server / "resumed_from" / "job-b" / "resumed_from" / "job-a" / "round_metrics.jsonl", [0, 1, 2], 0.3)
+    # FLARE's MetricsArtifactWriter leaves a file of the same name in another format: not a part
+    os.makedirs(server / "resumed_from" / "job-b" / "metrics")
+    (server / "resumed_from" / "job-b" / "metrics" / "round_metrics.jsonl").write_text('{"round": 0}\n')
+    for folder in (server, server / "resumed_from" / "job-b"):
+        os.makedirs(folder / "app_server")
+        (folder / "app_server" / "FL_global_model.pt").write_bytes(b"")
+
+    run = load_run(str(tmp_path / "download" / "job-c"))
+    assert run.server_dir == str(server)  # the run's own records: the shortest path outside resumed_from/
+    assert run.global_model == str(server / "app_server" / "FL_global_model.pt")
+    assert [(r["round"], r.get("resumed_from")) for r in run.rounds] == [
+        (0, "job-a"),
+        (1, "job-a"),
+        (2, "job-b"),
+        (3, "job-b"),
+        (4, "job-b"),
+        (5, None),
+        (6, None),
+    ]
+    assert run.rounds[2]["sites"]["site-1"]["dice_tc"] == pytest.approx(0.5 + 0.02 - 0.1)  # job-b's round 2
+
+    index = write_report(run, str(tmp_path / "report"))
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["rounds"] == 7 and [c["round"] for c in summary["curves"]] == list(range(7))
+    assert summary["parts"] == [
+        {"job": "job-a", "first_round": 0, "last_round": 1},
+        {"job": "job-b", "first_round": 2, "last_round": 4},
+        {"job": None, "first_round": 5, "last_round": 6},
+    ]
+    note = "Rounds 0-1 from job job-a, rounds 2-4 from job job-b, continued as this job from round 5."
+    assert note in open(index, encoding="utf-8").read()
+
+
+def test_a_run_in_one_part_says_nothing_of_parts(run_folder, tmp_path):
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))
+    assert "continued as this job" not in open(index, encoding="utf-8").read()
+    assert json.loads((tmp_path / "report" / "summary.json").read_text())["parts"] == [
+        {"job": None, "first_round": 0, "last_round": 1}
+    ]
+
+
+def test_only_copies_of_earlier_runs_are_not_the_runs_own_records(tmp_path):
+    write_rounds(tmp_path / "run" / "resumed_from" / "job-b" / "round_metrics.jsonl", [0, 1], 0.5)
+    with pytest.raises(RunArtifactsError, match="no round_metrics.jsonl below it"):
+        load_run(str(tmp_path / "run"))
+    assert [r["round"] for r in load_run(str(tmp_path / "run" / "resumed_from" / "job-b")).rounds] == [0, 1]

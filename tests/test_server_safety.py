@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from server_fakes import FakeEngine, start
+from server_fakes import FakeEngine, start, stopped_run, write_records
 
 from fedseg.checkpoint import find_resume_files, load_file, load_state_dict, to_arrays, to_tensors
 from fedseg.controller import FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold
@@ -281,18 +281,6 @@ def test_the_seeded_persistor_gives_the_recipe_network():
 
 
 # -- resuming names a job in the server's own store -----------------------------------------------------------
-def stopped_run(root, job="stopped-job", capacity=2, round_number=4, channels=(8, 16)) -> str:
-    run = os.path.join(root, job)
-    os.makedirs(os.path.join(run, "app_server"), exist_ok=True)
-    params = {k: v.numpy() for k, v in SeededModelPersistor(channels=list(channels)).network().state_dict().items()}
-    torch.save(
-        to_tensors({"capacity": capacity, "models": [params], "round": round_number, "velocity": None}),
-        os.path.join(run, "fedref_reference_buffer.pt"),
-    )
-    torch.save({"model": to_tensors(params)}, os.path.join(run, "app_server", "FL_global_model.pt"))
-    return run
-
-
 def test_resume_job_continues_from_the_servers_store_with_the_servers_round(tmp_path):
     run = stopped_run(tmp_path)
     controller = start(FedRefController(num_clients=2, num_rounds=2, buffer_size=2, resume_job="stopped-job"), tmp_path)
@@ -332,12 +320,13 @@ def test_resume_job_outside_the_store_or_without_files_is_refused(tmp_path, setu
         start(FedRefController(num_clients=2, num_rounds=1, buffer_size=2, resume_job=job), root)
 
 
-def finished_in_job_store(tmp_path, job="finished-job") -> str:
-    """A server kit whose FLARE moved a finished job's workspace into its job store (the run folder gone)."""
+def finished_in_job_store(tmp_path, job="finished-job", run=None) -> str:
+    """A server kit whose FLARE moved a finished job's workspace (``run``, default a stopped run) into its job store
+    (the run folder gone)."""
     import io
     import zipfile
 
-    run = stopped_run(tmp_path / "finished")
+    run = run or stopped_run(tmp_path / "finished")
     archive = io.BytesIO()
     with zipfile.ZipFile(archive, "w") as z:
         for folder, _, files in os.walk(run):
@@ -365,6 +354,30 @@ def test_a_finished_job_is_continued_from_the_workspace_flare_saved_in_its_job_s
         start(FedRefController(num_clients=2, num_rounds=1, buffer_size=2, resume_job="other-job"), server)
 
 
+def test_a_continuation_from_the_job_store_takes_the_stopped_runs_newest_buffer_and_its_records(tmp_path):
+    """A stopped job that was itself a continuation holds the run before it under resumed_from/: its older buffer
+    must not win because it was unpacked last (the files keep the times they had in the archive)."""
+    import time
+
+    run = stopped_run(tmp_path / "finished", round_number=4, rounds=[2, 3, 4])
+    earlier = stopped_run(os.path.join(run, "resumed_from"), "first-job", round_number=1, rounds=[0, 1])
+    an_hour_ago = time.time() - 3600
+    for folder, _, files in os.walk(earlier):
+        for name in files:
+            os.utime(os.path.join(folder, name), (an_hour_ago, an_hour_ago))
+    server = finished_in_job_store(tmp_path, run=run)
+    controller = start(
+        FedRefController(num_clients=2, num_rounds=1, buffer_size=2, resume_job="finished-job", planned_rounds=8),
+        server,
+    )
+    assert (controller.start_round, controller.num_rounds) == (5, 3)
+    unpacked = os.path.join(server, "this-job", "resumed_from", "finished-job")
+    assert controller.persistor._start_from == os.path.join(unpacked, "app_server", "FL_global_model.pt")
+    for relative in ("round_metrics.jsonl", "resumed_from/first-job/round_metrics.jsonl"):
+        with open(os.path.join(unpacked, relative)) as f, open(os.path.join(run, relative)) as g:
+            assert f.read() == g.read()
+
+
 def test_a_stored_workspace_member_that_would_leave_the_run_folder_is_refused(tmp_path):
     import io
     import zipfile
@@ -377,6 +390,12 @@ def test_a_stored_workspace_member_that_would_leave_the_run_folder_is_refused(tm
     with pytest.raises(ValueError, match="would leave"):
         unpack_stored_run(archive.getvalue(), str(tmp_path / "out"))
     assert not (tmp_path / "escaped").exists()
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as z:  # the round records, unpacked too, are checked the same way
+        z.writestr("../../escaped/round_metrics.jsonl", b"{}")
+    with pytest.raises(ValueError, match="would leave"):
+        unpack_stored_run(archive.getvalue(), str(tmp_path / "out"))
+    assert not (tmp_path / "escaped").exists()
 
 
 def test_symlinked_files_inside_a_run_are_not_followed(tmp_path):
@@ -386,6 +405,71 @@ def test_symlinked_files_inside_a_run_are_not_followed(tmp_path):
     os.symlink(os.path.join(outside, "fedref_reference_buffer.pt"), run / "fedref_reference_buffer.pt")
     with pytest.raises(FileNotFoundError, match="no fedref_reference_buffer.pt"):
         find_resume_files(str(run))
+
+
+def test_planned_rounds_run_only_the_rounds_still_to_do(tmp_path):
+    stopped_run(tmp_path)  # its buffer is round 4's: the run continues at round 5
+    controller = start(
+        FedRefController(num_clients=2, num_rounds=10, buffer_size=2, resume_job="stopped-job", planned_rounds=8),
+        tmp_path,
+    )
+    assert (controller.start_round, controller.num_rounds) == (5, 3)  # rounds 5, 6, 7: 8 in all
+    controller = start(
+        FedRefController(num_clients=2, num_rounds=10, buffer_size=2, resume_job="stopped-job", planned_rounds=6),
+        tmp_path,
+    )
+    assert (controller.start_round, controller.num_rounds) == (5, 1)
+    without = start(FedRefController(num_clients=2, num_rounds=2, buffer_size=2, resume_job="stopped-job"), tmp_path)
+    assert (without.start_round, without.num_rounds) == (5, 2)  # num_rounds more, as before
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(planned_rounds=5), r"^planned_rounds = 5: run stopped-job already did 5 of the 5 planned rounds$"),
+        (dict(planned_rounds=3), r"^planned_rounds = 3: run stopped-job already did 5 of the 3 planned rounds$"),
+        (dict(planned_rounds="8"), r"^planned_rounds = '8': must be an integer$"),
+        (dict(planned_rounds=True), r"^planned_rounds = True: must be an integer$"),
+        (dict(planned_rounds=0), r"^planned_rounds = 0: must be in \[1, inf\]$"),
+        (dict(planned_rounds=1001), r"^planned_rounds = 1001 exceeds the server's cap max_rounds = 1000"),
+        (
+            dict(planned_rounds=8, resume_job=None),
+            r"^planned_rounds = 8: only a job that continues a stopped run \(resume_job\) has planned rounds",
+        ),
+    ],
+)
+def test_planned_rounds_out_of_place_are_refused_naming_the_job_and_the_numbers(tmp_path, overrides, message):
+    stopped_run(tmp_path)
+    args = {"num_clients": 2, "num_rounds": 1, "buffer_size": 2, "resume_job": "stopped-job", **overrides}
+    with pytest.raises(JobRefused, match=message):
+        start(FedRefController(**args), tmp_path)
+
+
+def test_planned_rounds_are_capped_by_the_servers_file(tmp_path):
+    stopped_run(tmp_path)
+    path = write_config(tmp_path, max_rounds=6)
+    args = dict(num_clients=2, num_rounds=1, buffer_size=2, resume_job="stopped-job")
+    with pytest.raises(JobRefused, match=rf"planned_rounds = 7 exceeds the server's cap max_rounds = 6 \({path}\)"):
+        start(FedRefController(**args, planned_rounds=7), tmp_path)
+    assert start(FedRefController(**args, planned_rounds=6), tmp_path).num_rounds == 1
+
+
+def test_the_stopped_runs_round_records_are_copied_beside_the_new_runs(tmp_path):
+    run = stopped_run(tmp_path, rounds=[0, 1, 2, 3, 4])
+    earlier = write_records(os.path.join(run, "resumed_from", "first-job", "round_metrics.jsonl"), [0], "first")
+    write_records(os.path.join(run, "report", "deep", "round_metrics.jsonl"), [9])  # neither its own nor a part
+    # FLARE's MetricsArtifactWriter writes another file of the same name, in another format
+    write_records(os.path.join(run, "resumed_from", "first-job", "metrics", "round_metrics.jsonl"), [0])
+    start(FedRefController(num_clients=2, num_rounds=1, buffer_size=2, resume_job="stopped-job"), tmp_path)
+    copied = tmp_path / "this-job" / "resumed_from" / "stopped-job"
+    assert (copied / "round_metrics.jsonl").read_text() == open(os.path.join(run, "round_metrics.jsonl")).read()
+    assert (copied / "resumed_from" / "first-job" / "round_metrics.jsonl").read_text() == open(earlier).read()
+    assert sorted(str(p.relative_to(copied)) for p in copied.rglob("*")) == [
+        "resumed_from",
+        "resumed_from/first-job",
+        "resumed_from/first-job/round_metrics.jsonl",
+        "round_metrics.jsonl",
+    ]
 
 
 def test_a_start_round_that_disagrees_with_the_stopped_run_is_refused(tmp_path):
@@ -576,12 +660,32 @@ def test_an_exported_continuation_names_the_stopped_job_and_nothing_else(tmp_pat
     with open(os.path.join(job, "app", "config", "config_fed_server.json")) as f:
         (controller,) = [w for w in json.load(f)["workflows"] if w["id"] == "controller"]
     assert controller["args"]["resume_job"] == "3f2c-ab" and "start_round" not in controller["args"]
+    assert "planned_rounds" not in controller["args"]  # written only when set
     with pytest.raises(ValueError, match="only a fedref run can be continued"):
         JobSettings(algorithm="fedavg", resume_job="3f2c-ab")
     with pytest.raises(JobRefused, match="resume_job = 'a/../../x': must be a plain name"):
         JobSettings(resume_job="a/../../x")
     with pytest.raises(ValueError, match="resume_from is a folder on this machine"):
         export_job(replace(default_settings("fedref"), resume_from=str(tmp_path)), str(tmp_path / "out"))
+
+
+def test_an_exported_continuation_may_give_the_runs_planned_rounds(tmp_path, capsys):
+    from fedseg.jobs.export import main
+
+    assert (
+        main(["--algorithms", "fedref", "--resume-job", "3f2c-ab", "--planned-rounds", "8", "--out", str(tmp_path)])
+        == 0
+    )
+    with open(tmp_path / "fedref" / "app" / "config" / "config_fed_server.json") as f:
+        (controller,) = [w for w in json.load(f)["workflows"] if w["id"] == "controller"]
+    assert (controller["args"]["resume_job"], controller["args"]["planned_rounds"]) == ("3f2c-ab", 8)
+    with pytest.raises(SystemExit):
+        main(["--algorithms", "fedref", "--planned-rounds", "8", "--out", str(tmp_path / "other")])
+    assert "--planned-rounds is the total of a continued run: give --resume-job" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"planned_rounds: only a job that continues a stopped run \(resume_job\)"):
+        JobSettings(planned_rounds=8)
+    with pytest.raises(ValueError, match="planned_rounds must be an integer >= 1, got 0"):
+        JobSettings(resume_job="3f2c-ab", planned_rounds=0)
 
 
 @pytest.mark.integration

@@ -19,6 +19,8 @@ from fedseg.network import FedSegUNet
 
 GLOBAL_MODEL_FILE = "FL_global_model.pt"  # FLARE's name for the persistor's global model (DefaultCheckpointFileName)
 REFERENCE_BUFFER_FILE = "fedref_reference_buffer.pt"
+ROUND_METRICS_FILE = "round_metrics.jsonl"  # the server's round records (fedseg.controller writes them)
+RESUMED_FROM_DIR = "resumed_from"  # in a continued run's folder: <job id>/ of each run it continued
 
 
 def to_tensors(value):
@@ -92,6 +94,22 @@ def _found(root: str, name: str) -> list[str]:
     return hits
 
 
+def round_records(folder: str) -> list[str]:
+    """The round record files below a run folder, shortest path first: the run's own, then the copies of the runs
+    it continued (under ``resumed_from/``), as the report finds them (``fedseg.app.artifacts``)."""
+    return sorted(_found(folder, ROUND_METRICS_FILE), key=len)
+
+
+def part_job(relative: str) -> str | None:
+    """The job id of an earlier part's round records, ``.../resumed_from/<job id>/round_metrics.jsonl`` (a path
+    relative to the run folder), else None (the run's own file, or another one of that name, e.g. FLARE's
+    ``metrics/round_metrics.jsonl``)."""
+    parts = os.path.normpath(relative).split(os.sep)
+    if len(parts) >= 3 and parts[-1] == ROUND_METRICS_FILE and parts[-3] == RESUMED_FROM_DIR:
+        return parts[-2]
+    return None
+
+
 def find_resume_files(folder: str) -> tuple[str, str]:
     """(global model, reference buffer) of a stopped run: the newest buffer below ``folder`` and the global model
     saved in the same step, the one under the buffer's folder (else the newest)."""
@@ -107,15 +125,18 @@ def find_resume_files(folder: str) -> tuple[str, str]:
 
 
 def unpack_stored_run(workspace_zip: bytes, out_dir: str) -> str:
-    """The checkpoint files of a finished job's saved server workspace (FLARE zips it into its job store), written
-    under ``out_dir`` with their folders kept; nothing else of the archive is unpacked. Returns ``out_dir``.
+    """The checkpoint files and round records of a finished job's saved server workspace (FLARE zips it into its
+    job store), written under ``out_dir`` with their folders and times kept (the newest buffer is the one to
+    resume from, also when the job was itself a continuation); nothing else of the archive is unpacked. Returns
+    ``out_dir``.
 
     Member names are the server's own, but are still checked: none may leave ``out_dir``.
     """
     import io
+    import time
     import zipfile
 
-    wanted = (REFERENCE_BUFFER_FILE, GLOBAL_MODEL_FILE)
+    wanted = (REFERENCE_BUFFER_FILE, GLOBAL_MODEL_FILE, ROUND_METRICS_FILE)
     root = os.path.realpath(out_dir)
     with zipfile.ZipFile(io.BytesIO(workspace_zip)) as archive:
         for member in archive.infolist():
@@ -127,6 +148,8 @@ def unpack_stored_run(workspace_zip: bytes, out_dir: str) -> str:
             os.makedirs(os.path.dirname(target), exist_ok=True)
             with archive.open(member) as source, open(target, "wb") as f:
                 f.write(source.read())
+            written = time.mktime((*member.date_time, 0, 0, -1))
+            os.utime(target, (written, written))
     return out_dir
 
 

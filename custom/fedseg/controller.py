@@ -16,7 +16,9 @@
   (``validation_only`` in the record; their scores never enter the aggregate).
 ``FedRefController`` adds the MAP step of ``fedseg.fedref`` after aggregation and saves its reference
 buffer with every global checkpoint; a job that names a stopped run's job id (``resume_job``) continues
-it from the buffer and global model the server finds in its own checkpoint store. Each round it also
+it from the buffer and global model the server finds in its own checkpoint store, up to the run's total
+``planned_rounds`` if it gives them, and copies that run's round records beside its own
+(``resumed_from/<job id>/``) for the report. Each round it also
 records the step's inputs (FedAvg model, previous global model, buffered models) in ``fedref_step.pt``,
 overwritten every round, so that anyone can recompute the last global model from the closed form.
 
@@ -32,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import time
 from typing import Any
 
@@ -47,8 +50,12 @@ from nvflare.app_opt.pt.fedopt_ctl import FedOpt as _FedOpt
 from fedseg.atomic import atomic_path
 from fedseg.checkpoint import (
     REFERENCE_BUFFER_FILE,
+    RESUMED_FROM_DIR,
+    ROUND_METRICS_FILE,
     find_resume_files,
     load_file,
+    part_job,
+    round_records,
     to_arrays,
     to_tensors,
     unpack_stored_run,
@@ -82,7 +89,6 @@ from fedseg.server_config import (
 )
 from fedseg.wire import RECEIVED_WIRE_BYTES_KEY, WIRE_BYTES_KEY, payload_bytes
 
-ROUND_METRICS_FILE = "round_metrics.jsonl"
 FEDREF_STEP_FILE = "fedref_step.pt"  # the inputs of the last MAP step, to check it from the run's artifacts
 CLIENT_NAME_KEY = "client_name"  # where FedAvg finds the sender in a result's meta (nvflare 2.9)
 
@@ -516,6 +522,9 @@ class FedRefController(RecordingFedAvg):
         resume_job: the job id of a stopped FedRef run to continue: the server takes its newest reference
             buffer, the global model saved beside it and the next round from its own checkpoint store
             (``fedseg.server_config``), when the workflow starts; a job never names a file.
+        planned_rounds: with ``resume_job``, the rounds the whole run is to reach: the job runs only those
+            still to do (``planned_rounds`` - the next round), whatever its ``num_rounds``, so that a
+            continuation can be written without knowing where the server stopped (``fedseg resume``).
         variant: the prior, ``mean`` | ``trend`` | ``diagonal`` (``fedseg.fedref.VARIANTS``).
         momentum: server momentum before the MAP pull (0: none).
         alpha_max: ``diagonal``: the largest share of the pull toward the prior centre.
@@ -534,6 +543,7 @@ class FedRefController(RecordingFedAvg):
         lambda2_every: int = 0,
         lambda2_max: float | None = None,
         resume_job: str | None = None,
+        planned_rounds: int | None = None,
         variant: str = DEFAULT_VARIANT,
         momentum: float = 0.0,
         alpha_max: float = DEFAULT_ALPHA_MAX,
@@ -548,6 +558,7 @@ class FedRefController(RecordingFedAvg):
         self.lambda2_every = lambda2_every
         self.lambda2_max = lambda2_max
         self.resume_job = plain_name("resume_job", resume_job) if resume_job is not None else None
+        self.planned_rounds = planned_rounds
         self.variant = variant
         self.momentum = momentum
         self.alpha_max = alpha_max
@@ -582,8 +593,20 @@ class FedRefController(RecordingFedAvg):
         if self.fedprox_mu:
             raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
         super().check_job(config)
+        if self.planned_rounds is not None:
+            self.check_planned_rounds(config)
         if self.resume_job is not None:
             self.resume(config)
+
+    def check_planned_rounds(self, config: ServerConfig) -> None:
+        """The total of a continued run: an integer within the server's max_rounds, and only with resume_job."""
+        integer("planned_rounds", self.planned_rounds, 1, None)
+        config.cap("planned_rounds", self.planned_rounds, config.max_rounds, "max_rounds")
+        if self.resume_job is None:
+            raise JobRefused(
+                f"planned_rounds = {self.planned_rounds!r}: only a job that continues a stopped run (resume_job) "
+                "has planned rounds; a new job runs num_rounds"
+            )
 
     def check_start_round(self) -> None:
         if self.resume_job is None:
@@ -612,13 +635,48 @@ class FedRefController(RecordingFedAvg):
             raise JobRefused(
                 f"start_round = {self.start_round!r}: run {self.resume_job} continues at round {next_round}"
             )
+        if self.planned_rounds is not None:
+            if self.planned_rounds <= next_round:
+                raise JobRefused(
+                    f"planned_rounds = {self.planned_rounds!r}: run {self.resume_job} already did {next_round} of "
+                    f"the {self.planned_rounds} planned rounds"
+                )
+            self.num_rounds = self.planned_rounds - next_round
         self.start_round = next_round
         self.persistor.start_from(model)
-        self.info(f"continuing run {self.resume_job} at round {next_round} from {os.path.relpath(buffer, store)}")
+        self.keep_earlier_records(real)
+        self.info(
+            f"continuing run {self.resume_job} at round {next_round} from {os.path.relpath(buffer, store)}; "
+            f"{self.num_rounds} round(s) to run"
+            + (f" of the {self.planned_rounds} planned" if self.planned_rounds is not None else "")
+        )
+
+    def keep_earlier_records(self, stopped: str) -> None:
+        """The stopped run's round records beside this run's, ``resumed_from/<job id>/round_metrics.jsonl`` (its
+        own file, the shortest path, as the report finds it) with those of the runs it continued in turn, so that
+        this run's report covers every part. A run unpacked from the job store has them there already."""
+        target = os.path.join(self.run_dir(), RESUMED_FROM_DIR, self.resume_job)
+        found = round_records(stopped)
+        if not found or os.path.realpath(stopped) == os.path.realpath(target):
+            return
+        own = os.path.join(target, ROUND_METRICS_FILE)
+        copies = {}
+        for path in found:
+            relative = os.path.relpath(path, stopped)
+            if part_job(relative):  # a part before it: .../resumed_from/<id>/round_metrics.jsonl
+                copies[path] = os.path.join(target, relative)
+            elif own not in copies.values() and RESUMED_FROM_DIR not in relative.split(os.sep):
+                copies[path] = own  # its own: the shortest path outside resumed_from/
+        try:
+            for source, destination in copies.items():
+                with atomic_path(destination) as tmp:
+                    shutil.copyfile(source, tmp)
+        except OSError as exc:  # the records are for the report: the run goes on without them
+            self.warning(f"round records of run {self.resume_job} not copied: {exc}")
 
     def unpack_finished_run(self, workspace) -> str:
-        """A finished job's checkpoints, from the workspace FLARE saved in its job store (the run folder is gone),
-        unpacked into this run's folder; JobRefused when the store holds no such job."""
+        """A finished job's checkpoints and round records, from the workspace FLARE saved in its job store (the run
+        folder is gone), unpacked into this run's folder; JobRefused when the store holds no such job."""
         from nvflare.app_common.storages.filesystem_storage import FilesystemStorage
 
         root = job_store(workspace.get_site_config_dir())
@@ -631,7 +689,7 @@ class FedRefController(RecordingFedAvg):
             raise JobRefused(
                 f"resume_job = {self.resume_job!r}: no such run in the server's checkpoint store or job store"
             )
-        return unpack_stored_run(saved, os.path.join(self.run_dir(), "resumed_from", self.resume_job))
+        return unpack_stored_run(saved, os.path.join(self.run_dir(), RESUMED_FROM_DIR, self.resume_job))
 
     def load_reference_buffer(self, path: str) -> None:
         """A saved buffer (weights only) into the updater; its capacity must be this job's p."""
