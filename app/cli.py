@@ -377,7 +377,13 @@ def _add_training_options(p: argparse.ArgumentParser, rounds: int) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
+RUN_COMMANDS = ("simulate", "compare", "poc", "demo")  # the commands that take the run's options (JobSettings)
+
+
+def build_parser(run_options: bool = True) -> argparse.ArgumentParser:
+    """The ``fedseg`` parser; without ``run_options`` the run commands' training options are left out (their
+    defaults come from JobSettings, whose FLARE and MONAI imports take seconds), for the other commands."""
+    add_run_options = _add_training_options if run_options else (lambda parser, rounds: None)
     parser = argparse.ArgumentParser(
         prog="fedseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -395,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", required=True, help="folder of prepared site folders")
     p.add_argument("--sites", nargs="+", default=["site-1", "site-2", "site-3"])
     p.add_argument("--workspace", default="workspace")
-    _add_training_options(p, rounds=10)
+    add_run_options(p, rounds=10)
     p.set_defaults(func=cmd_simulate)
 
     p = sub.add_parser("compare", help="run several algorithms on the same data and compare them")
@@ -413,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="run every algorithm once per seed; differences to FedAvg are then paired by seed, with a 95%% "
         "interval (default: one run at --seed)",
     )
-    _add_training_options(p, rounds=DEMO_ROUNDS)
+    add_run_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("poc", help="run the job in a POC federation: server and sites as separate processes")
@@ -431,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
         "buffer (a folder holding them, e.g. the stopped run's --out); --rounds is "
         "then the total the run should reach",
     )
-    _add_training_options(p, rounds=5)
+    add_run_options(p, rounds=5)
     p.set_defaults(func=cmd_poc)
 
     p = sub.add_parser("infer", help="segment a case (FeTS subject folder or t1 t1ce t2 flair files)")
@@ -485,13 +491,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="synthetic data, 3 sites, FedRef in the simulator, report")
     p.add_argument("--out", default="demo_output")
-    _add_training_options(p, rounds=DEMO_ROUNDS)
+    add_run_options(p, rounds=DEMO_ROUNDS)
     p.set_defaults(func=cmd_demo)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(run_options=not argv or argv[0] in RUN_COMMANDS).parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -116,7 +116,9 @@ class Testbed:
     def run(
         self, host: str, argv: Sequence[str], check: bool = False, timeout: float | None = None, **kwargs
     ) -> subprocess.CompletedProcess:
-        """``subprocess.run`` of ``argv`` on ``host`` (stdin/stdout/stderr/env/cwd/text as there)."""
+        """``subprocess.run`` of ``argv`` on ``host`` (stdin/stdout/stderr/capture_output/env/cwd/text as there)."""
+        if kwargs.pop("capture_output", False):
+            kwargs.update(stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         with self.popen(host, argv, **kwargs) as process:
             try:
                 out, err = process.communicate(timeout=timeout)

@@ -153,7 +153,7 @@ def hospitals(tmp_path_factory, tiny_fets):
                 federation.start(site, kits[site])
             federation.start("rogue", kits[ROGUE_SITE])
             federation.start("foreign", kits[FOREIGN_SITE])
-            time.sleep(10)
+            time.sleep(6)
             federation.start("server", kits["server"])
             yield federation
         finally:
@@ -196,7 +196,7 @@ def _downloaded_records(folder: str) -> list[dict]:
 
 
 def test_a_fedref_job_over_20_mbit_links_goes_on_through_a_hospital_link_cut_longer_than_a_round(hospitals):
-    rounds, victim = 6, "site-3"
+    rounds, victim = 5, "site-3"
     job_id = hospitals.admin("submit", job=hospitals.export("fedref_links", num_rounds=rounds))
     records = _wait_for(
         lambda: len(hospitals.server_records(job_id)) >= 2 and hospitals.server_records(job_id), 600, "round 1"
@@ -232,7 +232,7 @@ def test_a_fedref_job_over_20_mbit_links_goes_on_through_a_hospital_link_cut_lon
 
 
 def test_a_dead_server_host_and_fedseg_resume_finish_the_planned_rounds(hospitals):
-    rounds = 4
+    rounds = 3
     job_id = hospitals.admin("submit", job=hospitals.export("fedref_crash", num_rounds=rounds))
     _wait_for(lambda: hospitals.server_records(job_id), 600, "round 0")
     hospitals.testbed.kill_host("server")  # the server's machine dies: every process on it, no warning

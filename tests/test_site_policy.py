@@ -163,6 +163,10 @@ def test_install_policy_on_the_server_kit_moves_the_job_store_out_of_tmp(kit, tm
     (job_manager,) = [c for c in resources["components"] if c["id"] == "job_manager"]
     assert job_manager["args"]["uri_root"] == str(tmp_path / "store" / "jobs-storage")
     assert resources["class_allow_list"] == allow_list("server")
+    # a server started again marks the jobs it was running when it died FINISHED:ABANDONED (fedseg.stale_jobs)
+    assert {"id": "fedseg_abandon_stale_jobs", "path": "fedseg.stale_jobs.AbandonStaleJobs", "args": {}} in resources[
+        "components"
+    ]
 
 
 def test_a_hospitals_own_policy_is_kept_unless_forced(kit, tmp_path):
