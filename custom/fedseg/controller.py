@@ -388,6 +388,9 @@ class RoundRecorder:
         self._site_records, self._rejected, self._absent_records = {}, {}, {}
         self.info(f"round {self.current_round}: metrics of {len(record['sites'])} sites written to {path}")
 
+    def checkpoint_round(self, model: FLModel) -> None:
+        """Save what a restart needs before the round is recorded (nothing: only FedRef resumes)."""
+
     def round_extra(self) -> dict:
         """Algorithm-specific fields of the round record."""
         return {}
@@ -496,9 +499,6 @@ class RecordingFedAvg(RoundRecorder, FedAvg):
     def refine_global_model(self, model: FLModel, previous_global: dict) -> FLModel:
         """Server-side step after aggregation (none for FedAvg)."""
         return model
-
-    def checkpoint_round(self, model: FLModel) -> None:
-        """Save what a restart needs before the round is recorded (none for FedAvg, which cannot resume)."""
 
     def remember_site_models(self, accepted: dict[str, FLModel]) -> None:
         """The round's accepted site updates before they are summed (FedRef's diagonal prior needs them)."""
