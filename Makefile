@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(PY) -m fedseg.app demo --out $(DEMO_DIR)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 # ruff: the lint rules and the formatter configured in pyproject.toml (`ruff format .` applies the format)
 lint: $(STAMP)

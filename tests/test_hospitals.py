@@ -13,6 +13,8 @@ One federation serves every test here, in file order:
 - a FedRef job with the ``fets2022`` profile's network (9.6 MB a model) completes over the 20 Mbit/s links while
   one hospital's link is cut for longer than a round: the round records show the bytes each way and the rounds
   that missed the site, the report names them, and the site trains again in the same job once it is back;
+  then another hospital's job process is killed (SIGKILL): the job still completes with the two others, and
+  the last round's record and the report list that site as missing (this replaced the POC drill of it);
 - the server host dies (every process on it killed) in the middle of a run; once the server kit is started
   again, ``fedseg resume <job id>`` from the researcher's kit continues the run from its last recorded round with
   FedRef's reference buffer, round numbers going on, until the planned rounds are done, and the report of the
@@ -23,6 +25,7 @@ Teardown removes every namespace, link and process the testbed made. Without roo
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -195,30 +198,51 @@ def _downloaded_records(folder: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_a_fedref_job_over_20_mbit_links_goes_on_through_a_hospital_link_cut_longer_than_a_round(hospitals):
-    rounds, victim = 5, "site-3"
+def site_job_process(hospitals, site: str):
+    """The job (worker) process on ``site``'s host, or None."""
+    import psutil
+
+    for pid in hospitals.testbed.processes().get(site, []):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if any(part.endswith("worker_process") for part in psutil.Process(pid).cmdline()):
+                return psutil.Process(pid)
+    return None
+
+
+def test_a_fedref_job_over_20_mbit_links_goes_on_through_a_cut_link_and_a_killed_site(hospitals):
+    """site-3's link is cut for longer than a round and comes back; later site-2's job process is killed (the
+    OOM killer, a reboot): the job completes with the sites it has, and the records and report say who missed
+    which round."""
+    rounds, cut, killed = 6, "site-3", "site-2"
     job_id = hospitals.admin("submit", job=hospitals.export("fedref_links", num_rounds=rounds))
     records = _wait_for(
         lambda: len(hospitals.server_records(job_id)) >= 2 and hospitals.server_records(job_id), 600, "round 1"
     )
     round_seconds = max(r["seconds"] for r in records)
-    hospitals.testbed.set_link(victim, up=False)  # the hospital's VPN drops
+    hospitals.testbed.set_link(cut, up=False)  # the hospital's VPN drops
     cut_at = time.time()
     _wait_for(lambda: len(hospitals.server_records(job_id)) >= len(records) + 1, 600, "a round without the site")
     time.sleep(max(0.0, 1.5 * round_seconds - (time.time() - cut_at)))
-    hospitals.testbed.set_link(victim, up=True)
+    hospitals.testbed.set_link(cut, up=True)
     outage = time.time() - cut_at
+    back = _wait_for(
+        lambda: [r for r in hospitals.server_records(job_id)[len(records) + 1 :] if cut in r["sites"]], 600, "site-3"
+    )
+    assert back[0]["round"] < rounds - 1, "no round left after the site came back"
+    site_job_process(hospitals, killed).kill()
+    killed_after = len(hospitals.server_records(job_id))
 
     meta = hospitals.admin("wait", job_id=job_id, timeout=900)
-    assert meta["status"] == "FINISHED:COMPLETED", meta
+    assert meta["status"] == "FINISHED:COMPLETED", meta  # a killed site's job process does not fail the job
     download = hospitals.admin("download", job_id=job_id, destination=str(hospitals.tmp_path / "download"))
     records = _downloaded_records(download)
     assert [r["round"] for r in records] == list(range(rounds)) and all(r["global_updated"] for r in records)
     assert outage > round_seconds
-    missed = [r["round"] for r in records if victim in r["missing"]]
+    missed = [r["round"] for r in records if cut in r["missing"]]
     assert missed, "no round missed the cut-off site"
     # the site trained before the cut and trains again in the same job once its link is back
-    assert victim in records[0]["sites"] and victim in records[-1]["sites"], [sorted(r["sites"]) for r in records]
+    assert cut in records[0]["sites"] and cut in records[-1]["sites"], [sorted(r["sites"]) for r in records]
+    assert killed in records[killed_after - 1]["sites"] and killed in records[-1]["missing"]
     for record in records:  # bytes each way, per site: the fets2022 network is 9.6 MB a model
         for site, answer in record["sites"].items():
             assert answer["bytes_received_by_site"] > 9e6 and answer["bytes_sent_by_site"] > 9e6, (site, answer)
@@ -226,8 +250,10 @@ def test_a_fedref_job_over_20_mbit_links_goes_on_through_a_hospital_link_cut_lon
         fedseg("report", download, "--out", str(hospitals.tmp_path / "report_links"), cwd=str(hospitals.tmp_path))
     )
     summary = json.loads((hospitals.tmp_path / "report_links" / "summary.json").read_text())
-    assert {e["round"] for e in summary["events"] if e["site"] == victim and "missing" in e["what"]} == set(missed)
-    assert f"{victim}: no result (site missing)" in (hospitals.tmp_path / "report_links" / "index.html").read_text()
+    assert {e["round"] for e in summary["events"] if e["site"] == cut and "missing" in e["what"]} == set(missed)
+    assert rounds - 1 in {e["round"] for e in summary["events"] if e["site"] == killed and "missing" in e["what"]}
+    page = (hospitals.tmp_path / "report_links" / "index.html").read_text()
+    assert f"{cut}: no result (site missing)" in page and f"{killed}: no result (site missing)" in page
     assert "report: " in report
 
 
