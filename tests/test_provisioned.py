@@ -143,15 +143,22 @@ class Federation:
 
     def submit(self, job: str, timeout: float = 600) -> tuple[str, dict]:
         """The researcher submits ``job`` and waits for it to end; returns (job id, job meta)."""
+        return self.submit_all([job], timeout)[0]
+
+    def submit_all(self, jobs: list[str], timeout: float = 600) -> list[tuple[str, dict]]:
+        """The researcher submits ``jobs`` at once (FLARE runs up to the server's max_jobs together) and waits
+        for each to end; returns (job id, job meta) of each."""
         researcher = session(self.prod, "researcher@fedseg.org")
         try:
-            job_id = researcher.submit_job(job)
-            _, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=2)
-            # what the researcher may download: the server's workspace of the job (FLARE moves it into its job
-            # store when the job ends), with the server's job log; a job refused at deployment has none
-            with contextlib.suppress(Exception):
-                meta["download"] = researcher.download_job_result(job_id)
-            return job_id, meta
+            ids, ended = [researcher.submit_job(job) for job in jobs], []
+            for job_id in ids:
+                _, meta = researcher.monitor_job_and_return_job_meta(job_id, timeout=timeout, poll_interval=2)
+                # what the researcher may download: the server's workspace of the job (FLARE moves it into its
+                # job store when the job ends), with the server's job log; a job refused at deployment has none
+                with contextlib.suppress(Exception):
+                    meta["download"] = researcher.download_job_result(job_id)
+                ended.append((job_id, meta))
+            return ended
         finally:
             researcher.close()
 
@@ -377,41 +384,68 @@ def test_a_job_naming_a_file_for_the_persistor_is_refused_by_the_allow_list(fede
     assert not marker.exists()
 
 
-@pytest.mark.parametrize(
-    "setting, value, expected",
-    [
-        ("metrics_filename", "ABSOLUTE", "must be a plain name"),  # refused when the workflow is built
-        ("num_rounds", 5000, "num_rounds = 5000 exceeds the server's cap max_rounds = 1000"),  # when it starts
-    ],
-)
-def test_the_server_refuses_paths_and_settings_over_its_caps_before_any_round(federation, setting, value, expected):
+SERVER_REFUSALS = {  # a path: refused when the workflow is built; over a cap: when it starts
+    "metrics_filename": ("ABSOLUTE", "must be a plain name"),
+    "num_rounds": (5000, "num_rounds = 5000 exceeds the server's cap max_rounds = 1000"),
+}
+
+
+@pytest.fixture(scope="module")
+def server_refusals(federation) -> dict:
+    """The jobs of SERVER_REFUSALS, submitted together: setting -> (job id, meta)."""
     outside = federation.tmp_path / "written_outside_the_workspace.jsonl"
-    value = str(outside) if value == "ABSOLUTE" else value
-    job = federation.export(f"server_{setting}")
-    _server_controller(job, lambda controller: controller["args"].update({setting: value}))
-    job_id, meta = federation.submit(job, timeout=180)
+    jobs = []
+    for setting, (value, _) in SERVER_REFUSALS.items():
+        job = federation.export(f"server_{setting}")
+        value = str(outside) if value == "ABSOLUTE" else value
+        _server_controller(job, lambda controller, s=setting, v=value: controller["args"].update({s: v}))
+        jobs.append(job)
+    return dict(zip(SERVER_REFUSALS, federation.submit_all(jobs, timeout=180)))
+
+
+@pytest.mark.parametrize("setting", list(SERVER_REFUSALS))
+def test_the_server_refuses_paths_and_settings_over_its_caps_before_any_round(federation, server_refusals, setting):
+    expected = SERVER_REFUSALS[setting][1]
+    job_id, meta = server_refusals[setting]
     assert meta["status"] != "FINISHED:COMPLETED", meta
     assert expected in federation.server_log(meta)
-    assert not outside.exists()
+    assert not (federation.tmp_path / "written_outside_the_workspace.jsonl").exists()
     assert "round 0" not in federation.site_log("site-1", job_id)  # no site trained
 
 
-@pytest.mark.parametrize(
-    "change, expected",
-    [
-        ({"lr": "${secret:file:SECRET}"}, "refuses the job: training setting lr '${secret:file:"),
-        ({"local_steps": 10**9}, "refuses the job: local_steps 1000000000 is over this site's cap max_local_steps"),
-        ({"val_max_cases": 1}, "refuses the job: val_max_cases 1 is under this site's minimum min_val_cases"),
-    ],
-    ids=["secret", "over-cap", "one-patient-validation"],
-)
-def test_every_site_refuses_training_settings_it_did_not_allow(federation, change, expected):
+SITE_REFUSALS = {
+    "secret": ({"lr": "${secret:file:SECRET}"}, "refuses the job: training setting lr '${secret:file:"),
+    "over-cap": (
+        {"local_steps": 10**9},
+        "refuses the job: local_steps 1000000000 is over this site's cap max_local_steps",
+    ),
+    "one-patient-validation": (
+        {"val_max_cases": 1},
+        "refuses the job: val_max_cases 1 is under this site's minimum min_val_cases",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def site_refusals(federation) -> dict:
+    """The three jobs of SITE_REFUSALS, submitted together (they run side by side): case -> (job id, meta)."""
     secret = federation.tmp_path / "hospital_secret.txt"
     secret.write_text("TOKEN-4f1c9e-HOSPITAL-ONLY")
-    change = {k: v.replace("SECRET", str(secret)) if isinstance(v, str) else v for k, v in change.items()}
-    job = federation.export(f"site_{'_'.join(change)}")
-    edit_client_config(job, lambda config: config["executors"][0]["executor"]["args"]["training"].update(change))
-    job_id, meta = federation.submit(job, timeout=240)
+    jobs = []
+    for change, _ in SITE_REFUSALS.values():
+        change = {k: v.replace("SECRET", str(secret)) if isinstance(v, str) else v for k, v in change.items()}
+        job = federation.export(f"site_{'_'.join(change)}")
+        edit_client_config(
+            job, lambda config, c=change: config["executors"][0]["executor"]["args"]["training"].update(c)
+        )
+        jobs.append(job)
+    return dict(zip(SITE_REFUSALS, federation.submit_all(jobs, timeout=300)))
+
+
+@pytest.mark.parametrize("case", list(SITE_REFUSALS))
+def test_every_site_refuses_training_settings_it_did_not_allow(federation, site_refusals, case):
+    expected = SITE_REFUSALS[case][1]
+    job_id, meta = site_refusals[case]
     assert meta["status"] != "FINISHED:COMPLETED", meta
     for site in ("site-1", "site-2"):
         log = federation.site_log(site, job_id)
