@@ -99,7 +99,10 @@ class Hospitals:
 
     def log(self, kit: str) -> str:
         path = os.path.join(kit, "log.txt")
-        return open(path, encoding="utf-8", errors="replace").read() if os.path.isfile(path) else ""
+        if not os.path.isfile(path):
+            return ""
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
 
 def _edit_json(path: str, change) -> None:
