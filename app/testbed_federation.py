@@ -1,7 +1,7 @@
 """A provisioned federation on a testbed (``fedseg.app.testbed``): the project file's kits made for the testbed's
 host names, each kit started on its own host, and the admin host's FLARE API sessions.
 
-Shared by ``tests/test_hospitals.py`` and ``bench.network``, so that both run the federation the operator guide
+Shared by ``tests/integration/test_hospitals.py`` and ``bench.network``, so that both run the federation the operator guide
 describes: the server's ``default_host`` in ``project.yml`` is the name the sites reach it by, every kit runs
 its own ``startup/start.sh`` on its own host, and admin commands come from a host of their own.
 """

@@ -74,7 +74,7 @@ with open(sys.argv[3], "w") as f:
 """
 
 
-# -- the arithmetic (unit-tested in tests/test_federation_scale.py) ----------------------------------------
+# -- the arithmetic (unit-tested in tests/unit/test_federation_scale.py) ----------------------------------------
 def partition_ids(csv_path: str = PARTITIONING_1) -> list[int]:
     """The institutions (Partition_ID) of a FeTS partitioning CSV, in order."""
     with open(csv_path, newline="", encoding="utf-8") as f:

@@ -55,18 +55,18 @@ class Target:
 
 
 TARGETS = (
-    Target("fedref", "fedseg/fedref.py", ("tests/test_fedref.py", "tests/test_controller.py")),
-    Target("regions", "fedseg/regions.py", ("tests/test_regions_metrics.py",)),
-    Target("metrics", "fedseg/metrics.py", ("tests/test_regions_metrics.py",)),
+    Target("fedref", "fedseg/fedref.py", ("tests/unit/test_fedref.py", "tests/unit/test_controller.py")),
+    Target("regions", "fedseg/regions.py", ("tests/unit/test_regions_metrics.py",)),
+    Target("metrics", "fedseg/metrics.py", ("tests/unit/test_regions_metrics.py",)),
     Target(
         "controller update checks",
         "fedseg/controller.py",
-        ("tests/test_controller.py",),
+        ("tests/unit/test_controller.py",),
         ("update_problem", "enough_updates", "_plain"),
     ),
-    Target("data_prep checks", "fedseg/data_prep/checks.py", ("tests/test_checks.py",)),
-    Target("data_prep partitions", "fedseg/data_prep/partitions.py", ("tests/test_checks.py",)),
-    Target("report pooling", "fedseg/app/report.py", ("tests/test_report.py",), ("pooled", "_number", "_pick")),
+    Target("data_prep checks", "fedseg/data_prep/checks.py", ("tests/unit/test_checks.py",)),
+    Target("data_prep partitions", "fedseg/data_prep/partitions.py", ("tests/unit/test_checks.py",)),
+    Target("report pooling", "fedseg/app/report.py", ("tests/unit/test_report.py",), ("pooled", "_number", "_pick")),
 )
 
 

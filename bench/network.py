@@ -74,7 +74,7 @@ INSTITUTIONS = [  # tests/conftest.py's tiny data: 4, 3 and 3 subjects, differin
     (3, 400.0, 0.25, 0.05, (20, 30)),
     (3, 2500.0, 0.15, 0.04, (28, 38)),
 ]
-# the fets2022 profile's network; compute cut so that the transfer shows (tests/test_hospitals.py's job)
+# the fets2022 profile's network; compute cut so that the transfer shows (tests/integration/test_hospitals.py's job)
 JOB = dict(
     sites=SITES,
     local_steps=2,
@@ -87,7 +87,7 @@ JOB = dict(
 )
 
 
-# -- the arithmetic (unit-tested in tests/test_bench_summaries.py) ----------------------------------------
+# -- the arithmetic (unit-tested in tests/unit/test_bench_summaries.py) ----------------------------------------
 def rate_bits(rate: str | None) -> float | None:
     """Bits per second of a tc rate (``20mbit``, ``1gbit``, ``500kbit``); None for an unlimited link."""
     if rate in (None, UNLIMITED):

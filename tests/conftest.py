@@ -10,6 +10,8 @@ import pytest
 
 from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 
+pytest_plugins = ["helpers.report_runs"]  # its run_folder fixture, for tests/unit and tests/integration alike
+INTEGRATION_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "integration")
 FETS_CSV_DIR = os.path.join(os.path.dirname(__file__), "data", "fets2022")
 TINY_SHAPE = (32, 32, 24)
 
@@ -47,7 +49,7 @@ def two_sites(tmp_path_factory, tiny_fets) -> str:
 def federation(tmp_path_factory, two_sites):
     """``federation(**settings)`` -> (job settings, run artifacts) of a tiny 2-site simulation, run once per
     distinct settings in the session: tests that read the same run share it (read-only by convention)."""
-    from federations import simulate
+    from helpers.federations import simulate
 
     runs: dict[str, tuple] = {}
 
@@ -63,7 +65,7 @@ def federation(tmp_path_factory, two_sites):
 @pytest.fixture(scope="session")
 def fedref_run(federation):
     """The shared 2-site, 2-round FedRef run (p = 2: round 1 applies the MAP step)."""
-    from federations import FEDREF
+    from helpers.federations import FEDREF
 
     return federation(**FEDREF)
 
@@ -83,3 +85,12 @@ def site_cache_outside_the_repository(tmp_path_factory):
         os.environ.pop("FEDSEG_CACHE_DIR", None)
     else:
         os.environ["FEDSEG_CACHE_DIR"] = previous
+
+
+def pytest_collection_modifyitems(config, items):
+    """The marker follows the folder: every test under tests/integration/ is ``integration`` (it starts real
+    processes: a FLARE federation, a browser, a network testbed or a wheel build), so ``-m "not integration"``
+    runs tests/unit/ alone."""
+    for item in items:
+        if os.path.commonpath([str(item.path), INTEGRATION_DIR]) == INTEGRATION_DIR:
+            item.add_marker(pytest.mark.integration)

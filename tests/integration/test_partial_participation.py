@@ -13,8 +13,6 @@ from fedseg.controller import participants
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.recipes import JobSettings, run_simulation
 
-pytestmark = pytest.mark.integration
-
 SITES = ["site-1", "site-2", "site-3"]
 TINY = dict(
     sites=SITES,

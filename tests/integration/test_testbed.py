@@ -9,8 +9,8 @@ import sys
 import time
 
 import pytest
+from helpers.commands import VENV
 
-from commands import VENV
 from fedseg.app import testbed as testbeds
 
 pytestmark = pytest.mark.skipif(testbeds.can_run() is not None, reason=f"testbed: {testbeds.can_run()}")

@@ -10,11 +10,11 @@ import os
 
 import numpy as np
 import pytest
+from helpers.fets_factory import save, sri24_affine, volumes, write_subject
 
 from fedseg.data_prep.checks import Problem, SubjectCheck, _short, check_subject, signature
 from fedseg.data_prep.layout import MODALITIES, subject_file
 from fedseg.data_prep.partitions import PartitionCsvError, parse_partitions, read_partitions
-from fets_factory import save, sri24_affine, volumes, write_subject
 
 SID = "FeTS2022_00001"
 SHAPE = (8, 8, 6)

@@ -8,9 +8,9 @@ import os
 import re
 
 import pytest
+from helpers.commands import make, ok
 
 import fedseg
-from commands import make, ok
 from fedseg.jobs.export import JOBS_DIR
 from fedseg.jobs.recipes import ALGORITHMS
 from fedseg.policy import allow_list

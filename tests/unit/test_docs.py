@@ -7,8 +7,7 @@ import os
 import re
 
 import pytest
-
-from commands import REPO_ROOT
+from helpers.commands import REPO_ROOT
 
 DOCUMENTS = [os.path.join(REPO_ROOT, "README.md"), *sorted(glob.glob(os.path.join(REPO_ROOT, "docs", "*.md")))]
 LINK = re.compile(r"\]\(([^)\s]+)\)")

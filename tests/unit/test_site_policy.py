@@ -8,9 +8,9 @@ import os
 import shutil
 
 import pytest
+from helpers.commands import fedseg, make, ok
 
 import fedseg as package
-from commands import fedseg, make, ok
 from fedseg.app.kit_policy import BACKUP_SUFFIX, PolicyError, install_policy
 from fedseg.executor import SiteExecutor, VersionMismatch
 from fedseg.policy import allow_list

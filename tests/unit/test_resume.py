@@ -12,7 +12,7 @@ import shutil
 from dataclasses import replace
 
 import pytest
-from server_fakes import start, stopped_run
+from helpers.server_fakes import start, stopped_run
 
 from fedseg.app.cli import main
 from fedseg.app.resume import (

@@ -1,6 +1,6 @@
 """A site of FLARE's simulator refuses, before it trains, a Scaffold job it does not allow: the job does not
 complete and the site's job log holds the one-line reason. (A job over a site's caps is refused the same way
-in the provisioned federation, tests/test_provisioned.py.)"""
+in the provisioned federation, tests/integration/test_provisioned.py.)"""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ import pytest
 from fedseg.jobs import recipes
 from fedseg.jobs.recipes import JobSettings, SimulationError, run_simulation
 from fedseg.site_config import site_environment
-
-pytestmark = pytest.mark.integration
 
 TINY = dict(sites=["site-1", "site-2"], num_rounds=1, crop=(32, 32, 24), channels=(8, 16, 32), threads=1)
 

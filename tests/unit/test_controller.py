@@ -7,8 +7,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.server_fakes import start, stopped_run
 from nvflare.app_common.abstract.fl_model import FLModel
-from server_fakes import start, stopped_run
 
 from fedseg.checkpoint import to_tensors
 from fedseg.controller import FedRefController, _plain, update_problem

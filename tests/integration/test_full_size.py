@@ -23,8 +23,6 @@ from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
 from fedseg.jobs.recipes import SIMULATOR_CACHE_NAME, JobSettings
 from fedseg.settings import profile
 
-pytestmark = pytest.mark.integration
-
 FULL_SHAPE = (240, 240, 155)
 STEPS = 2
 

@@ -35,18 +35,15 @@ import time
 from dataclasses import dataclass, replace
 
 import pytest
+from helpers.commands import fedseg, ok, provision
 
-from commands import fedseg, ok, provision
 from fedseg.app import testbed as testbeds
 from fedseg.app.testbed_federation import AdminAgent, server_records, start_kit
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.export import export_job
 from fedseg.jobs.recipes import JobSettings
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(testbeds.can_run() is not None, reason=f"testbed: {testbeds.can_run()}"),
-]
+pytestmark = pytest.mark.skipif(testbeds.can_run() is not None, reason=f"testbed: {testbeds.can_run()}")
 
 SITES = ["site-1", "site-2", "site-3"]
 UPLINK = "20mbit"

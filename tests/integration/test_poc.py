@@ -8,11 +8,7 @@ import json
 import os
 import subprocess
 
-import pytest
-
-from commands import fedseg, make, ok
-
-pytestmark = pytest.mark.integration
+from helpers.commands import fedseg, make, ok
 
 TINY_TRAINING = "--rounds 2 --local-epochs 1 --crop 32 32 24 --channels 8 16 32"
 

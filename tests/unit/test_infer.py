@@ -9,10 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.fets_factory import FETS_SHAPE, save, sri24_affine, write_subject
 
 from fedseg.app.infer import InferenceError, region_volumes, segment
 from fedseg.network import FedSegUNet
-from fets_factory import FETS_SHAPE, save, sri24_affine, write_subject
 
 CONFIG = {"channels": [4, 8], "strides": [2]}
 

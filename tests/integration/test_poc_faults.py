@@ -5,7 +5,7 @@ report states the status, the rounds done of those planned and the reason.
 
 A killed site in a job that can do without it (the others finish, the records and report list it as
 missing), a server that dies mid-run and the command that continues the run are tested across network hosts
-with the provisioned kits (tests/test_hospitals.py), which replaced the POC drills of them.
+with the provisioned kits (tests/integration/test_hospitals.py), which replaced the POC drills of them.
 
 The kill waits for the server's round record, not for a time, and each drill must leave no process behind.
 """
@@ -19,10 +19,7 @@ import subprocess
 import time
 
 import pytest
-
-from commands import VENV
-
-pytestmark = pytest.mark.integration
+from helpers.commands import VENV
 
 ROUNDS = 3
 TINY = ["--local-epochs", "1", "--crop", "32", "32", "24", "--channels", "8", "16", "32", "--threads", "1"]

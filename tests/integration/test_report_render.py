@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from test_report import run_folder  # noqa: F401  (the fixture)
 
 from fedseg.app.artifacts import load_run
 from fedseg.app.render import find_chromium, screenshot

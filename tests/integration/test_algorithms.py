@@ -14,13 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from federations import FEDREF, SITES, TINY, simulate
+from helpers.federations import FEDREF, SITES, TINY, simulate
 
 from fedseg.checkpoint import load_network, load_state_dict
 from fedseg.controller import FEDREF_STEP_FILE
 from fedseg.jobs.recipes import JobSettings, run_simulation
-
-pytestmark = pytest.mark.integration
 
 BASELINES = ["fedavg", "fedprox", "fedadam", "fedavgm", "scaffold"]
 ROUNDS = {"fedadam": 1}  # one round is what its closed-form check needs; the others run TINY's two

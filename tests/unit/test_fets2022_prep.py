@@ -12,12 +12,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-
-from fedseg.data_prep.cli import main as data_prep_main
-from fedseg.data_prep.fets2022 import PrepError, prepare
-from fedseg.data_prep.layout import subject_file
-from fedseg.data_prep.materialise import uncrop
-from fets_factory import (
+from helpers.fets_factory import (
     FETS_SHAPE,
     build_from_csv,
     read_csv,
@@ -28,6 +23,11 @@ from fets_factory import (
     write_csv,
     write_subject,
 )
+
+from fedseg.data_prep.cli import main as data_prep_main
+from fedseg.data_prep.fets2022 import PrepError, prepare
+from fedseg.data_prep.layout import subject_file
+from fedseg.data_prep.materialise import uncrop
 
 
 def rejected_rows(out: str) -> list[dict]:
@@ -46,7 +46,9 @@ def datalist(out: str, site: str) -> dict:
 @pytest.fixture(scope="module")
 def official_tree(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("fets_official") / "MICCAI_FeTS2022_TrainingData")
-    rows = build_from_csv(root, os.path.join(os.path.dirname(__file__), "data", "fets2022", "partitioning_1.csv"))
+    rows = build_from_csv(
+        root, os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "fets2022", "partitioning_1.csv")
+    )
     return root, rows
 
 

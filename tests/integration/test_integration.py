@@ -13,13 +13,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from helpers.commands import fedseg, ok
 
-from commands import fedseg, ok
 from fedseg.app.artifacts import load_run
 from fedseg.app.infer import network_settings
 from fedseg.checkpoint import load_network, load_state_dict
-
-pytestmark = pytest.mark.integration
 
 SITES = ["site-1", "site-2", "site-3"]
 TINY = [

@@ -8,8 +8,9 @@ import subprocess
 import sys
 import zipfile
 
+from helpers.commands import REPO_ROOT
+
 import fedseg
-from commands import REPO_ROOT
 
 
 def test_the_wheel_installs_one_namespace_with_the_site_policy_templates(tmp_path):

@@ -1,6 +1,6 @@
 """A job is data: what a hostile researcher could put into a job, and the server's refusal of each.
 
-No federation here: the controllers' and the persistor's checks run on a fake workspace (tests/server_fakes.py),
+No federation here: the controllers' and the persistor's checks run on a fake workspace (tests/helpers/server_fakes.py),
 the app validator on folders laid out as FLARE deploys them.
 """
 
@@ -13,7 +13,7 @@ import pickle
 import numpy as np
 import pytest
 import torch
-from server_fakes import FakeEngine, start, stopped_run, write_records
+from helpers.server_fakes import FakeEngine, start, stopped_run, write_records
 
 from fedseg.checkpoint import find_resume_files, load_file, load_state_dict, to_arrays, to_tensors
 from fedseg.controller import FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold
@@ -686,16 +686,3 @@ def test_an_exported_continuation_may_give_the_runs_planned_rounds(tmp_path, cap
         JobSettings(planned_rounds=8)
     with pytest.raises(ValueError, match="planned_rounds must be an integer >= 1, got 0"):
         JobSettings(resume_job="3f2c-ab", planned_rounds=0)
-
-
-@pytest.mark.integration
-def test_a_job_over_the_caps_ends_in_the_simulator_before_any_round(two_sites, tmp_path):
-    from federations import simulate
-
-    from fedseg.jobs.recipes import SimulationError
-
-    with pytest.raises(SimulationError, match="0 of 2 rounds"):
-        simulate(two_sites, tmp_path, algorithm="fedavg", channels=(8, 1024))
-    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "fedseg_fedavg" / "server").rglob("log.txt"))
-    assert "channels = 1024 exceeds the server's cap max_channels = 512 (the server defaults)" in logs
-    assert not list((tmp_path / "fedseg_fedavg").rglob("FL_global_model.pt"))  # no network was built or saved

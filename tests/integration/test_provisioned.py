@@ -24,16 +24,14 @@ from dataclasses import dataclass
 
 import pytest
 import yaml
+from helpers.commands import fedseg, ok
+from helpers.commands import provision as provision_project
 
 import fedseg as fedseg_package
-from commands import fedseg, ok
-from commands import provision as provision_project
 from fedseg.app.poc import federation_processes, free_ports, stop_leftovers
 from fedseg.data_prep.fets2022 import prepare_sites
 from fedseg.jobs.export import export_job
 from fedseg.jobs.recipes import JobSettings
-
-pytestmark = pytest.mark.integration
 
 
 def provision(workspace, fed_learn_port: int, admin_port: int, extra_participants: tuple = ()) -> str:
@@ -291,7 +289,7 @@ def test_roles_and_certificates(federation):
     with pytest.raises(Exception, match="(?i)not authorized|authoriz"):
         clinician.submit_job(job)
     clinician.close()
-    # (a site from another provisioning, refused by TLS: tests/test_hospitals.py)
+    # (a site from another provisioning, refused by TLS: tests/integration/test_hospitals.py)
 
 
 def _ports(prod: str) -> tuple[int, int]:

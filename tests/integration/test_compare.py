@@ -8,11 +8,9 @@ import csv
 import json
 
 import pytest
-from federations import SITES
+from helpers.federations import SITES
 
 from fedseg.app.cli import main as fedseg_main
-
-pytestmark = pytest.mark.integration
 
 
 def final_mean_dice(run) -> float:

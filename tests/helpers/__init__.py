@@ -1,0 +1,1 @@
+"""What the tests share: the commands a user runs, tiny federations, FeTS-shaped files and fake server parts."""
