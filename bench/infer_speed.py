@@ -56,7 +56,7 @@ def main() -> None:
                 [
                     sys.executable,
                     "-m",
-                    "app",
+                    "fedseg.app",
                     "infer",
                     case,
                     "--model",

@@ -60,7 +60,7 @@ def main() -> None:
             command = [
                 sys.executable,
                 "-m",
-                "data_prep",
+                "fedseg.data_prep",
                 "fets2022",
                 source,
                 "--out",

@@ -161,7 +161,7 @@ def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> 
     command = [
         sys.executable,
         "-m",
-        "app",
+        "fedseg.app",
         "simulate",
         "--profile",
         "fets2022",

@@ -38,7 +38,7 @@ def full_size_run(tmp_path_factory):
         [
             sys.executable,
             "-m",
-            "app",
+            "fedseg.app",
             "simulate",
             "--profile",
             "fets2022",
@@ -95,7 +95,7 @@ def test_infer_writes_a_segmentation_in_the_input_grid(full_size_run, tmp_path):
     case = os.path.join(source, sorted(n for n in os.listdir(source) if n.startswith("FeTS"))[0])
     out = tmp_path / "seg.nii.gz"
     done = subprocess.run(
-        [sys.executable, "-m", "app", "infer", case, "--run", folder, "--out", str(out)],
+        [sys.executable, "-m", "fedseg.app", "infer", case, "--run", folder, "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=900,

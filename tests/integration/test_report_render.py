@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers.render import find_chromium, screenshot
 
 from fedseg.app.artifacts import load_run
-from fedseg.app.render import find_chromium, screenshot
 from fedseg.app.report import write_report
 
 pytestmark = pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (.ci/run installs it)")
 
 
-def test_report_renders_in_headless_chromium(run_folder, tmp_path):  # noqa: F811
+def test_report_renders_in_headless_chromium(run_folder, tmp_path):
     import matplotlib.image
 
     index = write_report(load_run(str(run_folder)), str(tmp_path / "report"))

@@ -44,3 +44,5 @@ def test_the_wheel_installs_one_namespace_with_the_site_policy_templates(tmp_pat
     ):
         assert needed in names, needed
     assert not any(name.startswith("fedseg/jobs/fedref") for name in names)  # job folders are not code
+    assert f"fedref_seg-{fedseg.__version__}.dist-info/licenses/LICENSE" in names  # Apache-2.0, as declared
+    assert "fedseg/app/render.py" not in names  # test-only code (tests/helpers) stays out
