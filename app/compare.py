@@ -19,15 +19,14 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import math
 import os
 import statistics
 import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
+from fedseg.app.plots import Series, dice_curves_png
 from fedseg.app.report import (
-    DISCLAIMER,
     area_under_curve,
     communication_mb,
     curves,
@@ -36,10 +35,9 @@ from fedseg.app.report import (
     participation,
     pooled,
 )
+from fedseg.app.report_html import DISCLAIMER
 from fedseg.atomic import atomic_directory, write_json
 from fedseg.fedref import DEFAULT_VARIANT
-
-REGIONS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
 
 
 def overall_curve(run: RunArtifacts) -> list[dict]:
@@ -230,36 +228,17 @@ def _fmt(value) -> str:
 
 
 def curves_png(summaries: list[dict]) -> bytes:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
-    for ax, (key, title) in zip(axes, REGIONS):
-        for s in summaries:
-            points = [(r["round"], r[key]) for r in s["curve"] if r[key] is not None]
-            if points:
-                x, y = zip(*points)
-                style = (
-                    dict(linewidth=2.4, color="black") if s["algorithm"].startswith("fedref") else dict(linewidth=1.3)
-                )
-                several = len({t.get("seed") for t in summaries}) > 1
-                label = f"{s['algorithm']} (seed {s.get('seed')})" if several else s["algorithm"]
-                ax.plot(x, y, marker="o", markersize=3, label=label, **style)
-        ax.set_title(f"Dice {title} (all validation cases)")
-        ax.set_xlabel("aggregation rounds")
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes[0].set_ylabel("Dice of the global model")
-    axes[-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
+    """Dice per region over rounds, one line per run (FedRef's in black), named by seed when there are several."""
+    several = len({s.get("seed") for s in summaries}) > 1
+    series = [
+        Series(
+            f"{s['algorithm']} (seed {s.get('seed')})" if several else s["algorithm"],
+            s["curve"],
+            dict(linewidth=2.4, color="black") if s["algorithm"].startswith("fedref") else dict(linewidth=1.3),
+        )
+        for s in summaries
+    ]
+    return dice_curves_png(series, title_suffix=" (all validation cases)")
 
 
 def participation_text(summaries: list[dict]) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import nibabel as nib
 import numpy as np
@@ -21,7 +21,9 @@ import torch
 from fedseg.atomic import atomic_path
 from fedseg.checkpoint import load_network
 from fedseg.data import validation_transforms
+from fedseg.network import network_config
 from fedseg.regions import ENHANCING, MODALITIES, NECROTIC_CORE, OEDEMA, REGIONS, regions_to_labels
+from fedseg.settings import SettingError, TrainingSettings, checked_settings
 
 LABEL_COLOURS = {NECROTIC_CORE: (0.9, 0.1, 0.1), OEDEMA: (0.1, 0.8, 0.2), ENHANCING: (1.0, 0.85, 0.0)}
 LABEL_NAMES = {NECROTIC_CORE: "necrotic core", OEDEMA: "oedema", ENHANCING: "enhancing tumour"}
@@ -144,11 +146,15 @@ def segment(
     model_path: str,
     output: str,
     network_config: dict | None = None,
-    roi: Sequence[int] = (48, 48, 48),
+    roi: Sequence[int] | None = None,
     overlay: str | None = None,
     device: str | None = None,
 ) -> Segmentation:
-    """Segment one case and write ``output`` (NIfTI, labels {0,1,2,4}, the input's grid) atomically."""
+    """Segment one case and write ``output`` (NIfTI, labels {0,1,2,4}, the input's grid) atomically.
+
+    ``network_config``: the network's constructor arguments (default: the default profile's network); ``roi``:
+    the sliding-window size (default: the default profile's crop)."""
+    roi = roi or TrainingSettings().crop
     files = modality_files(case)
     shape, affine, header = check_geometry(files)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -182,12 +188,15 @@ def network_settings(run_folder: str) -> tuple[str, dict, list[int]]:
     from fedseg.app.artifacts import load_run
 
     run = load_run(run_folder)
-    settings = run.run_info.get("settings", {})
-    channels = settings.get("channels", [16, 32, 64, 128])
-    config = {"channels": list(channels), "strides": [2] * (len(channels) - 1)}
+    recorded = run.run_info.get("settings", {})
+    # the run's training settings as run.json records them; a setting it lacks has its default
+    try:
+        settings = checked_settings({f.name: recorded[f.name] for f in fields(TrainingSettings) if f.name in recorded})
+    except SettingError as exc:
+        raise InferenceError(f"{run_folder}: {exc}") from exc
     if not run.global_model:
         raise InferenceError(f"{run_folder}: no global model found")
-    return run.global_model, config, list(settings.get("crop", [48, 48, 48]))
+    return run.global_model, network_config(settings.channels), list(settings.crop)
 
 
 def volumes_json(result: Segmentation) -> str:

@@ -8,27 +8,36 @@ Numbers come only from the run's artifacts (``fedseg.app.artifacts``):
 Overall scores weigh each site by its number of validation cases (a mean over all cases).
 A run that continued a stopped one covers both parts: the curves start with the earlier run's rounds, and
 the report says which rounds came from which job (``parts``).
+
+This module computes the numbers (``build_summary``, ``curves``, ``pooled``) and writes the folder
+(``write_report``); the page is ``fedseg.app.report_html``, the figure ``fedseg.app.plots``.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import math
 import os
 import statistics
 import time
 
 from fedseg.app.artifacts import SERVER_MODEL_KEY, RunArtifacts
+from fedseg.app.plots import Series, dice_curves_png
+from fedseg.app.report_html import (  # noqa: F401  (the page's names, importable from here as before)
+    DISCLAIMER,
+    REGION_NAMES,
+    Overlay,
+    outcome_sentence,
+    parts_note,
+    reading,
+    render_html,
+    validation_note,
+)
 from fedseg.atomic import atomic_directory, write_json
 from fedseg.metrics import DICE_KEYS, HD95_KEYS
 
 SCORE_KEYS = DICE_KEYS + ("dice_mean",) + HD95_KEYS
-REGION_NAMES = {"tc": "tumour core", "wt": "whole tumour", "et": "enhancing tumour"}
 CSV_COLUMNS = ("round", "site", "source") + SCORE_KEYS + ("n_cases", "train_loss")
-DISCLAIMER = "FedRef-Seg is a research tool. Its segmentations and scores are not for diagnosis or treatment."
 
 
 def _number(value) -> float | None:
@@ -175,23 +184,6 @@ def validation_coverage(run: RunArtifacts) -> dict[str, dict]:
     return dict(sorted(coverage.items()))
 
 
-def validation_note(summary: dict) -> str:
-    """Which numbers come from which validation: the per-round subset (curves) or every case (final table)."""
-    subset = {s: c for s, c in (summary.get("validation") or {}).items() if c["per_round"] < c["of"]}
-    curves = "Learning curves: each site's validation of the global model it received, on " + (
-        "every validation case"
-        if not subset
-        else "a fixed, seeded subset of its validation cases ("
-        + ", ".join(f"{s}: {c['per_round']} of {c['of']}" for s, c in subset.items())
-        + "), the same every round"
-    )
-    if summary["final"]["source"] == "cross_site_eval":
-        final = "final table: every validation case of every site (cross-site evaluation)."
-    else:
-        final = "final table: the last round's validation" + (", on that subset." if subset else ".")
-    return f"{curves}; {final}"
-
-
 def area_under_curve(curve: list[dict]) -> float | None:
     """Mean over rounds of the global model's mean Dice (rounds' validation only, not the final evaluation)."""
     values = [
@@ -223,22 +215,6 @@ def run_parts(run: RunArtifacts) -> list[dict]:
     return parts
 
 
-def parts_note(parts: list[dict]) -> str:
-    """One sentence for a continued run, e.g. "Rounds 0-1 from job 3f2c, continued as this job from round 2."
-    (empty for a run in one part)."""
-    if len(parts) < 2:
-        return ""
-
-    def span(part: dict) -> str:
-        first, last = part["first_round"], part["last_round"]
-        return f"round {first}" if first == last else f"rounds {first}-{last}"
-
-    earlier = ", ".join(f"{span(p)} from job {p['job']}" for p in parts if p["job"] is not None)
-    own = [p for p in parts if p["job"] is None]
-    sentence = earlier + (f", continued as this job from round {own[0]['first_round']}" if own else "")
-    return sentence[0].upper() + sentence[1:] + "."
-
-
 def participation(run: RunArtifacts) -> str:
     """How many sites trained per round, in words (from the run's settings)."""
     settings = run.run_info.get("settings", {})
@@ -262,18 +238,6 @@ def job_outcome(run: RunArtifacts) -> dict:
         "rounds_planned": planned,
         "reason": info.get("reason"),
     }
-
-
-def outcome_sentence(job: dict) -> str:
-    """One line a reader sees first: did the run finish, and if not, how far it got and why."""
-    rounds = f"{job['rounds_done']} of {job['rounds_planned'] or '?'} rounds"
-    if job["completed"]:
-        return f"Job status {job['status']}: completed, {rounds}."
-    return (
-        f"Job status {job['status']}: NOT completed, {rounds}"
-        + (f"; reason: {job['reason']}" if job.get("reason") else "")
-        + ". The scores below are from the rounds that ran."
-    )
 
 
 def build_summary(run: RunArtifacts) -> dict:
@@ -314,172 +278,29 @@ def build_summary(run: RunArtifacts) -> dict:
 
 def learning_curve_png(rows: list[dict], sites: list[str]) -> bytes:
     """Dice per region over rounds: one panel per region, one line per site and the pooled overall."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    panels = [("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean")]
-    fig, axes = plt.subplots(1, 4, figsize=(15, 3.6), sharey=True)
-    for ax, (key, title) in zip(axes, panels):
-        for site in sites + ["overall"]:
-            points = [(r["round"], r[key]) for r in rows if r["site"] == site and r[key] is not None]
-            if not points:
-                continue
-            x, y = zip(*points)
-            style = dict(color="black", linewidth=2.2) if site == "overall" else dict(linewidth=1.2, alpha=0.8)
-            ax.plot(x, y, marker="o", markersize=3, label=site, **style)
-        ax.set_title(f"Dice {title}")
-        ax.set_xlabel("aggregation rounds")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(0, 1)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("Dice of the global model")
-    axes[-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
-    plt.close(fig)
-    return buffer.getvalue()
-
-
-def reading(summary: dict) -> list[str]:
-    """A few plain sentences on the numbers: weakest region, lagging site."""
-    overall, sites = summary["final"]["overall"], summary["final"]["sites"]
-    lines = []
-    regions = [(overall.get(f"dice_{r}"), r) for r in ("tc", "wt", "et") if overall.get(f"dice_{r}") is not None]
-    if regions:
-        low, region = min(regions)
-        lines.append(f"The weakest region is the {REGION_NAMES[region]} ({region.upper()}), mean Dice {low:.3f}.")
-    ranked = sorted((s["dice_mean"], name) for name, s in sites.items() if s.get("dice_mean") is not None)
-    if len(ranked) > 1:
-        (low, site), (high, best) = ranked[0], ranked[-1]
-        lines.append(f"{site} lags with mean Dice {low:.3f}; {best} leads with {high:.3f}.")
-    if summary["final"]["source"] != "cross_site_eval":
-        lines.append("Final scores are the last round's validation (no cross-site evaluation was run).")
-    return lines
-
-
-def _fmt(value, digits: int = 3) -> str:
-    return "&ndash;" if value is None else f"{value:.{digits}f}"
-
-
-def render_html(summary: dict, plot_png: bytes) -> str:
-    final = summary["final"]
-    header = "".join(
-        f"<th>{h}</th>"
-        for h in (
-            "site",
-            "cases",
-            "Dice TC",
-            "Dice WT",
-            "Dice ET",
-            "Dice mean",
-            "HD95 TC (mm)",
-            "HD95 WT (mm)",
-            "HD95 ET (mm)",
+    series = [
+        Series(
+            site,
+            [r for r in rows if r["site"] == site],
+            dict(color="black", linewidth=2.2) if site == "overall" else dict(linewidth=1.2, alpha=0.8),
         )
-    )
+        for site in sites + ["overall"]
+    ]
+    return dice_curves_png(series)
 
-    def cell(s: dict, key: str, digits: int) -> str:
-        sd = s.get(f"{key}_sd")
-        return _fmt(s.get(key), digits) + (f" &plusmn; {sd:.{digits}f}" if sd is not None else "")
 
-    def row(name: str, s: dict, strong: bool = False) -> str:
-        cells = [html.escape(name), str(s.get("n_cases", ""))]
-        cells += [cell(s, k, 3) for k in DICE_KEYS + ("dice_mean",)] + [cell(s, k, 1) for k in HD95_KEYS]
-        tag = "th" if strong else "td"
-        return "<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>"
-
-    rows = "".join(row(site, s) for site, s in final["sites"].items()) + row("overall", final["overall"], True)
-    matrix = summary.get("cross_site") or {}
-    cross = ""
-    if matrix:
-        sites = summary["sites"]
-        cross = (
-            "<h2>Cross-site validation (mean Dice)</h2>"
-            + (
-                "<p>Sites' local models: not shared (only the global model is scored on every site).</p>"
-                if all(model == SERVER_MODEL_KEY for model in matrix)
-                else ""
-            )
-            + "<table><tr><th>model \\ data of</th>"
-            + "".join(f"<th>{html.escape(s)}</th>" for s in sites)
-            + "</tr>"
-            + "".join(
-                f"<tr><td>{html.escape(model)}</td>" + "".join(f"<td>{_fmt(v.get(s))}</td>" for s in sites) + "</tr>"
-                for model, v in matrix.items()
-            )
-            + "</table>"
-        )
-    settings = summary.get("settings") or {}
-    settings_rows = "".join(
-        f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items()
-    )
-    wall = summary.get("wall_seconds")
-    comm = summary.get("communication") or {}
-    per_round = comm.get("mb_per_round") or []
-    comm_text = (
-        f"<h2>Communication</h2><p>{comm.get('mb_total', 0):.1f} MB moved in total, "
-        f"{(sum(per_round) / len(per_round)) if per_round else 0:.2f} MB per round on average "
-        "(the global model to every answering site and their updates back).</p>"
-    )
-    event_rows = "".join(
-        f"<li>round {e['round']}: {html.escape(e['site'])}: {html.escape(e['what'])}</li>"
-        for e in summary.get("events") or []
-    )
-    event_text = f"<h2>Missing and rejected updates</h2><ul>{event_rows}</ul>" if event_rows else ""
-    counts = summary.get("training_cases") or {}
-    case_text = ", ".join(
-        f"{html.escape(s)} {counts[s]} training / {final['sites'].get(s, {}).get('n_cases', '?')} validation"
-        for s in sorted(counts)
-    )
-    notes = "".join(f"<li>{html.escape(line)}</li>" for line in reading(summary))
-    parts = parts_note(summary.get("parts") or [])
-    parts_text = f"<p>{html.escape(parts)}</p>" if parts else ""
-    image = base64.b64encode(plot_png).decode("ascii")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>FedRef-Seg report: {html.escape(summary["algorithm"])}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
-table {{ border-collapse: collapse; margin: 0.5em 0 1.5em; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 10px; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-.note {{ background: #fff4e0; border-left: 4px solid #e69a00; padding: 0.5em 1em; }}
-img {{ max-width: 100%; }}
-</style></head><body>
-<h1>FedRef-Seg run report</h1>
-<p class="note">{html.escape(DISCLAIMER)}</p>
-<p class="{"outcome" if summary["job"]["completed"] else "note failed"}"><b>{html.escape(outcome_sentence(summary["job"]))}</b></p>
-<p>Algorithm <b>{html.escape(summary["algorithm"])}</b>, {summary["rounds"]} rounds,
-{html.escape(summary.get("participation") or "")}, sites: {html.escape(", ".join(summary["sites"]))}{f", wall time {wall:.0f} s" if wall else ""}.
-Data: {html.escape(str(summary.get("data_source") or "not recorded"))}.{f" Cases: {case_text}." if case_text else ""}</p>
-<h2>Final global model</h2>
-<p>Scores of the final global model on each site's validation split
-({"cross-site evaluation" if final["source"] == "cross_site_eval" else "last round's validation"});
-overall is the mean over all validation cases.</p>
-<table><tr>{header}</tr>{rows}</table>
-<h2>What the numbers say</h2><ul>{notes}</ul>
-<h2>Learning curves</h2>
-<p>{html.escape(validation_note(summary))}</p>
-{parts_text}
-<p>Area under the overall mean-Dice curve (mean over rounds): {_fmt(summary.get("auc"))}; mean of the last
-3 rounds: {_fmt(summary.get("last3_dice_mean"))}.</p>
-<img alt="Dice per region over rounds" src="data:image/png;base64,{image}">
-{cross}
-{comm_text}
-{event_text}
-<h2>Settings</h2><table>{settings_rows}</table>
-<p>Generated {html.escape(summary["generated"])} from {html.escape(summary["run_folder"])}.</p>
-</body></html>
-"""
+def write_metrics_csv(path: str, rows: list[dict]) -> None:
+    """``metrics.csv``: one line per (round, site) of ``curves``, in ``CSV_COLUMNS``."""
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None) -> str:
     """Write the report folder atomically; returns the path of ``index.html``.
 
-    ``overlay``: a PNG of a case segmented by the final model, shown in the report.
+    ``overlay``: a PNG of a case segmented by the final model, copied beside the page and shown in it.
     """
     summary = build_summary(run)
     rows = curves(run, summary["final"]["source"], summary["final"]["sites"])
@@ -487,23 +308,15 @@ def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None) ->
     plot = learning_curve_png(rows, summary["sites"])
     with atomic_directory(out_dir) as tmp:
         write_json(os.path.join(tmp, "summary.json"), summary)
-        with open(os.path.join(tmp, "metrics.csv"), "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_metrics_csv(os.path.join(tmp, "metrics.csv"), rows)
         with open(os.path.join(tmp, "learning_curves.png"), "wb") as f:
             f.write(plot)
-        extra = ""
+        picture = None
         if overlay:
             with open(overlay, "rb") as f:
-                picture = f.read()
-            with open(os.path.join(tmp, os.path.basename(overlay)), "wb") as f:
-                f.write(picture)
-            extra = (
-                f"<h2>A validation case segmented by the final model</h2><p>{html.escape(os.path.basename(overlay))}: "
-                "red necrotic core, green oedema, yellow enhancing tumour.</p>"
-                f'<img alt="segmentation overlay" src="data:image/png;base64,{base64.b64encode(picture).decode()}">'
-            )
+                picture = Overlay(os.path.basename(overlay), f.read())
+            with open(os.path.join(tmp, picture.name), "wb") as f:
+                f.write(picture.png)
         with open(os.path.join(tmp, "index.html"), "w", encoding="utf-8") as f:
-            f.write(render_html(summary, plot).replace("<h2>Settings</h2>", extra + "<h2>Settings</h2>"))
+            f.write(render_html(summary, plot, picture))
     return os.path.join(os.path.abspath(out_dir), "index.html")

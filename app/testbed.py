@@ -11,12 +11,13 @@ no address: nothing outside the namespaces reaches in, as nothing connects in to
 Everything made is listed in a state file (``/run/fedseg-testbed/<name>.json``) before it is made, so
 ``fedseg testbed down`` removes it all (the processes in each namespace first), also after a failure half-way
 up; ``up`` first removes any testbed whose owner process is gone (a killed test). Needs root (CAP_NET_ADMIN).
+The ``ip``/``tc`` commands themselves, and the reaping of what the hosts leave running, are
+``fedseg.app.testbed_net``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import json
 import os
@@ -24,20 +25,25 @@ import re
 import shutil
 import signal
 import subprocess
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+
+from fedseg.app.testbed_net import (
+    TestbedError,
+    launch,
+    make_host,
+    namespace_exists,
+    namespace_pids,
+    run_command,
+    tbf,
+)
 
 STATE_DIR = "/run/fedseg-testbed"
 DOMAIN = "fedseg.test"  # RFC 2606: never a real name
 SUBNET_POOL = ipaddress.ip_network("10.200.0.0/13")  # /24s are picked from here, never one in use on this host
 NAME_PATTERN = re.compile(r"^[a-z][a-z0-9]{0,7}$")  # short: interface names stay under 16 characters
 HOST_PATTERN = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
-
-
-class TestbedError(RuntimeError):
-    """The testbed cannot be made or used (not root, a bad name, a command that failed)."""
 
 
 def can_run() -> str | None:
@@ -48,13 +54,6 @@ def can_run() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (iproute2 / util-linux)"
     return None
-
-
-def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run(list(argv), capture_output=True, text=True)
-    if check and done.returncode != 0:
-        raise TestbedError(f"{' '.join(argv)}: {done.stderr.strip() or done.returncode}")
-    return done
 
 
 @dataclass
@@ -133,15 +132,11 @@ class Testbed:
 
     def popen(self, host: str, argv: Sequence[str], **kwargs) -> subprocess.Popen:
         """``argv`` started on ``host`` in a session of its own; what it leaves running is this process's to reap."""
-        _adopt_orphans()
-        with _launch_lock:
-            process = subprocess.Popen(self.command(host, argv), start_new_session=True, **kwargs)
-            _launched.add(process.pid)
-        return process
+        return launch(self.command(host, argv), **kwargs)
 
     def set_link(self, host: str, up: bool) -> None:
         """Cut (``up=False``) or restore a host's only link: its packets go nowhere, as with a dropped VPN."""
-        _run("ip", "link", "set", self.host(host).link, "up" if up else "down")
+        run_command("ip", "link", "set", self.host(host).link, "up" if up else "down")
 
     def shape(self, host: str, rate: str | None) -> None:
         """Set a host's link to ``rate`` both ways (tc units, e.g. ``100mbit``), or unshaped with None."""
@@ -150,35 +145,33 @@ class Testbed:
         for device in ([*inside, "tc", "qdisc"], "eth0"), (["tc", "qdisc"], h.link):
             prefix, name = device
             if rate:
-                _run(*prefix, "replace", "dev", name, *_tbf(rate))
+                run_command(*prefix, "replace", "dev", name, *tbf(rate))
             else:
-                _run(*prefix, "del", "dev", name, "root", check=False)
+                run_command(*prefix, "del", "dev", name, "root", check=False)
         h.rate = rate
         self.save()
 
     def kill_host(self, host: str, grace: float = 0.0) -> list[int]:
         """Kill every process on ``host`` (SIGTERM and ``grace`` seconds, then SIGKILL); returns their pids."""
         namespace = self.host(host).namespace
-        pids = _namespace_pids(namespace)
+        pids = namespace_pids(namespace)
         if grace > 0:
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGTERM)
             deadline = time.time() + grace
-            while time.time() < deadline and _namespace_pids(namespace):
+            while time.time() < deadline and namespace_pids(namespace):
                 time.sleep(0.2)
-        for pid in _namespace_pids(namespace):
+        for pid in namespace_pids(namespace):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         deadline = time.time() + 10  # gone, and reaped (a zombie's pid still answers `kill -0`)
-        while (
-            _namespace_pids(namespace) or any(os.path.exists(f"/proc/{p}") for p in pids)
-        ) and time.time() < deadline:
+        while (namespace_pids(namespace) or any(os.path.exists(f"/proc/{p}") for p in pids)) and time.time() < deadline:
             time.sleep(0.1)
         return pids
 
     def processes(self) -> dict[str, list[int]]:
-        return {name: _namespace_pids(h.namespace) for name, h in self.hosts.items() if _namespace_exists(h.namespace)}
+        return {name: namespace_pids(h.namespace) for name, h in self.hosts.items() if namespace_exists(h.namespace)}
 
     def hosts_file(self) -> str:
         lines = ["127.0.0.1 localhost", "::1 localhost"]
@@ -188,87 +181,18 @@ class Testbed:
     def down(self, grace: float = 5.0) -> None:
         """Remove every process, namespace, link and file of this testbed; safe to call again."""
         for name, h in self.hosts.items():
-            if _namespace_exists(h.namespace):
+            if namespace_exists(h.namespace):
                 self.kill_host(name, grace=grace)
-                _run("ip", "netns", "del", h.namespace, check=False)
+                run_command("ip", "netns", "del", h.namespace, check=False)
             shutil.rmtree(os.path.join("/etc/netns", h.namespace), ignore_errors=True)
-            _run("ip", "link", "del", h.link, check=False)
-        _run("ip", "link", "del", self.bridge, check=False)
+            run_command("ip", "link", "del", h.link, check=False)
+        run_command("ip", "link", "del", self.bridge, check=False)
         with contextlib.suppress(FileNotFoundError):
             os.remove(self.state_path(self.name))
 
 
-# What the hosts' commands leave running (a kit's start.sh forks its daemon and exits) is adopted by this process
-# (PR_SET_CHILD_SUBREAPER) and reaped when it ends. Otherwise a killed host leaves zombies of PID 1 on machines
-# whose init does not reap, and NVFlare's start script takes a zombie's pid in daemon_pid.fl for a running server.
-# Only orphans are reaped: a command this process started itself (``_launched``), or a process of its own session
-# (started by anything else here), is left to its Popen.
-_launch_lock = threading.Lock()
-_launched: set[int] = set()
-_reaping = False
-PR_SET_CHILD_SUBREAPER = 36
-
-
-def _adopt_orphans() -> None:
-    global _reaping
-    if _reaping:
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-        return
-    _reaping = True
-    threading.Thread(target=_reap_orphans, name="testbed-reaper", daemon=True).start()
-
-
-def _reap_orphans() -> None:
-    own, session = os.getpid(), os.getsid(0)
-    while True:
-        time.sleep(0.3)
-        with _launch_lock:
-            for pid in _ended_children(own):
-                if pid in _launched or _session(pid) == session:
-                    continue
-                with contextlib.suppress(ChildProcessError):
-                    os.waitpid(pid, os.WNOHANG)
-
-
-def _stat(pid: int) -> list[str]:
-    """Fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, session, ..."""
-    with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as f:
-        return f.read().rsplit(")", 1)[1].split()
-
-
-def _ended_children(parent: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError, IndexError):
-                fields = _stat(int(entry))
-                if fields[0] == "Z" and int(fields[1]) == parent:
-                    found.append(int(entry))
-    return found
-
-
-def _session(pid: int) -> int | None:
-    try:
-        return int(_stat(pid)[3])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _namespace_exists(namespace: str) -> bool:
-    return os.path.exists(os.path.join("/run/netns", namespace))
-
-
-def _namespace_pids(namespace: str) -> list[int]:
-    if not _namespace_exists(namespace):
-        return []
-    out = _run("ip", "netns", "pids", namespace, check=False).stdout
-    return [int(p) for p in out.split() if p.isdigit() and int(p) != os.getpid()]
-
-
 def _subnets_in_use() -> list[ipaddress.IPv4Network]:
-    out = _run("ip", "-o", "-4", "addr", "show").stdout + _run("ip", "-4", "route", "show").stdout
+    out = run_command("ip", "-o", "-4", "addr", "show").stdout + run_command("ip", "-4", "route", "show").stdout
     found = []
     for token in re.findall(r"\d+\.\d+\.\d+\.\d+(?:/\d+)?", out):
         with contextlib.suppress(ValueError):
@@ -348,40 +272,14 @@ def up(name: str, hosts: Sequence[str], rates: dict[str, str] | None = None, own
         )
     testbed.save()  # listed before made: down() removes a half-made testbed too
     try:
-        _run("ip", "link", "add", testbed.bridge, "type", "bridge")
-        _run("ip", "link", "set", testbed.bridge, "up")
+        run_command("ip", "link", "add", testbed.bridge, "type", "bridge")
+        run_command("ip", "link", "set", testbed.bridge, "up")
         for host in testbed.hosts.values():
-            _make_host(testbed, host, subnet.prefixlen)
+            make_host(host, subnet.prefixlen, testbed.bridge, testbed.hosts_file())
     except BaseException:
         testbed.down(grace=0)
         raise
     return testbed
-
-
-def _tbf(rate: str) -> list[str]:
-    """A token bucket at ``rate``: a 64 KiB burst, and packets queued at most 200 ms (then dropped, as a full
-    router queue does; TCP slows down to the rate)."""
-    return ["root", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms"]
-
-
-def _make_host(testbed: Testbed, host: Host, prefix: int) -> None:
-    ns = host.namespace
-    _run("ip", "netns", "add", ns)
-    inside = ["ip", "netns", "exec", ns]
-    _run(*inside, "ip", "link", "set", "lo", "up")
-    _run("ip", "link", "add", host.link, "type", "veth", "peer", "name", host.link + "h", "netns", ns)
-    _run(*inside, "ip", "link", "set", host.link + "h", "name", "eth0")
-    _run(*inside, "ip", "addr", "add", f"{host.address}/{prefix}", "dev", "eth0")
-    _run(*inside, "ip", "link", "set", "eth0", "up")
-    _run("ip", "link", "set", host.link, "master", testbed.bridge)
-    _run("ip", "link", "set", host.link, "up")
-    if host.rate:  # the uplink (leaving the host) and the downlink (leaving the bridge towards it)
-        _run(*inside, "tc", "qdisc", "replace", "dev", "eth0", *_tbf(host.rate))
-        _run("tc", "qdisc", "replace", "dev", host.link, *_tbf(host.rate))
-    etc = os.path.join("/etc/netns", ns)
-    os.makedirs(etc, exist_ok=True)
-    with open(os.path.join(etc, "hosts"), "w", encoding="utf-8") as f:
-        f.write(testbed.hosts_file())
 
 
 @contextlib.contextmanager

@@ -60,9 +60,15 @@ TARGETS = (
     Target("metrics", "fedseg/metrics.py", ("tests/unit/test_regions_metrics.py",)),
     Target(
         "controller update checks",
-        "fedseg/controller.py",
+        "fedseg/aggregation.py",
         ("tests/unit/test_controller.py",),
-        ("update_problem", "enough_updates", "_plain"),
+        ("update_problem", "num_steps_weight"),
+    ),
+    Target(
+        "controller round records",
+        "fedseg/rounds.py",
+        ("tests/unit/test_controller.py", "tests/unit/test_participation.py"),
+        ("enough_updates", "_plain"),
     ),
     Target("data_prep checks", "fedseg/data_prep/checks.py", ("tests/unit/test_checks.py",)),
     Target("data_prep partitions", "fedseg/data_prep/partitions.py", ("tests/unit/test_checks.py",)),

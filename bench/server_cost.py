@@ -23,7 +23,7 @@ from bench.common import table, write_result
 def state(channels) -> dict:
     from fedseg.network import FedSegUNet
 
-    network = FedSegUNet(channels=channels, strides=[2] * (len(channels) - 1))
+    network = FedSegUNet(channels=channels)
     return {k: v.detach().numpy().copy() for k, v in network.state_dict().items()}
 
 

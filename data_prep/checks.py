@@ -77,68 +77,98 @@ def _short(exc: BaseException) -> str:
 
 
 def check_subject(folder: str, sid: str) -> SubjectCheck:
-    """Read and check one subject of a FeTS2022 training folder (``folder/sid/sid_<kind>.nii.gz``)."""
+    """Read and check one subject of a FeTS2022 training folder (``folder/sid/sid_<kind>.nii.gz``).
+
+    The first volume of the right dimension is the reference the others' shape and affine must match; the brain
+    box is the union of the modalities' nonzero voxels, kept only when the subject has no problem.
+    """
     result = SubjectCheck(sid, signature(folder, sid))
     if not os.path.isdir(os.path.join(folder, sid)):
         result.problems.append(Problem(sid, "", "missing", f"no subject folder {sid} in {folder}"))
         return result
     reference: tuple[str, tuple, np.ndarray] | None = None
-    box_lo: np.ndarray | None = None
-    box_hi: np.ndarray | None = None
+    box: tuple[np.ndarray, np.ndarray] | None = None
     for kind in KINDS:
         path = subject_file(folder, sid, kind)
         name = os.path.basename(path)
-        if not os.path.isfile(path):
-            result.problems.append(Problem(sid, name, "missing", "file missing"))
+        loaded = _load(sid, path)
+        if isinstance(loaded, Problem):
+            result.problems.append(loaded)
             continue
-        try:
-            image = nib.load(path)
-            data = np.asarray(image.dataobj)  # decodes the whole file: a truncated .gz fails here
-        except Exception as exc:  # nibabel, gzip and zlib raise many kinds for a damaged file
-            result.problems.append(Problem(sid, name, "unreadable", f"unreadable ({_short(exc)})"))
-            continue
+        image, data = loaded
         result.dtypes[kind] = str(image.get_data_dtype())
-        if data.ndim != 3:
-            result.problems.append(Problem(sid, name, "geometry", f"expected a 3D volume, found shape {data.shape}"))
-            continue
-        if reference is None:
+        problem = _geometry_problem(sid, name, data, image.affine, reference)
+        if problem is None and reference is None:
             reference = (name, data.shape, image.affine)
             result.shape, result.affine = list(data.shape), image.affine.tolist()
-        else:
-            ref_name, ref_shape, ref_affine = reference
-            if data.shape != ref_shape:
-                result.problems.append(
-                    Problem(sid, name, "geometry", f"shape {data.shape} differs from {ref_name} {ref_shape}")
-                )
-                continue
-            gap = float(np.max(np.abs(image.affine - ref_affine)))
-            if gap > AFFINE_TOLERANCE_MM:
-                result.problems.append(
-                    Problem(sid, name, "geometry", f"affine differs from {ref_name} by up to {gap:.4g} mm")
-                )
-                continue
-        finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
-        if finite is not None and not finite.all():
-            bad = int(data.size - np.count_nonzero(finite))
-            result.problems.append(Problem(sid, name, "non-finite", f"{bad} non-finite voxels (NaN or Inf)"))
-            continue
-        if kind == SEG:
-            values = np.unique(data)
-            wrong = [v.item() for v in values if v not in VALID_LABELS]
-            if wrong:
-                shown = ", ".join(f"{v:g}" for v in wrong[:6]) + (" ..." if len(wrong) > 6 else "")
-                result.problems.append(Problem(sid, name, "labels", f"labels {shown} not in {{0, 1, 2, 4}}"))
-            continue
-        nonzero = data != 0
-        if not nonzero.any():
-            result.problems.append(Problem(sid, name, "empty", "image is empty (every voxel is 0): no brain"))
-            continue
-        coords = [np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-        lo = np.array([c[0] for c in coords])
-        hi = np.array([c[-1] + 1 for c in coords])
-        box_lo = lo if box_lo is None else np.minimum(box_lo, lo)
-        box_hi = hi if box_hi is None else np.maximum(box_hi, hi)
-        del data, nonzero
-    if box_lo is not None and not result.problems:
-        result.brain_box = [[int(a), int(b)] for a, b in zip(box_lo, box_hi)]
+        problem = problem or _content_problem(sid, name, kind, data)
+        if problem is not None:
+            result.problems.append(problem)
+        elif kind != SEG:
+            box = _union(box, _nonzero_box(data))
+        del loaded, image, data  # one volume in memory at a time
+    if box is not None and not result.problems:
+        result.brain_box = [[int(a), int(b)] for a, b in zip(*box)]
     return result
+
+
+def _load(sid: str, path: str) -> tuple[nib.spatialimages.SpatialImage, np.ndarray] | Problem:
+    """The image and its fully decoded data, or the problem (missing, unreadable)."""
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        return Problem(sid, name, "missing", "file missing")
+    try:
+        image = nib.load(path)
+        data = np.asarray(image.dataobj)  # decodes the whole file: a truncated .gz fails here
+    except Exception as exc:  # nibabel, gzip and zlib raise many kinds for a damaged file
+        return Problem(sid, name, "unreadable", f"unreadable ({_short(exc)})")
+    return image, data
+
+
+def _geometry_problem(
+    sid: str, name: str, data: np.ndarray, affine: np.ndarray, reference: tuple[str, tuple, np.ndarray] | None
+) -> Problem | None:
+    """A volume that is not 3D, or whose shape or affine differs from the reference volume's."""
+    if data.ndim != 3:
+        return Problem(sid, name, "geometry", f"expected a 3D volume, found shape {data.shape}")
+    if reference is None:
+        return None
+    ref_name, ref_shape, ref_affine = reference
+    if data.shape != ref_shape:
+        return Problem(sid, name, "geometry", f"shape {data.shape} differs from {ref_name} {ref_shape}")
+    gap = float(np.max(np.abs(affine - ref_affine)))
+    if gap > AFFINE_TOLERANCE_MM:
+        return Problem(sid, name, "geometry", f"affine differs from {ref_name} by up to {gap:.4g} mm")
+    return None
+
+
+def _content_problem(sid: str, name: str, kind: str, data: np.ndarray) -> Problem | None:
+    """Non-finite voxels; in the seg, labels outside {0, 1, 2, 4}; in a modality, no nonzero voxel."""
+    finite = np.isfinite(data) if np.issubdtype(data.dtype, np.floating) else None
+    if finite is not None and not finite.all():
+        bad = int(data.size - np.count_nonzero(finite))
+        return Problem(sid, name, "non-finite", f"{bad} non-finite voxels (NaN or Inf)")
+    if kind == SEG:
+        wrong = [v.item() for v in np.unique(data) if v not in VALID_LABELS]
+        if wrong:
+            shown = ", ".join(f"{v:g}" for v in wrong[:6]) + (" ..." if len(wrong) > 6 else "")
+            return Problem(sid, name, "labels", f"labels {shown} not in {{0, 1, 2, 4}}")
+        return None
+    if not (data != 0).any():
+        return Problem(sid, name, "empty", "image is empty (every voxel is 0): no brain")
+    return None
+
+
+def _nonzero_box(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """[start, stop) per axis of the volume's nonzero voxels (there is at least one)."""
+    nonzero = data != 0
+    coords = [np.flatnonzero(nonzero.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
+    return np.array([c[0] for c in coords]), np.array([c[-1] + 1 for c in coords])
+
+
+def _union(
+    box: tuple[np.ndarray, np.ndarray] | None, other: tuple[np.ndarray, np.ndarray]
+) -> tuple[np.ndarray, np.ndarray]:
+    if box is None:
+        return other
+    return np.minimum(box[0], other[0]), np.maximum(box[1], other[1])

@@ -1,4 +1,7 @@
-"""``python -m fedseg.data_prep``: FeTS2022 preparation and synthetic data (also reachable as ``fedseg prepare``).
+"""FeTS2022 preparation and synthetic data: the arguments and runs of ``fedseg prepare`` and ``fedseg synth``.
+
+``fedseg prepare`` is the documented name. ``python -m fedseg.data_prep fets2022`` (and ``... synth``) is an alias:
+it runs ``fedseg prepare`` (``fedseg synth``) itself, so the two print the same and exit the same.
 
 Exit status: 0 when at least one site was prepared (rejections are reported, not fatal); 1 when the CSV
 is unusable, no site has data, or ``--strict`` met a rejection; 2 for wrong arguments.
@@ -79,16 +82,21 @@ def run_synth(args: argparse.Namespace, progress=None) -> int:
     return 0
 
 
+ALIASES = {"fets2022": "prepare", "synth": "synth"}  # python -m fedseg.data_prep COMMAND -> fedseg COMMAND
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fedseg.data_prep fets2022|synth ...``: ``fedseg prepare|synth ...``, the canonical commands."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ALIASES:
+        from fedseg.app.cli import main as fedseg_main
+
+        return fedseg_main([ALIASES[argv[0]], *argv[1:]])
     parser = argparse.ArgumentParser(
         prog="python -m fedseg.data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("fets2022", help="FeTS2022 folder + partitioning CSV -> checked per-site folders")
-    add_fets2022_arguments(p)
-    p.set_defaults(func=run_fets2022)
-    p = sub.add_parser("synth", help="synthetic data in the FeTS2022 layout")
-    add_synth_arguments(p)
-    p.set_defaults(func=run_synth)
-    args = parser.parse_args(argv)
-    return args.func(args)
+    for alias, command in ALIASES.items():
+        sub.add_parser(alias, help=f"alias of `fedseg {command}` (see `fedseg {command} --help`)")
+    parser.parse_args(argv)  # --help, or an unknown command: argparse says so and exits
+    return 2

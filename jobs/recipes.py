@@ -1,199 +1,103 @@
-"""The job builder: one recipe per algorithm from one set of settings, run in FLARE's simulator or exported.
+"""The job builder: one recipe per algorithm from one set of settings (``fedseg.jobs.settings.JobSettings``).
 
-Everything a researcher tunes lives in ``JobSettings``. A job carries configuration only: the sites run
-the installed ``fedseg`` package through ``fedseg.executor.SiteExecutor`` (the training settings are its
-arguments), the server its controllers (their settings are constructor arguments), and both sides check
-that they have the fedref-seg version the job was built for. Where the sites' data and caches are is the
-sites' own business (``fedseg.site_config``); the simulator and POC set it for their local sites.
-``byoc=True`` also ships the ``fedseg`` package inside the job, for sites without it installed (simulator,
-POC, experiments); a hospital's policy refuses such jobs.
+A job carries configuration only: the sites run the installed ``fedseg`` package through
+``fedseg.executor.SiteExecutor`` (the training settings are its arguments), the server its controllers (their
+settings are constructor arguments), and both sides check that they have the fedref-seg version the job was built
+for. Where the sites' data and caches are is the sites' own business (``fedseg.site_config``); the simulator and
+POC set it for their local sites. ``byoc=True`` also ships the ``fedseg`` package inside the job, for sites without
+it installed (simulator, POC, experiments); a hospital's policy refuses such jobs.
+
+The simulator runner lives in ``fedseg.jobs.simulate``; its names are importable from here too, as before.
 """
 
 from __future__ import annotations
 
 import atexit
 import functools
-import glob
+import importlib
 import os
 import shutil
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+from nvflare.app_common.app_constant import DefaultCheckpointFileName
 from nvflare.app_common.workflows.cross_site_model_eval import CrossSiteModelEval
 from nvflare.app_opt.pt.file_model_locator import PTFileModelLocator
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
-from nvflare.recipe.sim_env import SimEnv
 from nvflare.recipe.utils import add_experiment_tracking
 
 import fedseg
-from fedseg.atomic import write_json
-from fedseg.checkpoint import buffer_round, find_resume_files
-from fedseg.controller import (
-    ROUND_METRICS_FILE,
-    FedRefController,
-    RecordingFedAvg,
-    RecordingFedOpt,
-    RecordingScaffold,
-)
-from fedseg.executor import TRAINER_SCRIPT, SiteExecutor, VersionGuard
-from fedseg.fedref import (
-    DEFAULT_ALPHA_MAX,
-    DEFAULT_BUFFER_SIZE,
-    DEFAULT_LAMBDA1,
-    DEFAULT_LAMBDA2,
-    DEFAULT_VARIANT,
-    VARIANTS,
-)
-from fedseg.network import FedSegUNet
-from fedseg.persistor import SeededModelPersistor
-from fedseg.policy import with_allow_list
+from fedseg.controller import FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold
+from fedseg.executor import TRAINER_SCRIPT, VersionGuard
+from fedseg.jobs.settings import JobSettings, server_arguments
 from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
-from fedseg.server_config import SERVER_CONFIG_FILE, plain_name
-from fedseg.settings import DEFAULT_PROFILE, TrainingSettings, profile
-from fedseg.site_config import site_environment
-from fedseg.wire import GPU_QUANTIZATION, WireSizeMeter, check_quantization, quantization_filters
+from fedseg.wire import WireSizeMeter, quantization_filters
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # a source checkout (tests, make jobs)
 PACKAGE_DIR = os.path.dirname(os.path.abspath(fedseg.__file__))  # what a BYOC job ships
-ALGORITHMS = {
-    "fedref": FedRefController,
-    "fedavg": RecordingFedAvg,
-    "fedprox": RecordingFedAvg,
-    "fedadam": RecordingFedOpt,
-    "fedavgm": RecordingFedOpt,
-    "scaffold": RecordingScaffold,
-}
-assert tuple(ALGORITHMS) == ALGORITHM_NAMES  # the server's allowed names are these (fedseg.server_config)
 PERSISTOR_ID = "persistor"
-RUN_INFO_FILE = "run.json"
-SIMULATOR_CACHE_NAME = "fedseg_cache"  # beside the run folders of a simulator workspace
-SIMULATOR_STORE_NAME = "fedseg_checkpoints"  # the simulated server's checkpoint store (runs to continue)
 
 
-@dataclass
-class JobSettings(TrainingSettings):
-    """What a run is: algorithm, federation, the sites' training (``TrainingSettings``) and the server step."""
+def _server_optimizer(settings: JobSettings) -> dict:
+    """FedOpt's server optimiser and a constant schedule. ``"config_type": "dict"`` keeps FLARE's config loader
+    from building them before FedOpt has a model."""
+    optimizers = {
+        "fedadam": {"path": "torch.optim.Adam", "args": {"betas": [0.9, 0.99], "eps": 1e-3}},
+        "fedavgm": {"path": "torch.optim.SGD", "args": {"momentum": settings.server_momentum}},
+    }
+    chosen = optimizers[settings.algorithm]
+    return {
+        "optimizer_args": {
+            "path": chosen["path"],
+            "config_type": "dict",
+            "args": {"lr": settings.effective_server_lr, **chosen["args"]},
+        },
+        "lr_scheduler_args": {
+            "path": "torch.optim.lr_scheduler.ConstantLR",
+            "config_type": "dict",
+            "args": {"factor": 1.0, "total_iters": 1},
+        },
+        "algorithm_name": settings.algorithm,
+    }
 
-    algorithm: str = "fedref"
-    profile: str = DEFAULT_PROFILE  # the named training settings this run started from (fedseg.settings)
-    sites: list[str] = field(default_factory=lambda: ["site-1", "site-2", "site-3"])
-    num_rounds: int = 10
-    min_clients: int | None = None
-    # the local sites' data and caches, for the simulator and POC only: set in the environment of the site
-    # processes they start (fedseg.site_config), never written into the job
-    data_root: str | None = None
-    cache_dir: str | None = None  # sites' decoded-case caches (default: each site's own; see fedseg.data)
-    # FedRef server step (see fedseg.fedref). Defaults from bench.long_horizon (docs/benchmarks.md): the trend
-    # prior with lambda1 0, lambda2 0.3 beat the mean prior at 0.1/0.1 on every seed (area under the curve)
-    buffer_size: int = DEFAULT_BUFFER_SIZE
-    lambda1: float = DEFAULT_LAMBDA1
-    lambda2: float = DEFAULT_LAMBDA2
-    reference_weighting: str = "uniform"
-    lambda2_factor: float = 1.0
-    lambda2_every: int = 0
-    lambda2_max: float | None = None
-    fedref_variant: str = DEFAULT_VARIANT  # the prior: mean | trend | diagonal (fedseg.fedref.VARIANTS)
-    fedref_momentum: float = 0.0  # server momentum before the MAP pull (0: none)
-    fedref_alpha_max: float = DEFAULT_ALPHA_MAX  # diagonal: the largest share of the pull toward the prior
-    # partial participation: sites trained per round, drawn from (seed, round); 0: every site every round
-    clients_per_round: int = 0
-    validate_absent_sites: bool = True  # sites left out of a round still score its global model (curves cover all)
-    # baselines
-    fedprox_mu: float = 0.01
-    server_lr: float | None = None  # FedAdam: 0.03, FedAvgM: 1.0
-    server_momentum: float = 0.9
-    # resilience: accepted updates needed to change the global model (default: a majority of the sites; also
-    # the job's meta.json min_clients: FLARE deploys the job with that many sites and ends it when fewer stay
-    # alive), how long a round waits for the others once that many have answered, and how long the server
-    # waits before it treats a site whose job process is gone as dead (FLARE's dead-client grace period)
-    wait_after_min_seconds: int = 60
-    dead_site_seconds: int = 60
-    faults: list[str] = field(default_factory=list)  # trainer drills SITE:KIND:ROUND (sites must allow them)
-    cross_site_eval: bool = True
-    # compressed transfer of the training task's models and updates through NVFlare's quantisation
-    # filters: "float16" anywhere, "blockwise8"/"float4"/"normfloat4" with a GPU on every party
-    quantization: str | None = None
-    name: str | None = None
-    # continue a stopped FedRef run. In a job: resume_job, that run's job id; the server finds its files in its
-    # own checkpoint store; with planned_rounds (the total the run is to reach) the server runs only the rounds
-    # still to do, else num_rounds more. For the simulator and POC: resume_from, a folder holding the run's
-    # files, which they copy into their local server's store (checkpoint_store, never written into the job)
-    resume_from: str | None = None
-    resume_job: str | None = None
-    planned_rounds: int | None = None
-    checkpoint_store: str | None = None
-    # ship the fedseg package inside the job (bring-your-own-code) for sites that do not have it installed
-    byoc: bool = False
 
-    @classmethod
-    def for_profile(cls, name: str = DEFAULT_PROFILE, **overrides) -> JobSettings:
-        """A profile's training settings with ``overrides`` (any field) applied."""
-        return cls(**{**profile(name).training_values(), "profile": name, **overrides})
+class Controller(NamedTuple):
+    """An algorithm's server controller and the keywords it takes beyond the fields' (``server_arguments``)."""
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.algorithm not in ALGORITHMS:
-            raise ValueError(f"unknown algorithm {self.algorithm!r}; choose one of {sorted(ALGORITHMS)}")
-        if self.min_clients is None:
-            self.min_clients = len(self.sites) // 2 + 1
-        if not 1 <= self.min_clients <= len(self.sites):
-            raise ValueError(f"min_clients must be between 1 and the {len(self.sites)} sites, got {self.min_clients}")
-        if self.data_root:  # resolved now: the job is built from another working directory
-            self.data_root = os.path.abspath(self.data_root)
-        if self.cache_dir:
-            self.cache_dir = os.path.abspath(self.cache_dir)
-        if not self.sites:
-            raise ValueError("a federation needs at least one site")
-        if self.num_rounds < 1:
-            raise ValueError(f"num_rounds must be >= 1, got {self.num_rounds}")
-        if not 0 <= self.clients_per_round <= len(self.sites):
-            raise ValueError(
-                f"clients_per_round must be 0 (every site) to {len(self.sites)}, got {self.clients_per_round}"
-            )
-        if self.fedref_variant not in VARIANTS:
-            raise ValueError(f"unknown fedref_variant {self.fedref_variant!r}; choose one of {VARIANTS}")
-        if self.quantization is not None:
-            check_quantization(self.quantization)
-        if self.resume_job is not None:
-            plain_name("resume_job", self.resume_job)
-            if self.algorithm != "fedref":
-                raise ValueError(f"resume_job: only a fedref run can be continued, not {self.algorithm}")
-        if self.planned_rounds is not None:
-            if self.resume_job is None:
-                raise ValueError("planned_rounds: only a job that continues a stopped run (resume_job) has them")
-            if type(self.planned_rounds) is not int or self.planned_rounds < 1:
-                raise ValueError(f"planned_rounds must be an integer >= 1, got {self.planned_rounds!r}")
+    cls: type
+    extra: Callable[[JobSettings], dict] = lambda settings: {}
 
-    @property
-    def job_name(self) -> str:
-        return self.name or f"fedseg_{self.algorithm}"
 
-    def site_executor(self) -> SiteExecutor:
-        """What every site runs: the installed trainer with these training settings (and drills, if any)."""
-        return SiteExecutor(package_version=fedseg.__version__, training=self.training_values(), drills=self.faults)
+CONTROLLERS = {
+    "fedref": Controller(FedRefController),
+    "fedavg": Controller(RecordingFedAvg),
+    "fedprox": Controller(RecordingFedAvg, lambda settings: {"algorithm_name": "fedprox"}),
+    "fedadam": Controller(RecordingFedOpt, _server_optimizer),
+    "fedavgm": Controller(RecordingFedOpt, _server_optimizer),
+    "scaffold": Controller(RecordingScaffold),
+}
+ALGORITHMS = {name: controller.cls for name, controller in CONTROLLERS.items()}
+assert tuple(ALGORITHMS) == ALGORITHM_NAMES  # the server's allowed names are these (fedseg.server_config)
 
-    def resume_files(self) -> tuple[str, str, int] | None:
-        """(global model checkpoint, reference buffer, next round) of the run in ``resume_from``, if any."""
-        if not self.resume_from:
-            return None
-        model, buffer = find_resume_files(self.resume_from)
-        return model, buffer, buffer_round(buffer) + 1
-
-    def server_config(self) -> dict:
-        """The local server's ``fedseg_server.json`` for the simulator and POC (empty: the defaults)."""
-        return {"checkpoint_store": os.path.abspath(self.checkpoint_store)} if self.checkpoint_store else {}
-
-    def network(self) -> FedSegUNet:
-        """The initial global model, seeded: the same settings start every run from the same weights."""
-        return self.persistor().network()
-
-    def persistor(self) -> SeededModelPersistor:
-        """The server's persistor: it builds the initial global model from the network settings and the seed."""
-        return SeededModelPersistor(channels=list(self.channels), init_seed=self.seed)
-
-    def to_json(self) -> dict:
-        return asdict(self)
+# NVFlare's FedAvg keywords (what FedAvgRecipe._create_controller passes) that an algorithm's controller does not
+# take, each with the only value it can stand for: a recipe that sets another is refused, with the reason
+NOT_TAKEN: dict[str, tuple[str, dict[str, Any]]] = {
+    "scaffold": (
+        "NVFlare's Scaffold controller sends the global model and control variates through its persistor; it has "
+        "no model argument, best-model file, aggregator, stopping rule, task name, excluded variables or weights",
+        {
+            "model": None,
+            "save_filename": DefaultCheckpointFileName.GLOBAL_MODEL,
+            "aggregator": None,
+            "stop_cond": None,
+            "patience": None,
+            "task_name": "train",
+            "exclude_vars": None,
+            "aggregation_weights": None,
+        },
+    ),
+}
 
 
 class FedSegRecipe(FedAvgRecipe):
@@ -220,28 +124,26 @@ class FedSegRecipe(FedAvgRecipe):
         self._job.to_server(VersionGuard(package_version=fedseg.__version__), id="version_guard")
         self.add_server_config(dead_site_config(settings.dead_site_seconds))
 
+    def _apply_per_site_config(self, config: dict) -> None:
+        raise ValueError(
+            f"per_site_config ({', '.join(sorted(config))}) is refused: every site runs the same SiteExecutor with "
+            "the job's training settings (NVFlare's per-site keys configure a training script, which these jobs do "
+            "not ship); choose the sites with JobSettings.sites, and a site's own limits in its fedseg_site.json"
+        )
+
     def _prepare_client_apps(self) -> None:
         # instead of NVFlare's ScriptRunner (ClientAPIExecutor + the script copied into the job's custom folder)
+        if self.per_site_config is not None:  # set_per_site_config refuses it; this guards a direct assignment
+            self._apply_per_site_config(self.per_site_config)
         self._job.to_clients(self.settings.site_executor(), tasks=["*"])
 
-    def _create_controller(self, persistor_id, model_params, model_aggregator):
-        s = self.settings
-        common = dict(
-            num_clients=len(s.sites),
+    def _fedavg_arguments(self, persistor_id, model_params, model_aggregator) -> dict[str, Any]:
+        """What NVFlare's FedAvgRecipe._create_controller passes its FedAvg, with the whole federation as
+        ``num_clients`` (NVFlare passes min_clients: our controllers ask every site and need min_clients answers)."""
+        return dict(
+            num_clients=len(self.settings.sites),
             num_rounds=self.num_rounds,
             persistor_id=persistor_id,
-            min_clients=s.min_clients,
-            wait_after_min_seconds=s.wait_after_min_seconds,
-            memory_gc_rounds=self.server_memory_gc_rounds,
-            clients_per_round=s.clients_per_round,
-            participation_seed=s.seed,
-        )
-        if s.algorithm != "scaffold":
-            common["validate_absent"] = s.validate_absent_sites
-        if s.algorithm == "scaffold":
-            return RecordingScaffold(**common)
-        fedavg = dict(
-            common,
             model=model_params,
             save_filename=self.save_filename,
             aggregator=model_aggregator,
@@ -250,51 +152,22 @@ class FedSegRecipe(FedAvgRecipe):
             task_name="train",
             exclude_vars=self.exclude_vars,
             aggregation_weights=self.aggregation_weights,
+            memory_gc_rounds=self.server_memory_gc_rounds,
+            enable_tensor_disk_offload=self.enable_tensor_disk_offload,
+            **self._get_controller_kwargs(),
         )
-        if s.algorithm == "fedref":
-            return FedRefController(
-                buffer_size=s.buffer_size,
-                lambda1=s.lambda1,
-                lambda2=s.lambda2,
-                reference_weighting=s.reference_weighting,
-                lambda2_factor=s.lambda2_factor,
-                lambda2_every=s.lambda2_every,
-                lambda2_max=s.lambda2_max,
-                variant=s.fedref_variant,
-                momentum=s.fedref_momentum,
-                alpha_max=s.fedref_alpha_max,
-                resume_job=s.resume_job,
-                planned_rounds=s.planned_rounds,
-                **fedavg,
-            )
-        if s.algorithm == "fedprox":
-            return RecordingFedAvg(fedprox_mu=s.fedprox_mu, algorithm_name="fedprox", **fedavg)
-        if s.algorithm == "fedadam":
-            optimizer = {
-                "path": "torch.optim.Adam",
-                "config_type": "dict",
-                "args": {"lr": s.server_lr or 0.03, "betas": [0.9, 0.99], "eps": 1e-3},
-            }
-        elif s.algorithm == "fedavgm":
-            optimizer = {
-                "path": "torch.optim.SGD",
-                "config_type": "dict",
-                "args": {"lr": s.server_lr or 1.0, "momentum": s.server_momentum},
-            }
-        else:
-            return RecordingFedAvg(**fedavg)
-        # "config_type": "dict" keeps FLARE's config loader from building these before FedOpt has a model
-        constant = {
-            "path": "torch.optim.lr_scheduler.ConstantLR",
-            "config_type": "dict",
-            "args": {"factor": 1.0, "total_iters": 1},
-        }
-        return RecordingFedOpt(
-            optimizer_args=optimizer,
-            lr_scheduler_args=constant,
-            algorithm_name=s.algorithm,
-            **fedavg,
-        )
+
+    def _create_controller(self, persistor_id, model_params, model_aggregator):
+        s = self.settings
+        controller = CONTROLLERS[s.algorithm]
+        arguments = self._fedavg_arguments(persistor_id, model_params, model_aggregator)
+        reason, only = NOT_TAKEN.get(s.algorithm, ("", {}))
+        for name, value in only.items():
+            given = arguments.pop(name)
+            if given != value:
+                raise ValueError(f"{s.algorithm}: {name} = {given!r} is refused: {reason}")
+        arguments.update(participation_seed=s.seed, **server_arguments(s), **controller.extra(s))
+        return controller.cls(**arguments)
 
 
 def add_global_model_evaluation(recipe: FedSegRecipe) -> None:
@@ -359,106 +232,22 @@ def add_compressed_transfer(recipe: FedSegRecipe, quantization: str) -> None:
     recipe.add_client_output_filter(site_quantizer, tasks=tasks)
 
 
-class SimulationError(RuntimeError):
-    """The simulator ended without completing every round."""
-
-
-def run_simulation(settings: JobSettings, workspace_root: str, data_source: str | None = None) -> str:
-    """Run the job in FLARE's simulator; returns the run folder (``<workspace_root>/<job name>``).
-
-    The simulator can return normally although a site failed, so completion is judged from the
-    artifacts: the server must have written one ``round_metrics.jsonl`` line per round. ``run.json``
-    in the run folder records the settings, the data source and the wall time for the report.
-    """
-    workspace_root = os.path.abspath(workspace_root)
-    run_folder = os.path.join(workspace_root, settings.job_name)
-    if settings.resume_from and os.path.realpath(settings.resume_from).startswith(os.path.realpath(run_folder)):
-        raise ValueError(
-            f"resume from {settings.resume_from} into another workspace or job name: "
-            f"{run_folder} is cleared before a run"
-        )
-    if settings.quantization in GPU_QUANTIZATION:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"quantization {settings.quantization!r} runs NVFlare's bitsandbytes quantiser on CUDA "
-                "and this machine has no GPU; use float16"
-            )
-    if os.path.isdir(run_folder):
-        shutil.rmtree(run_folder)  # a previous run of the same job; the simulator would mix the two
-    if not settings.cache_dir:  # the simulated sites' caches outlive a run: the next run starts at once
-        settings = replace(settings, cache_dir=os.path.join(workspace_root, SIMULATOR_CACHE_NAME))
-    if settings.resume_from:
-        settings = stage_resume(settings, os.path.join(workspace_root, SIMULATOR_STORE_NAME, settings.job_name))
-    recipe = build_recipe(settings)
-    # the simulator enforces a class allow-list on non-BYOC jobs: ours, the one a hospital installs
-    write_json(os.path.join(run_folder, "local", "resources.json"), with_allow_list({"format_version": 2}, "simulator"))
-    # the simulated server's own settings (FLARE copies <run>/local into every participant's local/)
-    if settings.server_config():
-        write_json(os.path.join(run_folder, "local", SERVER_CONFIG_FILE), settings.server_config())
-    env = SimEnv(clients=list(settings.sites), num_threads=len(settings.sites), workspace_root=workspace_root)
-    started = time.time()
-    failure = None
-    try:
-        with site_environment(
-            settings.data_root,
-            settings.cache_dir,
-            allow_drills=bool(settings.faults),
-            allow_scaffold=settings.algorithm == "scaffold",
-        ):
-            recipe.run(env)
-    except Exception as exc:  # the simulator raises for a failed job; we still report what it left
-        failure = exc
-    wall = time.time() - started
-    completed = _completed_rounds(run_folder)
-    ok = failure is None and completed >= settings.num_rounds
-    reason = None if ok else (f"{failure.__class__.__name__}: {failure}" if failure else "no error raised")
-    write_json(
-        os.path.join(run_folder, RUN_INFO_FILE),
-        {
-            "settings": settings.to_json(),
-            "data_source": data_source,
-            "wall_seconds": wall,
-            "mode": "simulator",
-            "status": "COMPLETED" if ok else "FAILED",
-            "completed": ok,
-            "completed_rounds": completed,
-            "planned_rounds": settings.num_rounds,
-            "reason": reason,
-        },
+# the simulator runner's names, where they were before it had its own module (imported on first use: it imports us)
+MOVED = {
+    name: "fedseg.jobs.simulate"
+    for name in (
+        "RESUMED_RUN_NAME",
+        "RUN_INFO_FILE",
+        "SIMULATOR_CACHE_NAME",
+        "SIMULATOR_STORE_NAME",
+        "SimulationError",
+        "run_simulation",
+        "stage_resume",
     )
-    if not ok:
-        raise SimulationError(
-            f"simulation of {settings.job_name}: FAILED, {completed} of {settings.num_rounds} rounds ({reason}); "
-            f"logs: {run_folder}/<site>/log.txt"
-        ) from failure
-    return run_folder
+}
 
 
-RESUMED_RUN_NAME = "resumed"  # the stopped run's plain name in the local server's store
-
-
-def stage_resume(settings: JobSettings, store: str) -> JobSettings:
-    """Copy the stopped run in ``settings.resume_from`` into a local server's checkpoint store (simulator, POC) as
-    ``<store>/resumed/``; the job names it (``resume_job``), the local server is told the store."""
-    model, buffer, _ = settings.resume_files()
-    target = os.path.join(store, RESUMED_RUN_NAME)
-    staged = os.path.join(target, "staging")
-    if os.path.isdir(staged):
-        shutil.rmtree(staged)
-    os.makedirs(staged)
-    for path in (model, buffer):
-        shutil.copy2(path, os.path.join(staged, os.path.basename(path)))
-    for path in (model, buffer):  # replace the previous copy only once both files are in
-        os.replace(os.path.join(staged, os.path.basename(path)), os.path.join(target, os.path.basename(path)))
-    os.rmdir(staged)
-    return replace(settings, resume_job=RESUMED_RUN_NAME, checkpoint_store=store)
-
-
-def _completed_rounds(run_folder: str) -> int:
-    paths = glob.glob(os.path.join(run_folder, "**", ROUND_METRICS_FILE), recursive=True)
-    if not paths:
-        return 0
-    with open(sorted(paths, key=len)[0], encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+def __getattr__(name: str):
+    if name in MOVED:
+        return getattr(importlib.import_module(MOVED[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

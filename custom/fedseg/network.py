@@ -14,6 +14,20 @@ import torch
 from monai.networks.nets import UNet
 
 from fedseg.regions import MODALITIES, REGIONS
+from fedseg.settings import TrainingSettings
+
+DEFAULT_CHANNELS = TrainingSettings().channels  # the default profile's network
+
+
+def strides_for(channels: Sequence[int]) -> list[int]:
+    """The U-Net's strides for these channels: each level halves the resolution (the one place that says so)."""
+    return [2] * (len(channels) - 1)
+
+
+def network_config(channels: Sequence[int]) -> dict:
+    """The constructor arguments of the network with these channels (what ``fedseg.checkpoint.load_network``
+    takes beside a saved state dict)."""
+    return {"channels": list(channels), "strides": strides_for(channels)}
 
 
 class FedSegUNet(torch.nn.Module):
@@ -21,8 +35,8 @@ class FedSegUNet(torch.nn.Module):
 
     def __init__(
         self,
-        channels: Sequence[int] = (16, 32, 64, 128),
-        strides: Sequence[int] = (2, 2, 2),
+        channels: Sequence[int] = DEFAULT_CHANNELS,
+        strides: Sequence[int] | None = None,
         num_res_units: int = 1,
         dropout: float = 0.0,
         norm: str = "INSTANCE",
@@ -30,7 +44,7 @@ class FedSegUNet(torch.nn.Module):
     ) -> None:
         super().__init__()
         self.channels = list(channels)
-        self.strides = list(strides)
+        self.strides = list(strides) if strides is not None else strides_for(channels)
         self.num_res_units = num_res_units
         self.dropout = dropout
         self.norm = norm
@@ -48,6 +62,11 @@ class FedSegUNet(torch.nn.Module):
                 dropout=dropout,
                 norm=norm,
             )
+
+    @classmethod
+    def from_settings(cls, settings: TrainingSettings, init_seed: int | None = None) -> FedSegUNet:
+        """The network of these training settings (its channels; strides from ``strides_for``)."""
+        return cls(**network_config(settings.channels), init_seed=init_seed)
 
     @property
     def divisor(self) -> int:

@@ -25,14 +25,14 @@ from nvflare.app_opt.pt.model_persistence_format_manager import PTModelPersisten
 from nvflare.fuel.utils import fobs
 
 from fedseg.checkpoint import load_file
-from fedseg.network import FedSegUNet
+from fedseg.network import DEFAULT_CHANNELS, FedSegUNet
 from fedseg.server_config import JobRefused, ServerConfig, integer, network_channels
 
 
 class SeededModelPersistor(PTFileModelPersistor):
     """The global model's persistor: built from (channels, init_seed), saved as FL_global_model.pt in the run."""
 
-    def __init__(self, channels: Sequence[int] = (16, 32, 64, 128), init_seed: int = 0) -> None:
+    def __init__(self, channels: Sequence[int] = DEFAULT_CHANNELS, init_seed: int = 0) -> None:
         super().__init__(
             model=None,
             global_model_file_name=DefaultCheckpointFileName.GLOBAL_MODEL,
@@ -46,7 +46,7 @@ class SeededModelPersistor(PTFileModelPersistor):
 
     def network(self) -> FedSegUNet:
         """The seeded initial network (the same settings always give the same weights)."""
-        return FedSegUNet(channels=self.channels, strides=[2] * (len(self.channels) - 1), init_seed=self.init_seed)
+        return FedSegUNet(channels=self.channels, init_seed=self.init_seed)  # strides: fedseg.network.strides_for
 
     def start_from(self, checkpoint: str) -> None:
         """Start from a global model the server found itself (resuming a stopped run), instead of the seed."""

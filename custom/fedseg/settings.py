@@ -1,8 +1,9 @@
 """How a site trains and validates: every default written once, and the named profiles built from it.
 
 ``TrainingSettings`` is the one definition. The site trainer's command line (``fedseg.trainer``), the job
-builder (``JobSettings`` extends it), the ``fedseg`` commands and the report's settings table are all
-made from its fields, so a new option is one line here.
+builder (``fedseg.jobs.settings.JobSettings`` extends it), the ``fedseg`` commands, the network
+(``fedseg.network.FedSegUNet.from_settings``) and the README's settings table are all made from its fields, so a
+new option is one line here.
 
 Profiles are named sets of values for a kind of data:
 - ``demo``: the synthetic 64x64x48 demo, learns on a CPU in minutes (the class defaults);
@@ -185,6 +186,9 @@ PROFILES: dict[str, TrainingSettings] = {
     ),
 }
 DEFAULT_PROFILE = "demo"
+# the federation of the simulator, the committed jobs, the demo and the testbed: FLARE client names, which are
+# also the names of the sites' prepared folders (``fedseg prepare``'s default name template gives them)
+DEFAULT_SITES = ("site-1", "site-2", "site-3")
 
 
 def profile(name: str) -> TrainingSettings:

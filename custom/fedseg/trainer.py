@@ -90,7 +90,7 @@ class SiteTrainer:
         s = self.settings
         self.device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         torch.manual_seed(s.seed)
-        self.model = FedSegUNet(channels=s.channels, strides=[2] * (len(s.channels) - 1)).to(self.device)
+        self.model = FedSegUNet.from_settings(s).to(self.device)
         self.crop = list(s.crop)
         site = site or os.path.basename(os.path.normpath(folder))
         cache = cache_folder(site, folder, getattr(args, "cache_dir", None))
@@ -246,12 +246,100 @@ class ScaffoldState:
         return result, self.helper.get_delta_controls()
 
 
+class SiteLoop:
+    """One site's answers to the server's tasks: the trainer, the drills, Scaffold's state and the last local model."""
+
+    def __init__(self, flare, trainer: SiteTrainer, site: str, faults: dict[tuple[str, int], str]) -> None:
+        from nvflare.client.tracking import SummaryWriter
+
+        self.flare, self.trainer, self.site, self.faults = flare, trainer, site, faults
+        self.writer = SummaryWriter()  # streamed to the server's TensorBoard
+        self.scaffold: ScaffoldState | None = None
+        self.local_model: dict | None = None
+
+    def run(self) -> None:
+        flare = self.flare
+        while flare.is_running():
+            received = flare.receive()
+            if received is None:
+                break
+            flare.send(self.answer(received))
+
+    def answer(self, received):
+        """The reply to one task: this site's model (submit_model), scores (validate) or an update (train)."""
+        flare, trainer = self.flare, self.trainer
+        if flare.is_submit_model():
+            return flare.FLModel(params=self.local_model if self.local_model is not None else trainer.state())
+        trainer.load_params(received.params)
+        if flare.is_evaluate():  # cross-site evaluation: every validation case
+            return flare.FLModel(metrics=trainer.validate(every_case=True))
+        return self.train_round(received)
+
+    def train_round(self, received):
+        """Validate the received global model on the per-round subset, do the round's local work, and return the
+        weight difference with the steps taken and the metrics."""
+        from nvflare.apis.fl_constant import FLMetaKey
+        from nvflare.app_common.app_constant import AlgorithmConstants
+
+        trainer, site = self.trainer, self.site
+        metrics = trainer.validate()  # the per-round subset
+        round_no = int(received.current_round or 0)
+        fault = self.faults.get((site, round_no))
+        if fault == "die":
+            logger.error("%s round %s: resilience drill, this site stops now", site, round_no)
+            raise SystemExit(f"{site}: stopped by --fault drill at round {round_no}")
+        global_state = trainer.state()
+        meta = received.meta or {}
+        mu = float(meta.get("fedprox_mu") or 0.0)
+        out_meta = {}
+        if meta.get(WIRE_BYTES_KEY):  # the compressed size of the model this site received (fedseg.wire)
+            out_meta[RECEIVED_WIRE_BYTES_KEY] = int(meta[WIRE_BYTES_KEY])
+        scaffold = AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta
+        if scaffold:
+            self.scaffold = self.scaffold or ScaffoldState(trainer)
+            result, deltas = self.scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL])
+            out_meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = deltas
+        else:
+            result = trainer.train(fedprox_mu=mu)
+        self.local_model = trainer.state()
+        difference = {k: self.local_model[k] - global_state[k] for k in self.local_model}
+        if fault in ("nan", "shape"):
+            logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
+            difference = poison(difference, fault)
+        self.report(metrics, result, round_no, mu=mu, scaffold=scaffold)
+        out_meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = result["num_steps"]
+        return self.flare.FLModel(params=difference, params_type="DIFF", metrics=metrics, meta=out_meta)
+
+    def report(self, metrics: dict, result: dict, round_no: int, mu: float, scaffold: bool) -> None:
+        """Add the round's training figures to ``metrics`` (what is sent), the TensorBoard and the site's log."""
+        data = self.trainer.data
+        metrics.update(
+            {
+                "train_loss": result["train_loss"],
+                "train_seconds": result["train_seconds"],
+                "skipped_steps": result["skipped_steps"],
+                "fedprox_mu": mu,
+                "n_train_cases": len(data.train_cases),
+                "cache_seconds": self.trainer.cache_seconds,
+                "scaffold": float(scaffold),
+            }
+        )
+        for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
+            self.writer.add_scalar(key, metrics[key], global_step=round_no)
+        logger.info(
+            "%s round %s: global model dice_mean %.3f on %d cases, local train loss %.4f (%d steps)",
+            self.site,
+            round_no,
+            metrics["dice_mean"],
+            metrics["n_cases"],
+            result["train_loss"],
+            result["num_steps"],
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """The Client API loop; run by FLARE's ScriptRunner on every site."""
     import nvflare.client as flare
-    from nvflare.apis.fl_constant import FLMetaKey
-    from nvflare.app_common.app_constant import AlgorithmConstants
-    from nvflare.client.tracking import SummaryWriter
 
     args = parse_args(argv)
     faults = parse_faults(args.fault)
@@ -260,9 +348,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     flare.init()
     site = flare.get_site_name()
     trainer = SiteTrainer(site_folder(site, args.data_root), args, site=site)
-    writer = SummaryWriter()  # streamed to the server's TensorBoard
-    scaffold: ScaffoldState | None = None
-    local_model: dict | None = None
     data = trainer.data
     logger.info(
         "%s: %d training / %d validation cases (per-round validation on %d), cache ready in %.0f s (%.0f MB)",
@@ -273,68 +358,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         trainer.cache_seconds,
         data.cache_bytes() / 1e6,  # the brain volumes' sum: in this log only, never in the metrics sent
     )
-
-    while flare.is_running():
-        received = flare.receive()
-        if received is None:
-            break
-        if flare.is_submit_model():
-            flare.send(flare.FLModel(params=local_model if local_model is not None else trainer.state()))
-            continue
-
-        trainer.load_params(received.params)
-        if flare.is_evaluate():  # cross-site evaluation: every validation case
-            flare.send(flare.FLModel(metrics=trainer.validate(every_case=True)))
-            continue
-        metrics = trainer.validate()  # the per-round subset
-
-        round_no = received.current_round
-        fault = faults.get((site, int(round_no or 0)))
-        if fault == "die":
-            logger.error("%s round %s: resilience drill, this site stops now", site, round_no)
-            raise SystemExit(f"{site}: stopped by --fault drill at round {round_no}")
-        global_state = trainer.state()
-        meta = received.meta or {}
-        mu = float(meta.get("fedprox_mu") or 0.0)
-        out_meta = {}
-        if meta.get(WIRE_BYTES_KEY):  # the compressed size of the model this site received (fedseg.wire)
-            out_meta[RECEIVED_WIRE_BYTES_KEY] = int(meta[WIRE_BYTES_KEY])
-        if AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta:
-            scaffold = scaffold or ScaffoldState(trainer)
-            result, deltas = scaffold.train(meta[AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL])
-            out_meta[AlgorithmConstants.SCAFFOLD_CTRL_DIFF] = deltas
-        else:
-            result = trainer.train(fedprox_mu=mu)
-        local_model = trainer.state()
-        difference = {k: local_model[k] - global_state[k] for k in local_model}
-        if fault in ("nan", "shape"):
-            logger.error("%s round %s: resilience drill, sending a %s update", site, round_no, fault)
-            difference = poison(difference, fault)
-        metrics.update(
-            {
-                "train_loss": result["train_loss"],
-                "train_seconds": result["train_seconds"],
-                "skipped_steps": result["skipped_steps"],
-                "fedprox_mu": mu,
-                "n_train_cases": len(data.train_cases),
-                "cache_seconds": trainer.cache_seconds,
-                "scaffold": float(AlgorithmConstants.SCAFFOLD_CTRL_GLOBAL in meta),
-            }
-        )
-        for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean", "train_loss"):
-            writer.add_scalar(key, metrics[key], global_step=int(round_no or 0))
-        logger.info(
-            "%s round %s: global model dice_mean %.3f on %d cases, local train loss %.4f (%d steps)",
-            site,
-            round_no,
-            metrics["dice_mean"],
-            metrics["n_cases"],
-            result["train_loss"],
-            result["num_steps"],
-        )
-        out_meta[FLMetaKey.NUM_STEPS_CURRENT_ROUND] = result["num_steps"]
-        flare.send(flare.FLModel(params=difference, params_type="DIFF", metrics=metrics, meta=out_meta))
-        del global_state
+    SiteLoop(flare, trainer, site, faults).run()
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import glob
 
 import pytest
 
-from fedseg.jobs import recipes
+from fedseg.jobs import simulate
 from fedseg.jobs.recipes import JobSettings, SimulationError, run_simulation
 from fedseg.site_config import site_environment
 
@@ -23,7 +23,7 @@ def site_logs(workspace) -> str:
 
 def test_a_scaffold_job_is_refused_where_the_site_does_not_allow_it(two_sites, tmp_path, monkeypatch):
     # the simulator allows Scaffold for its local sites; here they are left as a hospital's default
-    monkeypatch.setattr(recipes, "site_environment", lambda *a, allow_scaffold=False, **k: site_environment(*a, **k))
+    monkeypatch.setattr(simulate, "site_environment", lambda *a, allow_scaffold=False, **k: site_environment(*a, **k))
     job = JobSettings(algorithm="scaffold", data_root=two_sites, local_steps=1, cross_site_eval=False, **TINY)
     with pytest.raises(SimulationError, match="FAILED"):
         run_simulation(job, str(tmp_path))

@@ -274,7 +274,7 @@ def test_network_summary_pairs_each_round_with_the_unlimited_link_of_the_same_pr
 
 
 def test_flare_transfer_times_are_read_from_a_site_log_model_sized_only():
-    from bench.network import flare_transfers
+    from bench.network_testbed import flare_transfers
 
     log = "\n".join(
         [

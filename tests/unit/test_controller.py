@@ -68,13 +68,13 @@ def test_a_continued_run_goes_on_to_its_planned_rounds_and_its_report_covers_bot
     assert (controller.start_round, controller.num_rounds) == (3, 2)
     for round_number in range(controller.start_round, controller.start_round + controller.num_rounds):
         controller.current_round = round_number
-        controller.write_round_record({"dice_mean": 0.5}, 2, True)  # what the server writes after each round
+        controller.rounds.write({"dice_mean": 0.5}, 2, True, controller.round_extra())  # after each round
 
-    run = load_run(controller.run_dir())
-    assert run.server_dir == controller.run_dir()  # its own records, not the copy below resumed_from/
+    run = load_run(controller.get_run_dir())
+    assert run.server_dir == controller.get_run_dir()  # its own records, not the copy below resumed_from/
     assert [r["round"] for r in run.rounds] == [0, 1, 2, 3, 4]
     assert [r.get("resumed_from") for r in run.rounds] == ["stopped-job"] * 3 + [None] * 2
-    copy = os.path.join(controller.run_dir(), "resumed_from", "stopped-job", "round_metrics.jsonl")
+    copy = os.path.join(controller.get_run_dir(), "resumed_from", "stopped-job", "round_metrics.jsonl")
     assert open(copy).read() == open(workspace / "stopped-job" / "round_metrics.jsonl").read()
 
 
@@ -90,17 +90,17 @@ def test_a_round_is_recorded_only_once_its_checkpoint_is_saved(tmp_path):
     controller.updater.start(initial)
     controller.current_round = 0
     seen = []
-    record = controller.write_round_record
+    record = controller.rounds.write
 
     def spy(*args):
         seen.append(sorted(p.name for p in run.rglob("*.pt")))
         record(*args)
 
-    controller.write_round_record = spy
-    controller._site_records = {"site-1": {}}
-    controller._targets = ["site-1"]
+    controller.rounds.write = spy
+    controller.rounds.site_records = {"site-1": {}}
+    controller.rounds.targets = ["site-1"]
     averaged = {k: v + 0.01 for k, v in initial.items()}
-    controller.update_model(FLModel(params=dict(initial)), FLModel(params=averaged, meta={"nr_aggregated": 1}))
+    controller.finish_round(FLModel(params=dict(initial)), FLModel(params=averaged, meta={"nr_aggregated": 1}))
     # a server killed once the record is there leaves a run that resumes from that round
     assert seen == [["FL_global_model.pt", "fedref_reference_buffer.pt", "fedref_step.pt"]]
 
@@ -187,9 +187,9 @@ def test_the_first_bad_tensor_is_named():
 )
 def test_a_round_needs_min_clients_accepted_updates_and_at_least_one(min_clients, rejected, enough):
     controller = FedRefController(num_clients=2, num_rounds=1, min_clients=min_clients)
-    controller._site_records = {"site-1": {}, "site-2": {}}
-    controller._rejected = dict(rejected)
-    assert controller.enough_updates() is enough
+    controller.rounds.site_records = {"site-1": {}, "site-2": {}}
+    controller.rounds.rejected = dict(rejected)
+    assert controller.rounds.enough_updates() is enough
 
 
 @pytest.mark.parametrize(
@@ -207,3 +207,182 @@ def test_a_round_needs_min_clients_accepted_updates_and_at_least_one(min_clients
 )
 def test_round_records_hold_json_safe_values(value, plain):
     assert _plain(value) == plain and type(_plain(value)) is type(plain)
+
+
+# -- the aggregator: checks, and the same sums whatever order the updates arrive in ------------------------------
+def site_update(rng, site: str, steps=2, metrics=True) -> FLModel:
+    from nvflare.apis.fl_constant import FLMetaKey
+    from nvflare.app_common.abstract.fl_model import ParamsType
+
+    return FLModel(
+        params=model(rng),
+        params_type=ParamsType.DIFF,
+        metrics={"dice_mean": float(rng.random())} if metrics else None,
+        meta={"client_name": site, FLMetaKey.NUM_STEPS_CURRENT_ROUND: steps},
+    )
+
+
+def average(aggregator, reference, updates, order) -> FLModel:
+    aggregator.start_round(reference, 3)
+    for i in order:
+        aggregator.accept_model(updates[i])
+    return aggregator.aggregate_model()
+
+
+def test_the_average_is_the_same_bits_whatever_order_the_updates_arrive_in():
+    from nvflare.app_common.aggregators.weighted_aggregation_helper import WeightedAggregationHelper
+
+    from fedseg.aggregation import SiteOrderedAggregator
+
+    rng = np.random.default_rng(1)
+    updates = [site_update(rng, f"site-{i}", steps=s) for i, s in zip((3, 1, 2), (5, 1, 7))]
+    reference = model(rng)
+    results = [average(SiteOrderedAggregator(), reference, updates, order) for order in ([0, 1, 2], [2, 1, 0])]
+    helper = WeightedAggregationHelper()  # FLARE's own sums, fed in site order
+    for u in sorted(updates, key=lambda u: u.meta["client_name"]):
+        helper.add(u.params, u.meta["NUM_STEPS_CURRENT_ROUND"], u.meta["client_name"], 3)
+    expected = helper.get_result()
+    for result in results:
+        assert all(result.params[k].tobytes() == expected[k].tobytes() for k in expected)
+        assert result.meta["nr_aggregated"] == 3 and result.current_round == 3
+    assert results[0].metrics == results[1].metrics
+
+
+@pytest.mark.parametrize("steps, weight", [(4, 4.0), (None, 1.0), (0, 1.0), (-3, 1.0), (True, 1.0), ("x", 1.0)])
+def test_a_sites_weight_is_its_aggregation_weight_times_its_steps_as_in_fedavg(steps, weight):
+    from fedseg.aggregation import SiteOrderedAggregator
+
+    update = site_update(np.random.default_rng(0), "site-1", steps=steps)
+    assert SiteOrderedAggregator(aggregation_weights={"site-1": 0.5}).weight("site-1", update) == 0.5 * weight
+    assert SiteOrderedAggregator(aggregation_weights={"site-2": 0.5}).weight("site-1", update) == weight
+
+
+def test_a_rejected_update_is_not_averaged_and_a_site_without_metrics_drops_the_round_metrics():
+    from fedseg.aggregation import SiteOrderedAggregator
+
+    rng = np.random.default_rng(2)
+    reference = model(rng)
+    good, silent = site_update(rng, "site-1"), site_update(rng, "site-2", metrics=False)
+    bad = site_update(rng, "site-3")
+    bad.params["w"] = np.full((3, 2), np.nan, np.float32)
+    aggregator = SiteOrderedAggregator()
+    aggregator.start_round(reference, 0)
+    assert [aggregator.accept_model(u) for u in (bad, good, silent)] == [False, True, True]
+    assert aggregator.rejected == {"site-3": "non-finite values (NaN or Inf) in w"}
+    result = aggregator.aggregate_model()
+    assert result.meta["nr_aggregated"] == 2 and result.metrics is None
+    np.testing.assert_allclose(result.params["w"], (good.params["w"] + silent.params["w"]) / 2, rtol=1e-6)
+    assert aggregator.accepted() == [] and aggregator.rejected == {}  # the next round starts empty
+
+
+def test_a_new_aggregation_rule_is_a_subclass_that_weighs_the_sites():
+    from fedseg.aggregation import SiteOrderedAggregator
+
+    class OnlySiteOne(SiteOrderedAggregator):
+        def weight(self, site, result):
+            return 1.0 if site == "site-1" else 1e-12
+
+    rng = np.random.default_rng(3)
+    updates = [site_update(rng, "site-1"), site_update(rng, "site-2")]
+    result = average(OnlySiteOne(), model(rng), updates, [1, 0])
+    np.testing.assert_allclose(result.params["w"], updates[0].params["w"], rtol=1e-6)
+
+
+# -- the round: what is sent, in which order, and what a round needs -------------------------------------------
+class Sent(list):
+    """Stands in for FLARE's broadcast_model: the tasks a controller sends, in order."""
+
+    def __call__(self, **task):
+        self.append(task)
+
+
+def test_the_sites_left_out_are_asked_to_validate_before_the_training_task_goes_out(tmp_path):
+    from fedseg.controller import RecordingFedAvg
+
+    ctl = start(RecordingFedAvg(num_clients=3, num_rounds=1, min_clients=2, clients_per_round=2), tmp_path)
+    ctl.broadcast_model = sent = Sent()
+    ctl.current_round = 0
+    ctl.rounds.all_sites = ["site-1", "site-2", "site-3"]
+    ctl.send_round(FLModel(params=model(np.random.default_rng(0))), ["site-1", "site-3"])
+    assert [(t["task_name"], t["targets"]) for t in sent] == [("validate", ["site-2"]), ("train", ["site-1", "site-3"])]
+    validate, train = sent
+    assert (train["min_responses"], train["wait_time_after_min_received"], train["blocking"]) == (2, 60, False)
+    assert (
+        validate["data"].params is train["data"].params and validate["callback"] == ctl.rounds.record_absent_validation
+    )
+    assert train["callback"] == ctl.receive_update
+
+
+def test_scaffold_sends_its_blocking_training_task_with_the_same_wait(tmp_path):
+    from fedseg.controller import RecordingScaffold
+
+    ctl = start(RecordingScaffold(num_clients=3, num_rounds=1, min_clients=5, wait_after_min_seconds=7), tmp_path)
+    ctl.broadcast_model = sent = Sent()
+    ctl.current_round = 0
+    ctl.send_model_and_wait(targets=["site-1", "site-2"], data=FLModel(params=model(np.random.default_rng(0))))
+    ((task),) = sent
+    assert (task["min_responses"], task["wait_time_after_min_received"], task["blocking"]) == (2, 7, True)
+    assert ctl.rounds.targets == ["site-1", "site-2"]
+
+
+def test_a_round_with_too_few_good_updates_keeps_the_global_model_and_says_so(tmp_path):
+    from nvflare.app_common.abstract.fl_model import ParamsType
+
+    from fedseg.controller import RecordingFedAvg
+
+    ctl = start(RecordingFedAvg(num_clients=2, num_rounds=1, min_clients=2), tmp_path)
+    (tmp_path / "this-job").mkdir()
+    saved, errors = [], []
+    ctl.save_model, ctl.error = saved.append, errors.append
+    ctl.current_round = 0
+    rng = np.random.default_rng(4)
+    initial = FLModel(params=model(rng), params_type=ParamsType.FULL)
+    ctl.start_training_round(["site-1", "site-2"], initial)
+    bad = site_update(rng, "site-2")
+    bad.params["b"] = np.zeros(5, np.float32)
+    assert [ctl.receive_update(u) for u in (site_update(rng, "site-1"), bad)] == [True, False]
+    result = ctl.aggregate_round()
+    kept = ctl.finish_round(initial, result)
+    assert kept is initial and result.meta == {"nr_aggregated": 0} and saved == [initial]
+    assert errors == [
+        "round 0: update from site-2 rejected: shape of b is (5,), expected (2,)",
+        "round 0: fewer than 2 acceptable updates; the global model is kept unchanged",
+    ]
+    (record,) = load_records(tmp_path / "this-job" / "round_metrics.jsonl")
+    assert (record["global_updated"], record["nr_aggregated"], sorted(record["sites"])) == (
+        False,
+        0,
+        ["site-1", "site-2"],
+    )
+    assert record["rejected"] == {"site-2": "shape of b is (5,), expected (2,)"} and record["missing"] == []
+
+
+def load_records(path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in open(path, encoding="utf-8")]
+
+
+def test_with_a_stop_condition_only_a_better_model_is_saved_and_the_run_stops_once_it_is_met(tmp_path):
+    from nvflare.app_common.abstract.fl_model import ParamsType
+
+    from fedseg.controller import RecordingFedAvg
+
+    ctl = start(RecordingFedAvg(num_clients=1, num_rounds=3, stop_cond="dice_mean >= 0.8"), tmp_path)
+    (tmp_path / "this-job").mkdir()
+    saved = []
+    ctl.save_model = lambda m: saved.append(m.metrics["dice_mean"])  # FedAvg's update changes the model in place
+    rng = np.random.default_rng(5)
+    global_model = FLModel(params=model(rng), params_type=ParamsType.FULL)
+    stops = []
+    for round_number, dice in enumerate((0.5, 0.4, 0.9)):
+        ctl.current_round = round_number
+        ctl.start_training_round(["site-1"], global_model)
+        update = site_update(rng, "site-1")
+        update.metrics = {"dice_mean": dice}
+        ctl.receive_update(update)
+        before = list(saved)
+        global_model = ctl.finish_round(global_model, ctl.aggregate_round())
+        assert saved == before  # finish_round saves nothing with a stop condition
+        stops.append(ctl.keep_best_or_stop(global_model))
+    assert stops == [False, False, True] and saved == [0.5, 0.9]

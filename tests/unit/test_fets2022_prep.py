@@ -284,16 +284,16 @@ def test_demo_trainer_trains_on_a_prepared_site(tiny_fets, tmp_path, mode):
 # subjects still unchecked (no timing involved: the process kills itself there).
 KILLED_AFTER_FIRST_CACHE_SAVE = """
 import os, signal, sys
-from fedseg.data_prep import fets2022
+from fedseg.data_prep.check_cache import CheckCache
 from fedseg.data_prep.cli import main
 
-save = fets2022._CheckCache.save
+save = CheckCache.save
 
 def save_then_die(cache):
     save(cache)
     os.kill(os.getpid(), signal.SIGKILL)
 
-fets2022._CheckCache.save = save_then_die
+CheckCache.save = save_then_die
 sys.exit(main(sys.argv[1:]))
 """
 

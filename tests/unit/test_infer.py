@@ -120,3 +120,26 @@ def test_four_files_in_any_folder(tmp_path, model_file):
         files.append(str(target))
     result = segment(files, model_file, str(tmp_path / "s.nii.gz"), CONFIG, roi=(16, 16, 16))
     assert result.labels.shape == (16, 16, 16)
+
+
+def test_a_runs_network_and_window_come_from_its_recorded_settings(monkeypatch):
+    """The channels and crop come from the run's run.json; a run.json without them (an older run) gets the default
+    profile's; the strides always from fedseg.network (the one place that derives them)."""
+    from fedseg.app import artifacts
+    from fedseg.app.infer import network_settings
+    from fedseg.network import network_config, strides_for
+    from fedseg.settings import TrainingSettings
+
+    class Run:
+        run_info = {"settings": {"channels": [8, 16, 32], "crop": [32, 32, 24], "algorithm": "fedref"}}
+        global_model = "FL_global_model.pt"
+
+    monkeypatch.setattr(artifacts, "load_run", lambda folder: Run)
+    assert network_settings("run") == ("FL_global_model.pt", {"channels": [8, 16, 32], "strides": [2, 2]}, [32, 32, 24])
+    Run.run_info = {"settings": {}}
+    default = TrainingSettings()
+    assert network_settings("run")[1:] == (network_config(default.channels), list(default.crop))
+    Run.run_info = {"settings": {"channels": [8, 0]}}
+    with pytest.raises(InferenceError, match=r"^run: training setting channels \[8, 0\]"):
+        network_settings("run")
+    assert FedSegUNet.from_settings(default).config()["strides"] == strides_for(default.channels) == [2, 2, 2]

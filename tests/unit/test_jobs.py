@@ -6,6 +6,7 @@ import filecmp
 import json
 import os
 import re
+import shlex
 
 import pytest
 from helpers.commands import make, ok
@@ -121,3 +122,85 @@ def test_the_job_needs_as_many_live_sites_as_its_rounds_need_answers(algorithm):
     (controller,) = [w for w in server["workflows"] if w["id"] == "controller"]
     assert meta["min_clients"] == controller["args"]["min_clients"] == 2
     assert server["dead_client_grace_period"] == server["dead_client_check_lead_time"] == 60
+
+
+# every option of the exporter, given a value other than its default, and where the exported job then holds it
+TRAINING = {"local_epochs": 3, "local_steps": 5, "lr": 0.01, "batch_size": 3, "samples_per_case": 4}
+TRAINING |= {"crop": [32, 32, 24], "loss": "dice_ce", "channels": [8, 16, 32], "sw_batch_size": 2}
+TRAINING |= {"val_max_cases": 4, "cache_ram_mb": 10, "amp": False, "seed": 5, "threads": 2, "num_workers": 1}
+TRAINING_OPTIONS = [
+    word
+    for key, value in TRAINING.items()
+    for word in (
+        f"--{key.replace('_', '-')}",
+        *(str(v).lower() for v in (value if isinstance(value, list) else [value])),
+    )
+]
+FEDREF_OPTIONS = shlex.split(
+    "--sites a b c d --rounds 4 --min-clients 3 --clients-per-round 2 --no-validate-absent-sites "
+    "--wait-after-min-seconds 30 --dead-site-seconds 45 --p 4 --lambda1 0.1 --lambda2 0.2 "
+    "--reference-weighting linear --lambda2-factor 1.5 --lambda2-every 2 --lambda2-max 0.9 "
+    "--fedref-variant diagonal --fedref-momentum 0.5 --fedref-alpha-max 0.3 --resume-job stopped-1 "
+    "--planned-rounds 9 --name trip --fault a:nan:1 --no-cross-site-eval --quantization float16"
+)
+FEDREF_CONTROLLER = {"num_clients": 4, "num_rounds": 4, "min_clients": 3, "clients_per_round": 2}
+FEDREF_CONTROLLER |= {"validate_absent": False, "wait_after_min_seconds": 30, "buffer_size": 4, "lambda1": 0.1}
+FEDREF_CONTROLLER |= {"lambda2": 0.2, "reference_weighting": "linear", "lambda2_factor": 1.5, "lambda2_every": 2}
+FEDREF_CONTROLLER |= {"lambda2_max": 0.9, "variant": "diagonal", "momentum": 0.5, "alpha_max": 0.3}
+FEDREF_CONTROLLER |= {"resume_job": "stopped-1", "planned_rounds": 9}
+ROUND_TRIP = {  # algorithm: (options, what its controller's arguments then hold)
+    "fedref": (FEDREF_OPTIONS, FEDREF_CONTROLLER),
+    "fedprox": (["--fedprox-mu", "0.05"], {"fedprox_mu": 0.05}),
+    "fedadam": (["--server-lr", "0.2"], {"optimizer_args": {"lr": 0.2, "betas": [0.9, 0.99], "eps": 0.001}}),
+    "fedavgm": (["--server-lr", "0.5", "--server-momentum", "0.7"], {"optimizer_args": {"lr": 0.5, "momentum": 0.7}}),
+    "scaffold": (["--byoc", "--profile", "fets2022"], {}),
+    "fedavg": (TRAINING_OPTIONS, {"participation_seed": 5}),
+}
+
+
+def _exported(tmp_path, algorithm: str, argv: list[str]) -> dict:
+    from fedseg.jobs.export import main
+
+    assert main(["--algorithms", algorithm, "--out", str(tmp_path), *argv]) == 0
+    config = os.path.join(tmp_path, algorithm, "app", "config")
+    return {
+        "meta": json.load(open(os.path.join(tmp_path, algorithm, "meta.json"))),
+        "server": json.load(open(os.path.join(config, "config_fed_server.json"))),
+        "client": json.load(open(os.path.join(config, "config_fed_client.json"))),
+        "files": tree(os.path.join(tmp_path, algorithm)),
+    }
+
+
+@pytest.mark.parametrize("algorithm", list(ROUND_TRIP))
+def test_every_exporter_option_reaches_the_exported_job(tmp_path, algorithm):
+    argv, controller_args = ROUND_TRIP[algorithm]
+    job = _exported(tmp_path, algorithm, argv)
+    (controller,) = [w for w in job["server"]["workflows"] if w["id"] == "controller"]
+    for key, value in controller_args.items():
+        found = controller["args"][key]
+        assert (found["args"] if key == "optimizer_args" else found) == value, key
+    executor = job["client"]["executors"][0]["executor"]["args"]
+    if algorithm == "fedref":
+        assert job["meta"]["name"] == "trip" and job["meta"]["min_clients"] == 3
+        assert job["server"]["dead_client_grace_period"] == 45 and executor["drills"] == ["a:nan:1"]
+        assert not [w for w in job["server"]["workflows"] if w["path"].endswith("CrossSiteModelEval")]
+        assert "ModelQuantizer" in json.dumps(job["server"]["task_data_filters"])
+    if algorithm == "scaffold":
+        assert "app/custom/fedseg/trainer.py" in job["files"]
+        assert executor["training"]["crop"] == [128, 128, 128]  # the fets2022 profile's
+    if algorithm == "fedavg":
+        assert executor["training"] == TRAINING
+        (persistor,) = [c for c in job["server"]["components"] if c["id"] == "persistor"]
+        assert persistor["args"] == {"channels": [8, 16, 32], "init_seed": 5}
+
+
+def test_the_round_trip_gives_every_exporter_option():
+    """A new job field gets an option by itself; this test makes it show where the exported job holds it."""
+    from fedseg.jobs.export import build_parser
+    from fedseg.jobs.options import offered_fields
+
+    parser, given = build_parser(), set()
+    for algorithm, (argv, _) in ROUND_TRIP.items():
+        args = parser.parse_args(["--algorithms", algorithm, *argv])
+        given |= {key for key in offered_fields("export") if getattr(args, key) is not None}
+    assert sorted(set(offered_fields("export")) - given) == []

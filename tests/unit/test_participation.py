@@ -38,13 +38,14 @@ def test_negative_k_is_refused():
 
 def test_a_round_with_fewer_participants_than_min_clients_still_updates():
     ctl = RecordingFedAvg(num_clients=5, num_rounds=1, min_clients=3, clients_per_round=2)
-    ctl._targets = ["site-2", "site-4"]
-    ctl._site_records = {"site-2": {}}
-    assert not ctl.enough_updates()  # one of the two answered
-    ctl._site_records["site-4"] = {}
-    assert ctl.enough_updates()
-    ctl._targets = SITES  # every site asked: the majority rule stands
-    assert not ctl.enough_updates()
+    rounds = ctl.rounds
+    rounds.targets = ["site-2", "site-4"]
+    rounds.site_records = {"site-2": {}}
+    assert not rounds.enough_updates()  # one of the two answered
+    rounds.site_records["site-4"] = {}
+    assert rounds.enough_updates()
+    rounds.targets = SITES  # every site asked: the majority rule stands
+    assert not rounds.enough_updates()
 
 
 def test_job_settings_check_the_participation_and_variant():

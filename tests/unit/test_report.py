@@ -287,3 +287,21 @@ def test_only_copies_of_earlier_runs_are_not_the_runs_own_records(tmp_path):
     with pytest.raises(RunArtifactsError, match="no round_metrics.jsonl below it"):
         load_run(str(tmp_path / "run"))
     assert [r["round"] for r in load_run(str(tmp_path / "run" / "resumed_from" / "job-b")).rounds] == [0, 1]
+
+
+def test_an_overlay_is_copied_beside_the_page_and_shown_just_before_the_settings(run_folder, tmp_path):
+    import base64
+
+    picture = tmp_path / "FeTS2022_00002_overlay.png"
+    picture.write_bytes(b"\x89PNG not really")
+    index = write_report(load_run(str(run_folder)), str(tmp_path / "report"), overlay=str(picture))
+    assert (tmp_path / "report" / picture.name).read_bytes() == picture.read_bytes()
+    page = open(index, encoding="utf-8").read()
+    section = (
+        "<h2>A validation case segmented by the final model</h2><p>FeTS2022_00002_overlay.png: "
+        "red necrotic core, green oedema, yellow enhancing tumour.</p>"
+        f'<img alt="segmentation overlay" src="data:image/png;base64,{base64.b64encode(picture.read_bytes()).decode()}">'
+    )
+    assert page.count(section + "<h2>Settings</h2>") == 1
+    without = open(write_report(load_run(str(run_folder)), str(tmp_path / "plain")), encoding="utf-8").read()
+    assert "segmented by the final model" not in without and "\n<h2>Settings</h2>" in without

@@ -268,7 +268,6 @@ def test_the_persistor_refuses_a_network_over_the_caps_before_building_it():
     ):
         controller = RecordingFedAvg(num_clients=2, num_rounds=1)
         controller.engine, controller.persistor = FakeEngine("/nonexistent"), object()
-        controller._persistor_id = "persistor"
         controller.check_job(ServerConfig())
 
 

@@ -9,8 +9,10 @@ from dataclasses import fields
 
 import pytest
 
-from fedseg.app.cli import _settings, build_parser
-from fedseg.jobs.recipes import REPO_ROOT, JobSettings
+from fedseg.app.cli import build_parser
+from fedseg.jobs.options import job_settings
+from fedseg.jobs.recipes import REPO_ROOT
+from fedseg.jobs.settings import JobSettings
 from fedseg.settings import PROFILES, TrainingSettings, profile, settings_from_arguments
 from fedseg.site_config import SiteConfig
 from fedseg.trainer import parse_args
@@ -37,19 +39,20 @@ def test_job_settings_start_from_the_demo_profile_and_any_profile_round_trips_th
 def test_commands_take_the_profile_and_override_single_values(command):
     extra = ["--data-root", "sites"] if command == "simulate" else []
     args = build_parser().parse_args([command, *extra, "--profile", "fets2022", "--local-steps", "3"])
-    _as_the_command_sets_them(args)
-    settings = _settings(args)
+    settings = job_settings(args, command, **_as_the_command_sets_them(command))
     assert settings.profile == "fets2022" and settings.local_steps == 3
     assert settings.crop == profile("fets2022").crop and settings.channels == profile("fets2022").channels
     plain = build_parser().parse_args([command, *extra])
-    _as_the_command_sets_them(plain)
-    assert _settings(plain).training_values() == PROFILES["demo"].training_values()
+    assert job_settings(plain, command, **_as_the_command_sets_them(command)).training_values() == (
+        PROFILES["demo"].training_values()
+    )
 
 
-def _as_the_command_sets_them(args) -> None:
-    """poc and demo fill in their sites and data root before building the settings."""
-    args.sites = getattr(args, "sites", None) or ["site-1"]
-    args.data_root = getattr(args, "data_root", None)
+def _as_the_command_sets_them(command: str) -> dict:
+    """compare runs one algorithm of --algorithms at a time; poc and demo fill in their sites themselves."""
+    return {"compare": {"algorithm": "fedavg"}, "poc": {"sites": ["site-1"]}, "demo": {"sites": ["site-1"]}}.get(
+        command, {}
+    )
 
 
 def test_no_second_definition_of_a_training_option():

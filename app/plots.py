@@ -1,0 +1,49 @@
+"""The Dice-over-rounds figure of the run report and of the comparison: one panel per region, one line per series.
+
+Each series is a label, its rows (``round`` and the panel keys; a key that is None is a round without that
+score, left out of the line) and its matplotlib line style.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+DICE_PANELS = (("dice_tc", "TC"), ("dice_wt", "WT"), ("dice_et", "ET"), ("dice_mean", "mean"))
+
+
+@dataclass
+class Series:
+    label: str
+    rows: list[dict]
+    style: dict = field(default_factory=dict)
+
+
+def dice_curves_png(series: list[Series], title_suffix: str = "") -> bytes:
+    """A PNG of Dice per region over aggregation rounds (``Dice TC`` ... ``Dice mean`` + ``title_suffix``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(DICE_PANELS), figsize=(15, 3.6), sharey=True)
+    for ax, (key, title) in zip(axes, DICE_PANELS):
+        for line in series:
+            points = [(r["round"], r[key]) for r in line.rows if r[key] is not None]
+            if not points:
+                continue
+            x, y = zip(*points)
+            ax.plot(x, y, marker="o", markersize=3, label=line.label, **line.style)
+        ax.set_title(f"Dice {title}{title_suffix}")
+        ax.set_xlabel("aggregation rounds")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Dice of the global model")
+    axes[-1].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
