@@ -26,6 +26,7 @@ import sys
 import tempfile
 from collections.abc import Callable
 
+from fedseg.atomic import read_json_object
 from fedseg.policy import SIGNATURE_FILES
 from fedseg.server_config import PLAIN_NAME, integer, plain_name
 
@@ -43,13 +44,9 @@ class ResumeRefused(ValueError):
 
 def _read_json(path: str) -> dict:
     try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ResumeRefused(f"{os.path.basename(path)} of the downloaded job is not readable JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise ResumeRefused(f"{os.path.basename(path)} of the downloaded job is not a JSON object")
-    return value
+        return read_json_object(path)
+    except ValueError as exc:
+        raise ResumeRefused(f"{os.path.basename(path)} of the downloaded job is {exc}") from None
 
 
 def job_definition(download: str) -> str:

@@ -1,4 +1,4 @@
-"""Atomic outputs: a crash leaves either the old file or folder or the new one, never half of either (every writer of the project uses these)."""
+"""Atomic outputs: a crash leaves either the old file or folder or the new one, never half of either (every writer of the project uses these), and the one reader of a JSON object file the sides are given."""
 
 from __future__ import annotations
 
@@ -33,6 +33,19 @@ def write_text(path: str, text: str) -> None:
 
 def write_json(path: str, data) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def read_json_object(path: str) -> dict:
+    """A JSON object from ``path`` (what ``write_json`` wrote, or a file someone else gave us); ValueError with
+    the reason alone ("not readable JSON (...)", "not a JSON object"), for the caller to say whose file it is."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not readable JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 @contextlib.contextmanager

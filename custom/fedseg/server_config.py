@@ -16,6 +16,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from fedseg.atomic import read_json_object
+
 SERVER_CONFIG_FILE = "fedseg_server.json"  # in the server kit's local/ folder, beside FLARE's resources.json
 ALGORITHMS = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
 # a job id or a file name a job may give: one plain path component, never "..", never a folder
@@ -55,12 +57,9 @@ class ServerConfig:
         if not path or not os.path.isfile(path):
             return cls()
         try:
-            with open(path, encoding="utf-8") as f:
-                values = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"{path}: not readable JSON ({exc})") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object")
+            values = read_json_object(path)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from None
         known = {"checkpoint_store", "max_rounds", "max_channels", "max_levels", "algorithms"}
         unknown = sorted(set(values) - known)
         if unknown:
