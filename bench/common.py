@@ -43,6 +43,15 @@ def recorded_command(argv: list[str]) -> str:
     return " ".join([".venv/bin/python -m bench." + os.path.splitext(os.path.basename(argv[0]))[0], *args])
 
 
+def load_result(name: str) -> dict:
+    """The result file ``name`` as an earlier run left it ({} when there is none): what a resumed run keeps."""
+    path = os.path.join(RESULTS_DIR, f"{name}.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
 def write_result(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}.json")
@@ -57,13 +66,39 @@ def write_result(name: str, payload: dict) -> str:
     return path
 
 
+def last_json_line(output: str) -> dict:
+    """The JSON object a child process printed last (libraries may print before it)."""
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def run_python(code: str, *args: str) -> dict:
+    """Python code in a fresh process (its own memory counters, its own torch threads); the JSON it printed last."""
+    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
+    return last_json_line(out.stdout)
+
+
 def run_measured(command: list[str]) -> tuple[float, float]:
     """Run a command in a fresh process; (wall seconds, peak RSS in MiB of its largest process)."""
     out = subprocess.run(
         [sys.executable, "-m", "bench.measure", "--", *command], check=True, capture_output=True, text=True
     ).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = last_json_line(out)
     return result["wall_seconds"], result["peak_rss_mib"]
+
+
+def json_ready(settings: dict) -> dict:
+    """Tuples as lists: settings as they read back from a result file, so that a resumed run compares equal."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()}
+
+
+def institutions(rows) -> list:
+    """Synthetic institutions from (subjects, intensity scale, bias, noise, tumour radius in mm) rows."""
+    from fedseg.data_prep.synthetic import Institution
+
+    return [
+        Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
+        for n, s, b, z, r in rows
+    ]
 
 
 def table(headers: list[str], rows: list[list]) -> str:

@@ -21,7 +21,7 @@ import os
 import statistics
 import tempfile
 
-from bench.common import RESULTS_DIR, table, write_result
+from bench.common import institutions, load_result, table, write_result
 
 INSTITUTIONS = [  # subjects, intensity scale, bias, noise, tumour radius (mm): partitioning_1-like skew
     (16, 1000.0, 0.10, 0.03, (20, 32)),
@@ -31,19 +31,15 @@ INSTITUTIONS = [  # subjects, intensity scale, bias, noise, tumour radius (mm): 
     (4, 1500.0, 0.05, 0.02, (26, 38)),
 ]
 ALGORITHMS = ["fedref", "fedavg", "fedprox", "fedadam", "scaffold"]
+SETTINGS = ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")  # what tells one planned run from another
 
 
 def prepare(work: str) -> str:
+    """The five skewed synthetic institutions as prepared sites (the same every time: a resumed run matches)."""
     from fedseg.data_prep.fets2022 import prepare_sites
-    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
-    config = SyntheticConfig(
-        institutions=[
-            Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
-            for n, s, b, z, r in INSTITUTIONS
-        ]
-    )
-    source = generate(os.path.join(work, "data"), config)
+    source = generate(os.path.join(work, "data"), SyntheticConfig(institutions=institutions(INSTITUTIONS)))
     prepare_sites(source, os.path.join(work, "sites"), validation_fraction=0.25)
     return os.path.join(work, "sites")
 
@@ -180,7 +176,7 @@ def key(settings: dict) -> str:
     return json.dumps({k: settings[k] for k in sorted(settings)})
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--algorithms", nargs="+", default=ALGORITHMS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -191,71 +187,75 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in bench/results/convergence.json")
     parser.add_argument("--redo", nargs="*", default=[], help="with --resume: run these algorithms' seeds again")
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    done: dict[str, dict] = {}
-    previous = os.path.join(RESULTS_DIR, "convergence.json")
-    if args.resume and os.path.exists(previous):
-        with open(previous, encoding="utf-8") as f:
-            old = json.load(f)
-        if old.get("rounds") == args.rounds and old.get("institutions") == [
-            list(i[:4]) + [list(i[4])] for i in INSTITUTIONS
-        ]:
-            # earlier versions filled the grid's default point with a copy of the seed run: run it afresh
-            seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
-            grid_runs = [
-                r
-                for r in old.get("fedref_sweep_runs", [])
-                if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs
-            ]
-            for run in [r for r in old.get("runs", []) if r["algorithm"] not in args.redo] + grid_runs:
-                if "curve" in run:
-                    done[
-                        key(
-                            {
-                                k: run[k]
-                                for k in run
-                                if k in ("algorithm", "seed", "num_rounds", "buffer_size", "lambda2")
-                            }
-                        )
-                    ] = run
 
+def kept_runs(args: argparse.Namespace) -> dict[str, dict]:
+    """With --resume: the finished runs of the result file, by ``key`` of their settings.
+
+    Only a file of the same rounds and institutions counts (another regime is not the same measurement);
+    the algorithms of ``--redo`` are left out, so they run again.
+    """
+    old = load_result("convergence") if args.resume else {}
+    as_stored = [list(i[:4]) + [list(i[4])] for i in INSTITUTIONS]  # the tuples as JSON reads them back
+    if old.get("rounds") != args.rounds or old.get("institutions") != as_stored:
+        return {}
+    # earlier versions filled the grid's default point with a copy of the seed run: run it afresh
+    seed_runs = {(tuple(r.get("curve", ())), r["wall_seconds"]) for r in old.get("runs", [])}
+    grid_runs = [
+        r for r in old.get("fedref_sweep_runs", []) if (tuple(r.get("curve", ())), r["wall_seconds"]) not in seed_runs
+    ]
+    kept = [r for r in old.get("runs", []) if r["algorithm"] not in args.redo] + grid_runs
+    return {key({k: run[k] for k in run if k in SETTINGS}): run for run in kept if "curve" in run}
+
+
+def planned_runs(args: argparse.Namespace) -> tuple[list[dict], list[dict]]:
+    """The seed runs (every algorithm x seed) and FedRef's p x lambda2 grid (the first seed), as run settings."""
     plan = [{"algorithm": a, "seed": s, "num_rounds": args.rounds} for a in args.algorithms for s in args.seeds]
     grid = [
         {"algorithm": "fedref", "seed": args.seeds[0], "num_rounds": args.rounds, "buffer_size": p, "lambda2": l2}
         for p in args.sweep_p
         for l2 in args.sweep_lambda2
     ]
+    return plan, grid
+
+
+def save(args: argparse.Namespace, runs: list[dict], sweep: list[dict], complete: bool) -> str:
+    """The result file as it stands: written after every run, so that a stopped measurement can be resumed."""
+    fedref_seeds = [r for r in runs if r["algorithm"] == "fedref"]
+    seed_sd = spread([r["final_dice_mean"] for r in fedref_seeds])[1] if fedref_seeds else None
+    return write_result(
+        "convergence",
+        {
+            "institutions": INSTITUTIONS,
+            "rounds": args.rounds,
+            "target": args.target,
+            "summary": summarise_algorithms(runs, args.target),
+            "runs": runs,
+            "fedref_sweep": [
+                {k: r[k] for k in ("buffer_size", "lambda2", "final_dice_mean", "worst_site_dice", "forgetting")}
+                | {"rounds_to_target": rounds_to(r["curve"], args.target)}
+                for r in sweep
+            ],
+            "fedref_sweep_runs": sweep,
+            "fedref_sensitivity": sensitivity(sweep, seed_sd),
+            "complete": complete,
+        },
+    )
+
+
+def run_plan(args: argparse.Namespace, done: dict[str, dict], plan: list[dict], grid: list[dict]):
+    """Every planned run not kept from the file, in order, the file saved after each; (runs, sweep, result path).
+
+    The sites are prepared only once a run has to happen: a fully resumed invocation costs no data.
+    """
     runs: list[dict] = []
     sweep: list[dict] = []
-
-    def save() -> str:
-        fedref_seeds = [r for r in runs if r["algorithm"] == "fedref"]
-        seed_sd = spread([r["final_dice_mean"] for r in fedref_seeds])[1] if fedref_seeds else None
-        return write_result(
-            "convergence",
-            {
-                "institutions": INSTITUTIONS,
-                "rounds": args.rounds,
-                "target": args.target,
-                "summary": summarise_algorithms(runs, args.target),
-                "runs": runs,
-                "fedref_sweep": [
-                    {k: r[k] for k in ("buffer_size", "lambda2", "final_dice_mean", "worst_site_dice", "forgetting")}
-                    | {"rounds_to_target": rounds_to(r["curve"], args.target)}
-                    for r in sweep
-                ],
-                "fedref_sweep_runs": sweep,
-                "fedref_sensitivity": sensitivity(sweep, seed_sd),
-                "complete": len(runs) == len(plan) and len(sweep) == len(grid),
-            },
-        )
-
     with tempfile.TemporaryDirectory(prefix="fedseg_convergence_") as tmp:
         work = os.path.abspath(args.work or tmp)
         sites = None
-        todo = [(plan, runs, s) for s in plan] + [(grid, sweep, s) for s in grid]
-        for number, (_, bucket, settings) in enumerate(todo, 1):
+        todo = [(runs, s) for s in plan] + [(sweep, s) for s in grid]
+        for number, (bucket, settings) in enumerate(todo, 1):
             match = done.get(key(settings))
             if match is None:
                 if sites is None:
@@ -271,52 +271,65 @@ def main() -> None:
                     **extra,
                 )
             bucket.append(match)
-            path = save()
-    summary = summarise_algorithms(runs, args.target)
-    print(
-        table(
+            path = save(args, runs, sweep, complete=len(runs) == len(plan) and len(sweep) == len(grid))
+    return runs, sweep, path
+
+
+def markdown(summary: list[dict], target: float) -> str:
+    """The algorithms' table of docs/benchmarks.md."""
+    return table(
+        [
+            "algorithm",
+            "final mean Dice",
+            "ET",
+            "worst site",
+            f"rounds to {target}",
+            "forgetting",
+            "MB/round",
+            "Dice − fedavg (paired)",
+        ],
+        [
             [
-                "algorithm",
-                "final mean Dice",
-                "ET",
-                "worst site",
-                f"rounds to {args.target}",
-                "forgetting",
-                "MB/round",
-                "Dice − fedavg (paired)",
-            ],
-            [
-                [
-                    r["algorithm"],
-                    f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
-                    f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}",
-                    f"{r['worst_site_dice']:.3f}",
-                    f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})",
-                    f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
-                    f"{r['mb_per_round']:.1f}",
-                    f"{r['final_dice_mean_minus_fedavg']:+.3f} ± {r['final_dice_mean_minus_fedavg_sd']:.3f}"
-                    if "final_dice_mean_minus_fedavg" in r
-                    else "-",
-                ]
-                for r in summary
-            ],
-        )
+                r["algorithm"],
+                f"{r['final_dice_mean']:.3f} ± {r['final_dice_mean_sd']:.3f}",
+                f"{r['final_dice_et']:.3f} ± {r['final_dice_et_sd']:.3f}",
+                f"{r['worst_site_dice']:.3f}",
+                f"{'never' if r['rounds_to_target'] is None else format(r['rounds_to_target'], '.1f')} ({r['reached_target']})",
+                f"{r['forgetting']:.2f} ± {r['forgetting_sd']:.2f}",
+                f"{r['mb_per_round']:.1f}",
+                f"{r['final_dice_mean_minus_fedavg']:+.3f} ± {r['final_dice_mean_minus_fedavg_sd']:.3f}"
+                if "final_dice_mean_minus_fedavg" in r
+                else "-",
+            ]
+            for r in summary
+        ],
     )
-    print(
-        table(
-            ["p", "lambda2", "final mean Dice", f"rounds to {args.target}", "forgetting"],
+
+
+def sweep_markdown(sweep: list[dict], target: float) -> str:
+    """FedRef's p x lambda2 grid as a table."""
+    return table(
+        ["p", "lambda2", "final mean Dice", f"rounds to {target}", "forgetting"],
+        [
             [
-                [
-                    r["buffer_size"],
-                    r["lambda2"],
-                    f"{r['final_dice_mean']:.3f}",
-                    "never" if rounds_to(r["curve"], args.target) is None else rounds_to(r["curve"], args.target),
-                    f"{r['forgetting']:.2f}",
-                ]
-                for r in sweep
-            ],
-        )
+                r["buffer_size"],
+                r["lambda2"],
+                f"{r['final_dice_mean']:.3f}",
+                "never" if rounds_to(r["curve"], target) is None else rounds_to(r["curve"], target),
+                f"{r['forgetting']:.2f}",
+            ]
+            for r in sweep
+        ],
     )
+
+
+def main() -> None:
+    args = parse_args()
+    done = kept_runs(args)
+    plan, grid = planned_runs(args)
+    runs, sweep, path = run_plan(args, done, plan, grid)
+    print(markdown(summarise_algorithms(runs, args.target), args.target))
+    print(sweep_markdown(sweep, args.target))
     print(f"written {path}")
 
 

@@ -12,14 +12,11 @@ model, and the rest (FLARE messaging, model (de)serialisation, aggregation).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 
-from bench.common import table, write_result
+from bench.common import run_python, table, write_result
 
 OUTSIDE = r"""
 import json, statistics, sys, time, torch
@@ -37,24 +34,22 @@ print(json.dumps({"step": statistics.median(per_step[1:]), "train": statistics.m
 """
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="demo_output/sites")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def outside_flare(data_root: str) -> dict:
+    """Median step, training and validation seconds of ``SiteTrainer`` alone, in a fresh one-thread process."""
+    return run_python(OUTSIDE, os.path.join(data_root, "site-1"))
+
+
+def inside_flare(data_root: str) -> dict:
+    """The same medians from a one-site FedAvg simulation's round records (round 0 left out), and the round's."""
     from fedseg.app.artifacts import load_run
     from fedseg.jobs.recipes import JobSettings, run_simulation
 
-    data_root = os.path.abspath(args.data_root)
-    outside = json.loads(
-        subprocess.run(
-            [sys.executable, "-c", OUTSIDE, os.path.join(data_root, "site-1")],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        .stdout.strip()
-        .splitlines()[-1]
-    )
     with tempfile.TemporaryDirectory() as work:
         settings = JobSettings(
             algorithm="fedavg",
@@ -75,32 +70,42 @@ def main() -> None:
             "round": statistics.median(r["seconds"] for r in records),
         }
     inside["rest"] = inside["round"] - inside["train"] - inside["val"]
+    return inside
+
+
+def markdown(inside: dict, outside: dict) -> str:
+    return table(
+        [
+            "",
+            "per training step (s)",
+            "training per round (s)",
+            "validation per round (s)",
+            "rest of the round (s)",
+        ],
+        [
+            [
+                "inside FLARE",
+                f"{inside['step']:.3f}",
+                f"{inside['train']:.2f}",
+                f"{inside['val']:.2f}",
+                f"{inside['rest']:.2f}",
+            ],
+            ["outside", f"{outside['step']:.3f}", f"{outside['train']:.2f}", f"{outside['val']:.2f}", "-"],
+        ],
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    data_root = os.path.abspath(args.data_root)
+    outside = outside_flare(data_root)
+    inside = inside_flare(data_root)
     ratio = inside["step"] / outside["step"]
     path = write_result(
         "federation_overhead",
         {"inside": inside, "outside": outside, "step_ratio": ratio, "rounds": 5, "local_epochs": 2, "threads": 1},
     )
-    print(
-        table(
-            [
-                "",
-                "per training step (s)",
-                "training per round (s)",
-                "validation per round (s)",
-                "rest of the round (s)",
-            ],
-            [
-                [
-                    "inside FLARE",
-                    f"{inside['step']:.3f}",
-                    f"{inside['train']:.2f}",
-                    f"{inside['val']:.2f}",
-                    f"{inside['rest']:.2f}",
-                ],
-                ["outside", f"{outside['step']:.3f}", f"{outside['train']:.2f}", f"{outside['val']:.2f}", "-"],
-            ],
-        )
-    )
+    print(markdown(inside, outside))
     print(f"step time inside / outside = {ratio:.2f}; written {path}")
 
 

@@ -38,20 +38,19 @@ sites in a round record than planned: it is stopped as soon as that is seen, rep
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import glob
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
-from bench.common import table, write_result
+from bench.common import institutions, json_ready, table, write_result
+from bench.measure import cpu_seconds, raise_peak, stop_tree
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PARTITIONING_1 = os.path.join(REPO_ROOT, "tests", "data", "fets2022", "partitioning_1.csv")
@@ -162,71 +161,13 @@ def with_ratios(rows: list[dict]) -> list[dict]:
 def prepare_data(work: str, n_sites: int) -> str:
     """Site folders site-1..site-N, one synthetic institution each (generated once, kept in ``work``)."""
     from fedseg.data_prep.fets2022 import prepare_sites
-    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
+    from fedseg.data_prep.synthetic import SyntheticConfig, generate
 
-    config = SyntheticConfig(
-        shape=SHAPE,
-        institutions=[
-            Institution(subjects=SUBJECTS_PER_SITE, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
-            for s, b, z, r in (STYLES[i % len(STYLES)] for i in range(n_sites))
-        ],
-    )
-    source = generate(os.path.join(work, "data"), config)
+    rows = ((SUBJECTS_PER_SITE, *STYLES[i % len(STYLES)]) for i in range(n_sites))
+    source = generate(os.path.join(work, "data"), SyntheticConfig(shape=SHAPE, institutions=institutions(rows)))
     sites = os.path.join(work, "sites")
     prepare_sites(source, sites, partitions=list(range(1, n_sites + 1)), validation_fraction=0.5)
     return sites
-
-
-def _tree(pid: int):
-    import psutil
-
-    try:
-        root = psutil.Process(pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def _memory(processes) -> tuple[float, float, float, int]:
-    """(RSS sum, PSS sum, largest RSS) in MiB and the number of processes."""
-    rss = pss = largest = 0.0
-    count = 0
-    for process in processes:
-        try:
-            value = process.memory_info().rss / 2**20
-            with open(f"/proc/{process.pid}/smaps_rollup") as f:
-                share = next((int(line.split()[1]) / 1024 for line in f if line.startswith("Pss:")), value)
-        except (OSError, Exception):  # gone between listing and reading
-            continue
-        rss, pss, largest, count = rss + value, pss + share, max(largest, value), count + 1
-    return rss, pss, largest, count
-
-
-def _stop(pid: int) -> None:
-    """End the federation this script started: its process and the simulator workers below it, by id."""
-    for process in reversed(_tree(pid)):
-        with contextlib.suppress(Exception):
-            process.send_signal(signal.SIGTERM)
-    time.sleep(3)
-    for process in reversed(_tree(pid)):
-        with contextlib.suppress(Exception):
-            process.kill()
-
-
-def _cpu_seconds() -> dict:
-    """CPU seconds so far: of the federations this script ran (reaped children), of this script, of the machine."""
-    import resource
-
-    import psutil
-
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    mine = resource.getrusage(resource.RUSAGE_SELF)
-    machine = psutil.cpu_times()
-    return {
-        "federation": children.ru_utime + children.ru_stime,
-        "this_script": mine.ru_utime + mine.ru_stime,
-        "machine": sum(getattr(machine, k, 0.0) for k in ("user", "nice", "system", "irq", "softirq", "steal")),
-    }
 
 
 def _round_records(workspace: str) -> list[dict]:
@@ -235,6 +176,27 @@ def _round_records(workspace: str) -> list[dict]:
         return []
     with open(paths[0], encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip().endswith("}")]
+
+
+def watch(child: subprocess.Popen, workspace: str, planned: list[str], started: float, timeout: float):
+    """Sample the federation's memory every second until it ends; (peak memory, why it was stopped or None).
+
+    Stopped as soon as a round lacks a planned site (no measurement then: waiting costs time) or past timeout.
+    """
+    peak = {"rss_mib": 0.0, "pss_mib": 0.0, "largest_process_rss_mib": 0.0, "processes": 0}
+    stopped = None
+    while child.poll() is None:
+        raise_peak(peak, child.pid)
+        lost = lost_sites(_round_records(workspace), planned)
+        if lost:
+            stopped = "a site was lost: " + "; ".join(lost[:3])
+        elif time.perf_counter() - started > timeout:
+            stopped = f"over {timeout:.0f} s"
+        if stopped:
+            stop_tree(child.pid)
+            break
+        time.sleep(1.0)
+    return peak, stopped
 
 
 def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algorithm: str, timeout: float) -> dict:
@@ -248,8 +210,7 @@ def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algori
     os.makedirs(workspace)
     done_file = os.path.join(workspace, "done.json")
     log_path = os.path.join(workspace, "simulator.log")
-    peak = {"rss_mib": 0.0, "pss_mib": 0.0, "largest_process_rss_mib": 0.0, "processes": 0}
-    cpu_before = _cpu_seconds()
+    cpu_before = cpu_seconds()
     started = time.perf_counter()
     with open(log_path, "w") as log:
         child = subprocess.Popen(
@@ -259,29 +220,14 @@ def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algori
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        lost, stopped = [], None
         try:
-            while child.poll() is None:
-                rss, pss, largest, count = _memory(_tree(child.pid))
-                if pss > peak["pss_mib"]:
-                    peak.update(pss_mib=pss, processes=count)
-                peak["rss_mib"] = max(peak["rss_mib"], rss)
-                peak["largest_process_rss_mib"] = max(peak["largest_process_rss_mib"], largest)
-                lost = lost_sites(_round_records(workspace), planned)
-                if lost:
-                    stopped = "a site was lost: " + "; ".join(lost[:3])
-                elif time.perf_counter() - started > timeout:
-                    stopped = f"over {timeout:.0f} s"
-                if stopped:
-                    _stop(child.pid)
-                    break
-                time.sleep(1.0)
+            peak, stopped = watch(child, workspace, planned, started, timeout)
         finally:
             if child.poll() is None:
-                _stop(child.pid)
+                stop_tree(child.pid)
             child.wait()
     wall = time.perf_counter() - started
-    cpu = {k: after - before for (k, before), after in zip(cpu_before.items(), _cpu_seconds().values())}
+    cpu = {k: after - before for (k, before), after in zip(cpu_before.items(), cpu_seconds().values())}
     records = _round_records(workspace)
     result = {
         "sites": n_sites,
@@ -300,10 +246,15 @@ def run_federation(sites_root: str, n_sites: int, rounds: int, work: str, algori
         "log": log_path,
         "lost": lost_sites(records, planned),
     }
-    if not os.path.exists(done_file) and not stopped:
-        stopped = result["stopped"] = f"simulation failed (exit {child.returncode}); see {log_path}"
-    if records and not stopped:
-        run_info = glob.glob(os.path.join(workspace, settings["name"], "run.json"))
+    return with_round_summary(result, records, planned, os.path.join(workspace, settings["name"]), done_file)
+
+
+def with_round_summary(result: dict, records: list[dict], planned: list[str], run_folder: str, done_file: str):
+    """A finished run gets its round medians (and the simulator's own wall time); a failed one says so."""
+    if not os.path.exists(done_file) and not result["stopped"]:
+        result["stopped"] = f"simulation failed (exit {result['returncode']}); see {result['log']}"
+    if records and not result["stopped"]:
+        run_info = glob.glob(os.path.join(run_folder, "run.json"))
         if run_info:
             with open(run_info[0], encoding="utf-8") as f:
                 result["simulator_wall_seconds"] = json.load(f).get("wall_seconds")
@@ -330,7 +281,8 @@ def measure(sites_root: str, n_sites: int, rounds: int, work: str, algorithm: st
     return result
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The sizes and rounds; refused before any work when round 0 would be the only round or a size too big."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[3, 8, 23])
     parser.add_argument("--rounds", type=int, default=3)
@@ -340,10 +292,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 2:
         parser.error("--rounds must be >= 2: round 0 is left out of the medians")
-    institutions = partition_ids()
-    if max(args.sizes) > len(institutions):
-        parser.error(f"partitioning_1 has {len(institutions)} institutions; sizes up to {len(institutions)}")
+    args.institutions = partition_ids()
+    if max(args.sizes) > len(args.institutions):
+        parser.error(f"partitioning_1 has {len(args.institutions)} institutions; sizes up to {len(args.institutions)}")
+    return args
 
+
+def measure_sizes(args: argparse.Namespace) -> list[dict]:
+    """Every size, smallest first, on data made once for the largest; the scratch folder removed unless --work."""
     work = args.work or tempfile.mkdtemp(prefix="federation_scale_")
     try:
         sites_root = prepare_data(work, max(args.sizes))
@@ -359,12 +315,14 @@ def main() -> None:
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
-    summarised = with_ratios([r for r in rows if "round_seconds" in r])
-    for row in summarised:
-        row.pop("log", None)
-    payload = {
+    return rows
+
+
+def payload(args: argparse.Namespace, summarised: list[dict], rows: list[dict]) -> dict:
+    """The result file's content: the sizes with their ratios, the setting they were measured in, the failures."""
+    return {
         "partitioning": "partitioning_1",
-        "institutions": len(institutions),
+        "institutions": len(args.institutions),
         "algorithm": args.algorithm,
         "rounds": args.rounds,
         "rounds_in_medians": "rounds 1.. (round 0, start-up, left out)",
@@ -374,53 +332,64 @@ def main() -> None:
             "train_cases_per_site": 1,
             "validation_cases_per_site": 1,
         },
-        "network": {k: list(v) if isinstance(v, tuple) else v for k, v in NETWORK.items()},
+        "network": json_ready(NETWORK),
         "simulator_threads": "one worker process per site (SimEnv num_threads = sites)",
         "cpu_note": "per size, cpu_seconds.others is the CPU time other work on this shared machine took "
         "during the federation (machine busy time - the federation's process tree - this script)",
         "sizes": summarised,
         "failed": [{k: v for k, v in r.items() if k != "log"} for r in rows if "round_seconds" not in r],
     }
-    path = write_result("federation_scale", payload)
-    print(
-        table(
+
+
+def markdown(summarised: list[dict]) -> str:
+    """The sizes as the markdown table of docs/benchmarks.md."""
+    return table(
+        [
+            "sites",
+            "round (s)",
+            "slowest site work (s)",
+            "median site work (s)",
+            "rest (s)",
+            "rest per site (s)",
+            "gap (s)",
+            "round x",
+            "rest x",
+            "round 0 (s)",
+            "run wall (s)",
+            "peak PSS (MiB)",
+            "peak RSS (MiB)",
+            "retries",
+        ],
+        [
             [
-                "sites",
-                "round (s)",
-                "slowest site work (s)",
-                "median site work (s)",
-                "rest (s)",
-                "rest per site (s)",
-                "gap (s)",
-                "round x",
-                "rest x",
-                "round 0 (s)",
-                "run wall (s)",
-                "peak PSS (MiB)",
-                "peak RSS (MiB)",
-                "retries",
-            ],
-            [
-                [
-                    r["sites"],
-                    f"{r['round_seconds']:.2f}",
-                    f"{r['slowest_site_seconds']:.2f}",
-                    f"{r['median_site_seconds']:.2f}",
-                    f"{r['rest_seconds']:.2f}",
-                    f"{r['rest_per_site_seconds']:.3f}",
-                    "-" if r["gap_seconds"] is None else f"{r['gap_seconds']:.2f}",
-                    f"{r['round_seconds_ratio']:.2f}",
-                    f"{r['rest_seconds_ratio']:.2f}",
-                    f"{r['round0_seconds']:.1f}",
-                    f"{r['wall_seconds']:.0f}",
-                    f"{r['peak_memory']['pss_mib']:.0f}",
-                    f"{r['peak_memory']['rss_mib']:.0f}",
-                    len(r["earlier_attempts"]),
-                ]
-                for r in summarised
-            ],
-        )
+                r["sites"],
+                f"{r['round_seconds']:.2f}",
+                f"{r['slowest_site_seconds']:.2f}",
+                f"{r['median_site_seconds']:.2f}",
+                f"{r['rest_seconds']:.2f}",
+                f"{r['rest_per_site_seconds']:.3f}",
+                "-" if r["gap_seconds"] is None else f"{r['gap_seconds']:.2f}",
+                f"{r['round_seconds_ratio']:.2f}",
+                f"{r['rest_seconds_ratio']:.2f}",
+                f"{r['round0_seconds']:.1f}",
+                f"{r['wall_seconds']:.0f}",
+                f"{r['peak_memory']['pss_mib']:.0f}",
+                f"{r['peak_memory']['rss_mib']:.0f}",
+                len(r["earlier_attempts"]),
+            ]
+            for r in summarised
+        ],
     )
+
+
+def main() -> None:
+    args = parse_args()
+    rows = measure_sizes(args)
+    summarised = with_ratios([r for r in rows if "round_seconds" in r])
+    for row in summarised:
+        row.pop("log", None)
+    path = write_result("federation_scale", payload(args, summarised, rows))
+    print(markdown(summarised))
     print(
         f"medians over rounds 1..{args.rounds - 1} (round 0 left out); ratios vs {summarised[0]['sites'] if summarised else '-'} "
         f"sites in this invocation; written {path}"

@@ -26,7 +26,7 @@ from fedseg.trainer import build_loss
 
 def measure(crop: int, batch: int, channels: list[int], device: torch.device, amp: bool, steps: int) -> dict:
     torch.manual_seed(0)
-    model = FedSegUNet(channels=channels, strides=[2] * (len(channels) - 1)).to(device)
+    model = FedSegUNet(channels=channels).to(device)
     loss_fn = build_loss("dice_focal")
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-5)
     scaler = torch.amp.GradScaler("cuda", enabled=amp and device.type == "cuda")

@@ -35,7 +35,7 @@ import statistics
 import tempfile
 import time
 
-from bench.common import RESULTS_DIR, table, write_result
+from bench.common import json_ready, load_result, table, write_result
 from bench.convergence import INSTITUTIONS, first_complete_run, prepare, rounds_to
 from fedseg.app.compare import paired_interval  # the same 95% t-interval as `fedseg compare`
 
@@ -160,7 +160,7 @@ def run_arm(data_root: str, work: str, arm: str, seed: int, rounds: int, clients
         "curve": curve,
         "participants": [r.get("participants") for r in run.rounds],
         "step_ratio_mean": statistics.mean(ratios) if ratios else None,
-        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.items()},
+        "settings": json_ready(settings),
         "wall_seconds": time.time() - started,
     }
 
@@ -280,7 +280,8 @@ def run_key(arm: str, seed: int, k: int, rounds: int) -> str:
     return f"{arm}|k{k}|s{seed}|r{rounds}"
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The options; ``name`` (the result file) and ``arm_names`` (the arms to run) follow from --screening."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=None, choices=list(ARMS), help="default: every arm")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -303,44 +304,54 @@ def main() -> None:
     )
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args()
-    name = SCREENING_NAME if args.screening else RESULT_NAME
-    arms = args.arms or (SCREENING_ARMS if args.screening else list(ARMS))
+    args.name = SCREENING_NAME if args.screening else RESULT_NAME
+    args.arm_names = args.arms or (SCREENING_ARMS if args.screening else list(ARMS))
+    return args
 
-    runs: dict[str, dict] = {}
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    if args.resume and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for run in json.load(f).get("runs", []):
-                runs[run_key(run["arm"], run["seed"], run["clients_per_round"], run["rounds"])] = run
+
+def kept_runs(args: argparse.Namespace) -> dict[str, dict]:
+    """With --resume: every run already in the result file (any rounds, seeds, arms), by ``run_key``."""
+    old = load_result(args.name) if args.resume else {}
+    return {run_key(r["arm"], r["seed"], r["clients_per_round"], r["rounds"]): r for r in old.get("runs", [])}
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, int, int]]:
+    """(arm, seed, sites per round) in the order they run: by seed, or with --order arm by arm."""
     plan = []
     for seed in args.seeds:
         for k in args.participation:
             plan += [] if args.no_centralised else [(CENTRALISED, seed, k)]
-            plan += [(arm, seed, k) for arm in arms]
+            plan += [(arm, seed, k) for arm in args.arm_names]
     if args.order == "arm":
         plan.sort(key=lambda item: (item[0] != CENTRALISED, item[2], item[0], item[1]))
+    return plan
 
-    def save() -> str:
-        # every run in the file is kept (an earlier sitting may have run other seeds, arms or settings)
-        done = sorted(runs.values(), key=lambda r: (r["rounds"], r["clients_per_round"], r["seed"], r["arm"]))
-        missing = [item for item in plan if run_key(*item, args.rounds) not in runs]
-        return write_result(
-            name,
-            {
-                "screening": args.screening,
-                "institutions": INSTITUTIONS,
-                "rounds": args.rounds,
-                "profile": {k: list(v) if isinstance(v, tuple) else v for k, v in PROFILE.items()},
-                "arms": {a: ARMS[a] for a in arms},
-                "targets": list(TARGETS),
-                "summary": summarise_runs([r for r in done if r["rounds"] == args.rounds]),
-                "runs": done,
-                "complete": not missing,
-                "planned": len(plan),
-                "missing": len(missing),
-            },
-        )
 
+def save(args: argparse.Namespace, runs: dict[str, dict], plan: list[tuple[str, int, int]]) -> str:
+    """The result file as it stands: every run kept (an earlier sitting may have run other seeds, arms or
+    settings), the summary of those with this invocation's rounds."""
+    done = sorted(runs.values(), key=lambda r: (r["rounds"], r["clients_per_round"], r["seed"], r["arm"]))
+    missing = [item for item in plan if run_key(*item, args.rounds) not in runs]
+    return write_result(
+        args.name,
+        {
+            "screening": args.screening,
+            "institutions": INSTITUTIONS,
+            "rounds": args.rounds,
+            "profile": json_ready(PROFILE),
+            "arms": {a: ARMS[a] for a in args.arm_names},
+            "targets": list(TARGETS),
+            "summary": summarise_runs([r for r in done if r["rounds"] == args.rounds]),
+            "runs": done,
+            "complete": not missing,
+            "planned": len(plan),
+            "missing": len(missing),
+        },
+    )
+
+
+def run_plan(args: argparse.Namespace, runs: dict[str, dict], plan: list[tuple[str, int, int]]) -> None:
+    """Every planned run not in ``runs`` yet, the file saved after each; data prepared only once one has to run."""
     with tempfile.TemporaryDirectory(prefix="fedseg_long_horizon_") as tmp:
         work = os.path.abspath(args.work or tmp)
         sites = pooled = None
@@ -357,8 +368,15 @@ def main() -> None:
                 f"  final {result['final_dice_mean']:.3f} auc {result['auc']:.3f} ({result['wall_seconds']:.0f} s)",
                 flush=True,
             )
-            save()
-    path = save()
+            save(args, runs, plan)
+
+
+def main() -> None:
+    args = parse_args()
+    runs = kept_runs(args)
+    plan = planned_runs(args)
+    run_plan(args, runs, plan)
+    path = save(args, runs, plan)
     with open(path, encoding="utf-8") as f:
         print(markdown(json.load(f)["summary"]))
     print(f"written {path}")

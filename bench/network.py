@@ -45,46 +45,30 @@ configurations already there (``--fresh`` runs them all again). Needs root (netw
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
 
-from bench.common import RESULTS_DIR, table, write_result
-
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PROJECT = os.path.join(REPO_ROOT, "app", "provision", "project.yml")
-RESULT_NAME = "network"
-TESTBED = "fsgbn"  # the tests use fsgh
-SITES = ["site-1", "site-2", "site-3"]
-HOSTS = ["server", *SITES, "admin"]
-ADMIN = "admin@fedseg.org"
-RESEARCHER = "researcher@fedseg.org"
-UNLIMITED = "unlimited"
-PRECISIONS = {"full": None, "float16": "float16"}
-SHAPE = (32, 32, 24)
-INSTITUTIONS = [  # tests/conftest.py's tiny data: 4, 3 and 3 subjects, differing as the demo's sites do
-    (4, 1000.0, 0.10, 0.03, (24, 34)),
-    (3, 400.0, 0.25, 0.05, (20, 30)),
-    (3, 2500.0, 0.15, 0.04, (28, 38)),
-]
-# the fets2022 profile's network; compute cut so that the transfer shows (tests/integration/test_hospitals.py's job)
-JOB = dict(
-    sites=SITES,
-    local_steps=2,
-    samples_per_case=1,
-    crop=SHAPE,
-    sw_batch_size=1,
-    threads=1,
-    cross_site_eval=False,
-    wait_after_min_seconds=5,
+from bench.common import json_ready, load_result, table, write_result
+from bench.network_testbed import (
+    INSTITUTIONS,
+    JOB,
+    PRECISIONS,
+    SHAPE,
+    SITES,
+    TESTBED,
+    UNLIMITED,
+    prepare,
+    run_config,
+    start_federation,
 )
+
+RESULT_NAME = "network"
 
 
 # -- the arithmetic (unit-tested in tests/unit/test_bench_summaries.py) ----------------------------------------
@@ -100,37 +84,6 @@ def rate_bits(rate: str | None) -> float | None:
 
 def config_key(precision: str, rate: str, rounds: int) -> str:
     return f"{precision}|{rate}|r{rounds}"
-
-
-def round_figures(record: dict) -> dict:
-    """One round record: its seconds, the slowest site's own work, and the bytes each way per site."""
-    sites = record.get("sites", {})
-    work = {s: (m.get("train_seconds") or 0.0) + (m.get("val_seconds") or 0.0) for s, m in sites.items()}
-    slowest = max(work.values()) if work else 0.0
-    return {
-        "round": record["round"],
-        "seconds": record["seconds"],
-        "slowest_site_seconds": slowest,
-        "rest_seconds": record["seconds"] - slowest,
-        "missing": sorted(set(record.get("missing", [])) | set(record.get("rejected", {}))),
-        "bytes_received_by_site": {s: m.get("bytes_received_by_site") for s, m in sorted(sites.items())},
-        "bytes_sent_by_site": {s: m.get("bytes_sent_by_site") for s, m in sorted(sites.items())},
-    }
-
-
-FLARE_DOWNLOAD = re.compile(r"\[client\] download ref=\S+ done: elapsed=([\d.]+)s .*\(([\d,]+) bytes\)")
-FLARE_UPLOAD = re.compile(r"\[server\] download tx \S+ done: status=finished elapsed=([\d.]+)s .*\(([\d,]+) bytes\)")
-MODEL_SIZED = 10**6  # bytes: the model's transfers, not FLARE's small messages
-
-
-def flare_transfers(log_text: str) -> dict:
-    """FLARE's timing of each model-sized transfer in a site's job log, in order: seconds down and up."""
-    found = {}
-    for key, pattern in (("download_seconds", FLARE_DOWNLOAD), ("upload_seconds", FLARE_UPLOAD)):
-        found[key] = [
-            float(m.group(1)) for m in pattern.finditer(log_text) if int(m.group(2).replace(",", "")) >= MODEL_SIZED
-        ]
-    return found
 
 
 def _median(values) -> float | None:
@@ -224,144 +177,6 @@ def summarise(configs: list[dict]) -> list[dict]:
     return rows
 
 
-# -- the federation ----------------------------------------------------------------------------------------
-def _venv_tool(name: str) -> str:
-    return os.path.join(os.path.dirname(sys.executable), name)
-
-
-def _check(command: list[str], cwd: str | None = None) -> str:
-    done = subprocess.run(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} exited {done.returncode}:\n{done.stdout[-3000:]}")
-    return done.stdout
-
-
-def prepare(work: str) -> tuple[str, str]:
-    """Synthetic FeTS-shaped sites, the provisioned kits with their policies; (sites folder, prod folder)."""
-    from fedseg.app.testbed import DOMAIN
-    from fedseg.app.testbed_federation import newest_kits, write_project
-    from fedseg.data_prep.fets2022 import prepare_sites
-    from fedseg.data_prep.synthetic import Institution, SyntheticConfig, generate
-
-    config = SyntheticConfig(
-        shape=SHAPE,
-        institutions=[
-            Institution(subjects=n, intensity_scale=s, bias_strength=b, noise=z, tumour_radius_mm=r)
-            for n, s, b, z, r in INSTITUTIONS
-        ],
-    )
-    data = generate(os.path.join(work, "synthetic"), config)
-    sites = os.path.join(work, "sites")
-    prepare_sites(data, sites, partitions=[1, 2, 3], validation_fraction=0.34)
-    kits = os.path.join(work, "kits")
-    shutil.rmtree(kits, ignore_errors=True)
-    project = write_project(PROJECT, os.path.join(kits, "project.yml"), {"default_host": f"server.{DOMAIN}"})
-    _check([_venv_tool("nvflare"), "provision", "--force", "-p", project, "-w", kits])
-    prod = newest_kits(kits)
-    _check([_venv_tool("fedseg"), "install-policy", "server", "--store", os.path.join(work, "store")], cwd=prod)
-    for site in SITES:
-        _check([_venv_tool("fedseg"), "install-policy", site, "--data-root", sites], cwd=prod)
-    return sites, prod
-
-
-def link_counters(testbed) -> dict[str, tuple[int, int]]:
-    """(bytes towards the site, bytes from the site) so far, per site: its link's bridge-side veth end."""
-    counters = {}
-    for site in SITES:
-        base = os.path.join("/sys/class/net", testbed.host(site).link, "statistics")
-        with open(os.path.join(base, "tx_bytes")) as tx, open(os.path.join(base, "rx_bytes")) as rx:
-            counters[site] = (int(tx.read()), int(rx.read()))
-    return counters
-
-
-def run_config(federation: dict, precision: str, rate: str, rounds: int, timeout: float, label: str) -> dict:
-    """One job over links shaped to ``rate``: the round records and each round's link bytes, as they come."""
-    from fedseg.app.testbed_federation import server_records
-    from fedseg.jobs.export import export_job
-    from fedseg.jobs.recipes import JobSettings
-
-    testbed, agent, work = federation["testbed"], federation["agent"], federation["work"]
-    for site in SITES:
-        testbed.shape(site, None if rate == UNLIMITED else rate)
-    name = f"network_{precision}_{rate}"
-    settings = JobSettings.for_profile(
-        "fets2022", algorithm="fedref", num_rounds=rounds, quantization=PRECISIONS[precision], **JOB
-    )
-    job = export_job(replace(settings, name=name), os.path.join(work, "jobs", name))
-    started = time.time()
-    job_id = agent.call("submit", job=job)
-    counters = link_counters(testbed)
-    seen: list[dict] = []
-    link: dict[int, dict] = {}
-    deadline = started + timeout
-    while len(seen) < rounds and time.time() < deadline:
-        records = server_records(federation["server_kit"], job_id)
-        if len(records) > len(seen):
-            now = link_counters(testbed)
-            # bytes since the previous record, shared out over the rounds that appeared in this poll
-            new = records[len(seen) :]
-            for record in new:
-                link[record["round"]] = {
-                    "link_bytes_down": {s: (now[s][0] - counters[s][0]) // len(new) for s in SITES},
-                    "link_bytes_up": {s: (now[s][1] - counters[s][1]) // len(new) for s in SITES},
-                }
-            counters = now
-            for record in new:
-                figures = round_figures(record)
-                print(
-                    f"  {label} round {figures['round']}: {figures['seconds']:.1f} s "
-                    f"(slowest site's work {figures['slowest_site_seconds']:.1f} s), link "
-                    f"{statistics.median(link[record['round']]['link_bytes_down'].values()) / 1e6:.1f} MB down / "
-                    f"{statistics.median(link[record['round']]['link_bytes_up'].values()) / 1e6:.1f} MB up per site"
-                    + (f", missing {', '.join(figures['missing'])}" if figures["missing"] else ""),
-                    flush=True,
-                )
-            seen = records
-        time.sleep(0.25)
-    meta = agent.call("wait", job_id=job_id, timeout=max(30.0, deadline - time.time()))
-    wall = time.time() - started
-    records = server_records(federation["server_kit"], job_id) or seen
-    per_round = [{**round_figures(r), **link.get(r["round"], {})} for r in records]
-    flare_log = {}
-    for site in SITES:
-        log = os.path.join(federation["prod"], site, job_id, "log.txt")
-        with open(log, encoding="utf-8", errors="replace") as f:
-            flare_log[site] = flare_transfers(f.read())
-    return {
-        "precision": precision,
-        "rate": rate,
-        "quantization": PRECISIONS[precision],
-        "rounds": rounds,
-        "job_id": job_id,
-        "status": meta.get("status"),
-        "job_wall_seconds": wall,
-        "completed_rounds": len(records),
-        "per_round": per_round,
-        "flare_log": flare_log,
-    }
-
-
-def start_federation(work: str, prod: str, stack) -> dict:
-    """The testbed up, every kit started on its host, the admin agent; returns once the sites are connected."""
-    from fedseg.app import testbed as testbeds
-    from fedseg.app.testbed_federation import AdminAgent, start_kit
-
-    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
-    for name in ("FEDSEG_DATA_ROOT", "FEDSEG_CACHE_DIR"):  # each site's own policy and workspace decide
-        env.pop(name, None)
-    testbed = stack.enter_context(testbeds.testbed(TESTBED, HOSTS))
-    agent = AdminAgent(testbed, "admin", prod, env, os.path.join(work, "admin_agent.log"), RESEARCHER)
-    stack.callback(agent.close)
-    kits = {name: os.path.join(prod, name) for name in ("server", *SITES)}
-    start_kit(testbed, "server", kits["server"], env)
-    for site in SITES:
-        start_kit(testbed, site, kits[site], env)
-    connected = agent.wait_connected(SITES, timeout=240, user=ADMIN)
-    if not set(SITES) <= set(connected):
-        raise RuntimeError(f"only {connected} connected to the server; logs: {prod}/<kit>/log.txt")
-    return {"testbed": testbed, "agent": agent, "work": work, "prod": prod, "server_kit": kits["server"]}
-
-
 # -- the report --------------------------------------------------------------------------------------------
 def _fmt(value, spec: str, scale: float = 1.0) -> str:
     return "-" if value is None else format(value / scale, spec)
@@ -403,9 +218,8 @@ def markdown(summary: list[dict]) -> str:
     )
 
 
-def main() -> None:
-    import contextlib
-
+def parse_args() -> argparse.Namespace:
+    """The options, refused before any work: round 0 alone, a rate tc would not take, no unlimited baseline."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--rates", nargs="+", default=[UNLIMITED, "100mbit", "20mbit"])
@@ -423,68 +237,86 @@ def main() -> None:
             parser.error(str(exc))
     if UNLIMITED not in args.rates:
         parser.error(f"--rates must include {UNLIMITED}: it is every configuration's baseline")
+    return args
+
+
+def kept_configs(args: argparse.Namespace) -> dict[str, dict]:
+    """Unless --fresh: every configuration already in the result file (any rounds), by ``config_key``."""
+    old = {} if args.fresh else load_result(RESULT_NAME)
+    return {config_key(c["precision"], c["rate"], c["rounds"]): c for c in old.get("configurations", [])}
+
+
+def planned_configs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(precision, rate), baselines first: a configuration's ratios need its precision's unlimited run."""
+    return [(p, r) for p in args.precisions for r in sorted(args.rates, key=lambda r: rate_bits(r) is not None)]
+
+
+def save(args: argparse.Namespace, configs: dict[str, dict], complete: bool) -> str:
+    """The result file: every configuration kept, the summary of those with this invocation's rounds."""
+    done = [c for c in configs.values() if c["rounds"] == args.rounds]
+    return write_result(
+        RESULT_NAME,
+        {
+            "profile": "fets2022",
+            "algorithm": "fedref",
+            "sites": SITES,
+            "rounds": args.rounds,
+            "rounds_in_medians": "rounds 1.. (round 0, deployment and warm-up, left out)",
+            "data": {"shape": list(SHAPE), "subjects_per_site": [n for n, *_ in INSTITUTIONS]},
+            "job": json_ready(JOB),
+            "links": "each hospital's link shaped both ways with tc tbf (burst 64 KiB, 200 ms queue); "
+            "the server's link unshaped",
+            "summary": summarise(done) if done else [],
+            "configurations": sorted(configs.values(), key=lambda c: (c["rounds"], c["precision"], c["rate"])),
+            "complete": complete,
+        },
+    )
+
+
+def run_missing(args: argparse.Namespace, configs: dict[str, dict], plan: list[tuple[str, str]]) -> None:
+    """One federation on the testbed for every configuration not in ``configs``; the file saved after each.
+
+    A job that did not finish every round stops the benchmark: its figures would be no configuration's.
+    """
     from fedseg.app.testbed import can_run
 
-    configs: dict[str, dict] = {}
-    path = os.path.join(RESULTS_DIR, f"{RESULT_NAME}.json")
-    if not args.fresh and os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            for config in json.load(f).get("configurations", []):
-                configs[config_key(config["precision"], config["rate"], config["rounds"])] = config
-    # baselines first: a configuration's ratios need its precision's unlimited run
-    plan = [(p, r) for p in args.precisions for r in sorted(args.rates, key=lambda r: rate_bits(r) is not None)]
-    todo = [(p, r) for p, r in plan if config_key(p, r, args.rounds) not in configs]
+    reason = can_run()
+    if reason:
+        sys.exit(f"bench.network: {reason}")
+    with tempfile.TemporaryDirectory(prefix="fedseg_network_") as tmp, contextlib.ExitStack() as stack:
+        work = os.path.abspath(args.work or tmp)
+        os.makedirs(work, exist_ok=True)
+        started = time.time()
+        print("preparing data and kits", flush=True)
+        _, prod = prepare(work)
+        print(f"starting the federation on testbed {TESTBED} ({time.time() - started:.0f} s)", flush=True)
+        federation = start_federation(work, prod, stack)
+        print(f"sites connected ({time.time() - started:.0f} s)", flush=True)
+        for number, (precision, rate) in enumerate(plan, 1):
+            key = config_key(precision, rate, args.rounds)
+            if key in configs:
+                continue
+            label = f"[{number}/{len(plan)}] {precision} @ {rate}"
+            print(f"{label}: {args.rounds} rounds", flush=True)
+            result = run_config(federation, precision, rate, args.rounds, args.timeout, label)
+            print(
+                f"{label}: {result['status']}, {result['completed_rounds']} rounds in "
+                f"{result['job_wall_seconds']:.0f} s (whole benchmark so far {time.time() - started:.0f} s)",
+                flush=True,
+            )
+            if result["status"] != "FINISHED:COMPLETED" or result["completed_rounds"] < args.rounds:
+                raise RuntimeError(f"{label}: job {result['job_id']} {result['status']}; logs under {prod}")
+            configs[key] = result
+            save(args, configs, complete=False)
 
-    def save(complete: bool) -> str:
-        done = [c for c in configs.values() if c["rounds"] == args.rounds]
-        return write_result(
-            RESULT_NAME,
-            {
-                "profile": "fets2022",
-                "algorithm": "fedref",
-                "sites": SITES,
-                "rounds": args.rounds,
-                "rounds_in_medians": "rounds 1.. (round 0, deployment and warm-up, left out)",
-                "data": {"shape": list(SHAPE), "subjects_per_site": [n for n, *_ in INSTITUTIONS]},
-                "job": {k: list(v) if isinstance(v, tuple) else v for k, v in JOB.items()},
-                "links": "each hospital's link shaped both ways with tc tbf (burst 64 KiB, 200 ms queue); "
-                "the server's link unshaped",
-                "summary": summarise(done) if done else [],
-                "configurations": sorted(configs.values(), key=lambda c: (c["rounds"], c["precision"], c["rate"])),
-                "complete": complete,
-            },
-        )
 
-    if todo:
-        reason = can_run()
-        if reason:
-            sys.exit(f"bench.network: {reason}")
-        with tempfile.TemporaryDirectory(prefix="fedseg_network_") as tmp, contextlib.ExitStack() as stack:
-            work = os.path.abspath(args.work or tmp)
-            os.makedirs(work, exist_ok=True)
-            started = time.time()
-            print("preparing data and kits", flush=True)
-            _, prod = prepare(work)
-            print(f"starting the federation on testbed {TESTBED} ({time.time() - started:.0f} s)", flush=True)
-            federation = start_federation(work, prod, stack)
-            print(f"sites connected ({time.time() - started:.0f} s)", flush=True)
-            for number, (precision, rate) in enumerate(plan, 1):
-                key = config_key(precision, rate, args.rounds)
-                if key in configs:
-                    continue
-                label = f"[{number}/{len(plan)}] {precision} @ {rate}"
-                print(f"{label}: {args.rounds} rounds", flush=True)
-                result = run_config(federation, precision, rate, args.rounds, args.timeout, label)
-                print(
-                    f"{label}: {result['status']}, {result['completed_rounds']} rounds in "
-                    f"{result['job_wall_seconds']:.0f} s (whole benchmark so far {time.time() - started:.0f} s)",
-                    flush=True,
-                )
-                if result["status"] != "FINISHED:COMPLETED" or result["completed_rounds"] < args.rounds:
-                    raise RuntimeError(f"{label}: job {result['job_id']} {result['status']}; logs under {prod}")
-                configs[key] = result
-                save(complete=False)
-    path = save(complete=all(config_key(p, r, args.rounds) in configs for p, r in plan))
+def main() -> None:
+    args = parse_args()
+    configs = kept_configs(args)
+    plan = planned_configs(args)
+    if any(config_key(p, r, args.rounds) not in configs for p, r in plan):
+        run_missing(args, configs, plan)
+    path = save(args, configs, complete=all(config_key(p, r, args.rounds) in configs for p, r in plan))
     with open(path, encoding="utf-8") as f:
         summary = json.load(f)["summary"]
     print(markdown(summary))

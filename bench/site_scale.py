@@ -32,10 +32,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
-from bench.common import RESULTS_DIR, table, write_result
+from bench.common import load_result, run_python, table, write_result
+from bench.site_scale_flare import measure_in_flare
 
 RESULT_NAME = "site_scale"
 SHAPE = (240, 240, 155)
@@ -138,84 +138,6 @@ def make_site(work: str, pool: str, cases: int) -> str:
     return site
 
 
-def run_child(code: str, *args: str) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def flare_site(work: str, pool: str, cases: int, steps: int, val_cases: int) -> dict:
-    """The same site inside FLARE: ``fedseg simulate --profile fets2022`` with this one site, 2 rounds.
-
-    The site runs in the simulator's worker process; its RSS (and the whole simulator's) is sampled
-    every 200 ms while the job runs, from a fresh cache.
-    """
-    import psutil
-
-    root = os.path.join(work, f"flare_sites_{cases}")
-    os.makedirs(root, exist_ok=True)
-    link = os.path.join(root, "site-1")
-    if not os.path.islink(link):
-        os.symlink(make_site(work, pool, cases), link)
-    workspace = os.path.join(work, f"flare_ws_{cases}")
-    subprocess.run(["rm", "-rf", workspace], check=True)
-    command = [
-        sys.executable,
-        "-m",
-        "fedseg.app",
-        "simulate",
-        "--profile",
-        "fets2022",
-        "--data-root",
-        root,
-        "--sites",
-        "site-1",
-        "--rounds",
-        "2",
-        "--local-steps",
-        str(steps),
-        "--val-max-cases",
-        str(val_cases),
-        "--no-cross-site-eval",
-        "--workspace",
-        workspace,
-    ]
-    started = time.time()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    site_peak = tree_peak = 0
-    parent = psutil.Process(process.pid)
-    while process.poll() is None:
-        try:
-            tree = [parent, *parent.children(recursive=True)]
-            rss = {p.pid: p.memory_info().rss for p in tree}
-            workers = [p.pid for p in tree if "simulator_worker" in " ".join(p.cmdline())]
-        except psutil.Error:
-            continue
-        tree_peak = max(tree_peak, sum(rss.values()))
-        site_peak = max([site_peak, *(rss[pid] for pid in workers)])
-        time.sleep(0.2)
-    if process.returncode != 0:
-        raise RuntimeError(
-            f"fedseg simulate with {cases} cases failed (exit {process.returncode}): {' '.join(command)}"
-        )
-    from fedseg.app.artifacts import load_run
-    from fedseg.cache import cache_size_bytes
-    from fedseg.jobs.recipes import SIMULATOR_CACHE_NAME
-
-    records = load_run(os.path.join(workspace, "fedseg_fedref")).rounds
-    site = [r["sites"]["site-1"] for r in records]
-    return {
-        "cases": cases,
-        "site_process_peak_rss_mib": site_peak / 2**20,
-        "simulator_peak_rss_mib": tree_peak / 2**20,
-        "wall_seconds": time.time() - started,
-        # read here, on the site's own disk: the sites no longer send their cache's size (it sums brain volumes)
-        "cache_mb": cache_size_bytes(os.path.join(workspace, SIMULATOR_CACHE_NAME, "site-1")) / 1e6,
-        "caching_seconds": site[-1].get("cache_seconds"),
-        "seconds_per_step": site[-1]["train_seconds"] / site[-1]["num_steps"],
-        "round_seconds": [r["seconds"] for r in records],
-    }
-
-
 def summarise(raw: dict) -> dict:
     """The figures of one size: per-phase peaks, step time (first step of the process left out), rounds."""
     rounds = raw["rounds"]
@@ -239,14 +161,6 @@ def summarise(raw: dict) -> dict:
         "peak_gpu_mib": raw.get("peak_gpu_mib"),
         "rounds": rounds,
     }
-
-
-def load_previous(name: str) -> dict:
-    path = os.path.join(RESULTS_DIR, f"{name}.json")
-    if not os.path.isfile(path):
-        return {}
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def institution_sizes(csv_path: str) -> list[tuple[int, int]]:
@@ -290,7 +204,7 @@ def hospital_table(
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[8, 32, 96])
     parser.add_argument("--baseline-sizes", type=int, nargs="*", default=[8, 32])
@@ -313,21 +227,19 @@ def main() -> None:
         action="store_true",
         help="measure each size inside a FLARE simulator federation instead (site_scale_flare.json)",
     )
-    args = parser.parse_args()
-    if args.table:
-        print_hospital_table(args.csv)
-        return
+    return parser.parse_args()
 
-    name = RESULT_NAME if args.device == "cpu" else f"{RESULT_NAME}_{args.device}"
-    work = os.path.abspath(args.work)
-    os.makedirs(work, exist_ok=True)
-    pool = make_pool(work, args.distinct)
-    if args.flare:
-        measure_in_flare(args, work, pool)
-        return
-    previous = load_previous(name) if args.resume else {}
-    done = {s["cases"]: s for s in previous.get("sizes", [])}
-    baseline = {b["cases"]: b for b in previous.get("baseline", [])}
+
+def save(name: str, args: argparse.Namespace, done: dict[int, dict], baseline: dict[int, dict]) -> str:
+    """The result file as it stands (written after every size, so that --resume can keep them)."""
+    sizes = [done[k] for k in sorted(done)]
+    extra = {}
+    if sizes:
+        smallest, largest = sizes[0], sizes[-1]
+        extra = {
+            "rss_ratio_largest_vs_smallest": largest["peak_rss_mib_max"] / smallest["peak_rss_mib_max"],
+            "step_ratio_largest_vs_smallest": largest["seconds_per_step"] / smallest["seconds_per_step"],
+        }
     payload = {
         "profile": "fets2022",
         "steps_per_round_measured": args.steps,
@@ -337,75 +249,77 @@ def main() -> None:
         "shape": list(SHAPE),
         "distinct_subjects": args.distinct,
     }
+    return write_result(name, {**payload, "sizes": sizes, "baseline": [baseline[k] for k in sorted(baseline)], **extra})
 
-    def save() -> str:
-        sizes = [done[k] for k in sorted(done)]
-        extra = {}
-        if sizes:
-            smallest, largest = sizes[0], sizes[-1]
-            extra = {
-                "rss_ratio_largest_vs_smallest": largest["peak_rss_mib_max"] / smallest["peak_rss_mib_max"],
-                "step_ratio_largest_vs_smallest": largest["seconds_per_step"] / smallest["seconds_per_step"],
-            }
-        return write_result(
-            name, {**payload, "sizes": sizes, "baseline": [baseline[k] for k in sorted(baseline)], **extra}
-        )
 
+def measure_size(args: argparse.Namespace, work: str, pool: str, cases: int) -> dict:
+    """One size in a fresh process, from an empty cache (caching is part of the measurement)."""
+    site = make_site(work, pool, cases)
+    cache_root = os.path.join(work, f"cache_{cases}")
+    subprocess.run(["rm", "-rf", cache_root], check=True)
+    print(f"{cases} cases: caching, then {args.rounds} rounds of {args.steps} steps ...", flush=True)
+    started = time.time()
+    size = summarise(
+        run_python(CHILD, site, cache_root, str(args.steps), str(args.rounds), args.device, str(args.val_cases))
+    )
+    print(
+        f"  {time.time() - started:.0f} s; peak RSS {size['peak_rss_mib_max']:.0f} MiB, "
+        f"{size['seconds_per_step']:.2f} s/step, cache {size['cache_mb']:.0f} MB",
+        flush=True,
+    )
+    return size
+
+
+def markdown(sizes: list[dict]) -> str:
+    return table(
+        [
+            "cases",
+            "train/val",
+            "peak RSS caching / training / validation (MiB)",
+            "s/step",
+            "s per val case",
+            "caching (s)",
+            "first round (s)",
+            "later round (s)",
+            "disk cache (MB)",
+        ],
+        [
+            [
+                s["cases"],
+                f"{s['train_cases']}/{s['val_cases']}",
+                " / ".join(f"{s['peak_rss_mib'][k]:.0f}" for k in ("caching", "training", "validation")),
+                f"{s['seconds_per_step']:.2f}",
+                f"{s['val_seconds_per_case']:.1f}",
+                f"{s['caching_seconds']:.0f}",
+                f"{s['first_round_seconds']:.0f}",
+                f"{s['later_round_seconds'] or 0:.0f}",
+                f"{s['cache_mb']:.0f}",
+            ]
+            for s in sizes
+        ],
+    )
+
+
+def measure_outside_flare(args: argparse.Namespace, work: str, pool: str) -> None:
+    """Every size (then the in-memory baseline, CPU only) not kept by --resume; the tables of what was found."""
+    name = RESULT_NAME if args.device == "cpu" else f"{RESULT_NAME}_{args.device}"
+    previous = load_result(name) if args.resume else {}
+    done = {s["cases"]: s for s in previous.get("sizes", [])}
+    baseline = {b["cases"]: b for b in previous.get("baseline", [])}
     for cases in args.sizes:
         if cases in done:
             print(f"{cases} cases: kept from the previous results", flush=True)
             continue
-        site = make_site(work, pool, cases)
-        cache_root = os.path.join(work, f"cache_{cases}")
-        subprocess.run(["rm", "-rf", cache_root], check=True)  # caching is part of the measurement
-        print(f"{cases} cases: caching, then {args.rounds} rounds of {args.steps} steps ...", flush=True)
-        started = time.time()
-        done[cases] = summarise(
-            run_child(CHILD, site, cache_root, str(args.steps), str(args.rounds), args.device, str(args.val_cases))
-        )
-        print(
-            f"  {time.time() - started:.0f} s; peak RSS {done[cases]['peak_rss_mib_max']:.0f} MiB, "
-            f"{done[cases]['seconds_per_step']:.2f} s/step, cache {done[cases]['cache_mb']:.0f} MB",
-            flush=True,
-        )
-        save()
+        done[cases] = measure_size(args, work, pool, cases)
+        save(name, args, done, baseline)
     for cases in args.baseline_sizes:
         if cases in baseline or args.device != "cpu":
             continue
         print(f"baseline (in-memory CacheDataset of full volumes), {cases} cases ...", flush=True)
-        baseline[cases] = run_child(BASELINE_CHILD, make_site(work, pool, cases))
-        save()
-    path = save()
-    sizes = [done[k] for k in sorted(done)]
-    print(
-        table(
-            [
-                "cases",
-                "train/val",
-                "peak RSS caching / training / validation (MiB)",
-                "s/step",
-                "s per val case",
-                "caching (s)",
-                "first round (s)",
-                "later round (s)",
-                "disk cache (MB)",
-            ],
-            [
-                [
-                    s["cases"],
-                    f"{s['train_cases']}/{s['val_cases']}",
-                    " / ".join(f"{s['peak_rss_mib'][k]:.0f}" for k in ("caching", "training", "validation")),
-                    f"{s['seconds_per_step']:.2f}",
-                    f"{s['val_seconds_per_case']:.1f}",
-                    f"{s['caching_seconds']:.0f}",
-                    f"{s['first_round_seconds']:.0f}",
-                    f"{s['later_round_seconds'] or 0:.0f}",
-                    f"{s['cache_mb']:.0f}",
-                ]
-                for s in sizes
-            ],
-        )
-    )
+        baseline[cases] = run_python(BASELINE_CHILD, make_site(work, pool, cases))
+        save(name, args, done, baseline)
+    path = save(name, args, done, baseline)
+    print(markdown([done[k] for k in sorted(done)]))
     if baseline:
         print(
             table(
@@ -418,64 +332,28 @@ def main() -> None:
     print(f"written {path}")
 
 
-def measure_in_flare(args: argparse.Namespace, work: str, pool: str) -> None:
-    """``--flare``: each size as a one-site simulator federation; results in ``site_scale_flare.json``."""
-    name = f"{RESULT_NAME}_flare"
-    done = {r["cases"]: r for r in (load_previous(name).get("sizes") or [])} if args.resume else {}
-    for cases in args.sizes:
-        if cases in done:
-            continue
-        print(f"{cases} cases inside FLARE: caching, then 2 rounds of {args.steps} steps ...", flush=True)
-        done[cases] = flare_site(work, pool, cases, args.steps, args.val_cases)
-        sizes = [done[k] for k in sorted(done)]
-        path = write_result(
-            name,
-            {
-                "profile": "fets2022",
-                "steps_per_round_measured": args.steps,
-                "rounds": 2,
-                "val_cases_per_round_measured": args.val_cases,
-                "sizes": sizes,
-                "site_rss_ratio_largest_vs_smallest": sizes[-1]["site_process_peak_rss_mib"]
-                / sizes[0]["site_process_peak_rss_mib"],
-            },
-        )
-    print(
-        table(
-            [
-                "cases",
-                "site process peak RSS (MiB)",
-                "whole simulator peak RSS (MiB)",
-                "s/step",
-                "caching (s)",
-                "disk cache (MB)",
-                "wall (s)",
-            ],
-            [
-                [
-                    r["cases"],
-                    f"{r['site_process_peak_rss_mib']:.0f}",
-                    f"{r['simulator_peak_rss_mib']:.0f}",
-                    f"{r['seconds_per_step']:.2f}",
-                    f"{r['caching_seconds']:.0f}",
-                    f"{r['cache_mb']:.0f}",
-                    f"{r['wall_seconds']:.0f}",
-                ]
-                for r in (done[k] for k in sorted(done))
-            ],
-        )
-    )
-    print(f"written {path}")
+def main() -> None:
+    args = parse_args()
+    if args.table:
+        print_hospital_table(args.csv)
+        return
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+    pool = make_pool(work, args.distinct)
+    if args.flare:
+        measure_in_flare(args, work, lambda cases: make_site(work, pool, cases))
+        return
+    measure_outside_flare(args, work, pool)
 
 
 def print_hospital_table(csv_path: str) -> None:
     """The per-institution table from the stored results (CPU, and GPU where measured), without measuring."""
     from fedseg.settings import profile
 
-    sizes = load_previous(RESULT_NAME).get("sizes") or []
+    sizes = load_result(RESULT_NAME).get("sizes") or []
     if not sizes:
         raise SystemExit(f"no {RESULT_NAME}.json results yet: run python -m bench.site_scale first")
-    gpu_sizes = load_previous(f"{RESULT_NAME}_cuda").get("sizes") or []
+    gpu_sizes = load_result(f"{RESULT_NAME}_cuda").get("sizes") or []
     gpu = (
         {k: statistics.median(s[k] for s in gpu_sizes) for k in ("seconds_per_step", "val_seconds_per_case")}
         if gpu_sizes
