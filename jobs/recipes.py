@@ -28,7 +28,13 @@ from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.utils import add_experiment_tracking
 
 import fedseg
-from fedseg.controller import FedRefController, RecordingFedAvg, RecordingFedOpt, RecordingScaffold
+from fedseg.controller import (
+    FedRefController,
+    RecordingFedAvg,
+    RecordingFedOpt,
+    RecordingFedPIDAvg,
+    RecordingScaffold,
+)
 from fedseg.executor import TRAINER_SCRIPT, VersionGuard
 from fedseg.jobs.settings import JobSettings, server_arguments
 from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
@@ -76,6 +82,7 @@ CONTROLLERS = {
     "fedadam": Controller(RecordingFedOpt, _server_optimizer),
     "fedavgm": Controller(RecordingFedOpt, _server_optimizer),
     "scaffold": Controller(RecordingScaffold),
+    "fedpidavg": Controller(RecordingFedPIDAvg),
 }
 ALGORITHMS = {name: controller.cls for name, controller in CONTROLLERS.items()}
 assert tuple(ALGORITHMS) == ALGORITHM_NAMES  # the server's allowed names are these (fedseg.server_config)

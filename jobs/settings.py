@@ -31,6 +31,7 @@ from fedseg.fedref import (
     REFERENCE_WEIGHTINGS,
     VARIANTS,
 )
+from fedseg.pidavg import ALPHA, BETA, GAMMA, MAX_WINDOW, WINDOW
 from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
 from fedseg.server_config import plain_name
 from fedseg.settings import (
@@ -101,6 +102,11 @@ def _fedref(default: Any, help_text: str, *, server_arg: str | None = None, **op
     return _job(
         default, "FedRef: " + help_text, group="fedref", server_arg=server_arg or True, algorithms=FEDREF, **options
     )
+
+
+def _pid(default: Any, help_text: str):
+    """A FedPIDAvg constant: the FedPIDAvg controller's keyword of the same name."""
+    return _job(default, "FedPIDAvg: " + help_text, group="baselines", server_arg=True, algorithms=("fedpidavg",))
 
 
 @dataclass
@@ -193,6 +199,11 @@ class JobSettings(TrainingSettings):
         group="baselines",
     )
     server_momentum: float = _job(0.9, "FedAvgM: the server optimiser's momentum", group="baselines")
+    # FedPIDAvg's weights (fedseg.pidavg): alpha s_j/S + beta k_j/K + gamma m_j/I, the paper's constants
+    pid_alpha: float = _pid(ALPHA, "weight of the site's share of the training cases (alpha + beta + gamma = 1)")
+    pid_beta: float = _pid(BETA, "weight of the drop of the site's training loss since its last round")
+    pid_gamma: float = _pid(GAMMA, "weight of the mean of the site's recent training losses")
+    pid_window: int = _pid(WINDOW, f"rounds of losses in that mean, this one included (1 to {MAX_WINDOW})")
     wait_after_min_seconds: int = _job(
         60,
         "how long a round waits for the other sites once --min-clients have answered",

@@ -7,8 +7,9 @@ model it answers (``update_problem``), holds the good ones and sums them in site
 weights, helpers and result as FLARE's built-in InTime aggregation (nvflare 2.9
 ``FedAvg._aggregate_one_result``/``_get_aggregated_result``), so a run repeats bit for bit.
 
-A new aggregation rule is a subclass that overrides ``weight(site, result)`` (e.g. FedPIDAvg: weights from
-each site's loss change, kept in the subclass), not a new controller: the controllers call only
+A new aggregation rule is a subclass that overrides ``weight(site, result)`` (e.g. FedPIDAvg,
+``fedseg.pidavg.PIDAggregator``: weights from each site's data size and loss history, kept in the subclass), not
+a new controller: the controllers call only
 ``start_round``, ``accept_model``, ``accepted``, ``aggregate_model`` and ``reset_stats``.
 """
 
@@ -79,6 +80,8 @@ class SiteOrderedAggregator(ModelAggregator):
         aggregation_weights: FedAvg's per-site weights (1.0 for a site not named).
         key_metric: the ``key_metric`` entry FedAvg adds to its aggregation info (from its stop condition).
     """
+
+    WEIGHT_FORMULA = "aggregation_weight * NUM_STEPS_CURRENT_ROUND"  # how ``weight`` is computed, for the info
 
     def __init__(
         self, exclude_vars: str | None = None, aggregation_weights: dict | None = None, key_metric: dict | None = None
@@ -166,7 +169,7 @@ class SiteOrderedAggregator(ModelAggregator):
         """FedAvg's description of how the round metrics were averaged (its ``_make_metrics_aggregation_info``)."""
         info = make_fedavg_metrics_aggregation_info(
             weight_key=SITE_WEIGHT_KEY if site_weights else FLMetaKey.NUM_STEPS_CURRENT_ROUND,
-            weight_formula="aggregation_weight * NUM_STEPS_CURRENT_ROUND" if site_weights else None,
+            weight_formula=self.WEIGHT_FORMULA if site_weights else None,
             site_weights=site_weights or None,
         )
         if self.key_metric:

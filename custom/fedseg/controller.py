@@ -11,6 +11,7 @@ The pieces, each in one place:
 - ``fedseg.rounds.RoundRecorder``: participation (``participants``, the validate task to the sites left
   out) and ``round_metrics.jsonl``;
 - ``fedseg.fedref_run``: FedRef's checkpoints and the continuation of a stopped run (``resume_job``).
+``RecordingFedPIDAvg``: FedAvg with ``fedseg.pidavg``'s weights.
 ``RecordingScaffold`` keeps NVFlare's own Scaffold loop and adapts it through public overrides. ``FedRefController`` adds the MAP step
 of ``fedseg.fedref`` after aggregation and saves its reference buffer with every global checkpoint; it
 records the step's inputs in ``fedref_step.pt`` every round, so anyone can recompute the last global model.
@@ -50,6 +51,7 @@ from fedseg.fedref_run import (
     save_step_record,
     stopped_run,
 )
+from fedseg.pidavg import ALPHA, BETA, GAMMA, WINDOW, PIDAggregator, PIDRule
 from fedseg.rounds import SERVER_SIDE_META, _plain, message_bytes, participants, zero_fraction
 from fedseg.server_config import (
     MAX_BUFFER_SIZE,
@@ -75,6 +77,7 @@ __all__ = [  # names other modules import from here (some defined in the modules
     "FedRefController",
     "RecordingFedAvg",
     "RecordingFedOpt",
+    "RecordingFedPIDAvg",
     "RecordingScaffold",
     "_plain",
     "message_bytes",
@@ -110,6 +113,8 @@ class RecordingFedAvg(FedAvgRounds, FedAvg):
 
     def check_job(self, config: ServerConfig) -> None:
         algorithm = self.effective_algorithm()
+        if self.fedprox_mu and algorithm != "fedprox":  # FedRef, FedOpt and FedPIDAvg send no proximal term
+            raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
         if self.algorithm_name is not None and self.algorithm_name != algorithm:
             raise JobRefused(f"algorithm_name = {self.algorithm_name!r}: this controller's settings run {algorithm!r}")
         super().check_job(config)
@@ -123,6 +128,33 @@ class RecordingFedAvg(FedAvgRounds, FedAvg):
         weights = self.aggregation_weights or {}
         for site, weight in weights.items():
             number(f"aggregation_weights[{site!r}]", weight, 0.0, 1e6)
+
+
+class RecordingFedPIDAvg(RecordingFedAvg):
+    """FedAvg's loop with FedPIDAvg's weights (``fedseg.pidavg``); each round's record holds the weights and their
+    inputs per site (``fedpidavg``). The constants are checked when it is built, before its aggregator sees them."""
+
+    algorithm = "fedpidavg"
+
+    def __init__(self, *args, pid_alpha=ALPHA, pid_beta=BETA, pid_gamma=GAMMA, pid_window=WINDOW, **kwargs) -> None:
+        self.pid_rule = PIDRule.checked(pid_alpha, pid_beta, pid_gamma, pid_window)  # make_aggregator reads it
+        self.pid_alpha, self.pid_beta, self.pid_gamma, self.pid_window = pid_alpha, pid_beta, pid_gamma, pid_window
+        super().__init__(*args, **kwargs)
+
+    def make_aggregator(self) -> PIDAggregator:
+        key_metric = make_key_metric_info_from_stop_condition(self.stop_cond, self.stop_condition)
+        return PIDAggregator(self.pid_rule, self.exclude_vars, key_metric)
+
+    def effective_algorithm(self) -> str:
+        return "fedpidavg"
+
+    def check_job(self, config: ServerConfig) -> None:
+        if self.aggregation_weights:
+            raise JobRefused("aggregation_weights: FedPIDAvg weighs each site by its data size and losses itself")
+        super().check_job(config)
+
+    def round_extra(self) -> dict:
+        return {"fedpidavg": self.site_aggregator.last_round}
 
 
 class FedRefController(RecordingFedAvg):
@@ -206,8 +238,6 @@ class FedRefController(RecordingFedAvg):
             )
 
     def check_job(self, config: ServerConfig) -> None:
-        if self.fedprox_mu:
-            raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
         super().check_job(config)
         if self.planned_rounds is not None:
             self.check_planned_rounds(config)
@@ -327,8 +357,6 @@ class RecordingFedOpt(_FedOpt, RecordingFedAvg):
         return self.OPTIMIZERS.get(spec.get("path"), "fedopt")
 
     def check_job(self, config: ServerConfig) -> None:
-        if self.fedprox_mu:
-            raise JobRefused(f"fedprox_mu = {self.fedprox_mu!r}: only the fedprox controller sends a proximal term")
         check_optimizer(self.optimizer_args)
         check_scheduler(self.lr_scheduler_args)
         super().check_job(config)

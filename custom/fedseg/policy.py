@@ -41,6 +41,7 @@ SERVER_CLASSES = (
     "fedseg.controller.FedRefController",
     "fedseg.controller.RecordingFedAvg",
     "fedseg.controller.RecordingFedOpt",
+    "fedseg.controller.RecordingFedPIDAvg",
     "fedseg.controller.RecordingScaffold",
     "fedseg.executor.VersionGuard",
     "fedseg.persistor.SeededModelPersistor",

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from fedseg.atomic import read_json_object
 
 SERVER_CONFIG_FILE = "fedseg_server.json"  # in the server kit's local/ folder, beside FLARE's resources.json
-ALGORITHMS = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
+ALGORITHMS = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold", "fedpidavg")
 # a job id or a file name a job may give: one plain path component, never "..", never a folder
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_PULL = 10.0  # lambda1, lambda2, FedProx mu: a larger pull freezes the model (a query oracle on site data)

@@ -2,7 +2,7 @@
 
 Runs are judged by their results: from the saved models, each algorithm's global model is the one its rule
 gives (FedRef's closed form, FedAvg's mean, FedAvgM's momentum, FedAdam's first Adam step, FedProx's term
-at the sites). Sites train deterministically from the same seed, so two runs that send the sites the same
+at the sites, FedPIDAvg's weights from what the sites reported). Sites train deterministically from the same seed, so two runs that send the sites the same
 model get the same site updates: that is what lets one run's artifacts check another's server step.
 """
 
@@ -20,7 +20,7 @@ from fedseg.checkpoint import load_network, load_state_dict
 from fedseg.controller import FEDREF_STEP_FILE
 from fedseg.jobs.recipes import JobSettings, run_simulation
 
-BASELINES = ["fedavg", "fedprox", "fedadam", "fedavgm", "scaffold"]
+BASELINES = ["fedavg", "fedprox", "fedadam", "fedavgm", "scaffold", "fedpidavg"]
 ROUNDS = {"fedadam": 1}  # one round is what its closed-form check needs; the others run TINY's two
 
 
@@ -159,6 +159,26 @@ def test_fedprox_adds_its_proximal_term_at_the_sites(federation):
         assert prox["train_loss"] != plain["train_loss"]
     prox_model, plain_model = weights(fedprox.global_model), weights(fedavg.global_model)
     assert not all(np.array_equal(prox_model[k], plain_model[k]) for k in plain_model)
+
+
+def test_fedpidavg_weighs_the_sites_as_its_rule_gives_from_what_they_reported(federation):
+    # the shared run of test_each_baseline_completes_its_rounds: each round's recorded weights are FedPIDAvg's
+    # rule applied to the sites' reported training cases and losses, and the losses of the rounds before
+    from fedseg.pidavg import PIDRule
+
+    job, run = baseline(federation, "fedpidavg")
+    rule, history = PIDRule(job.pid_alpha, job.pid_beta, job.pid_gamma, job.pid_window), {}
+    for record in run.rounds:
+        sites, pid = record["sites"], record["fedpidavg"]
+        sizes = {site: values["n_train_cases"] for site, values in sites.items()}
+        inputs = rule.inputs(sizes, {site: values["train_loss"] for site, values in sites.items()}, history)
+        assert sorted(pid["weights"]) == SITES and sum(pid["weights"].values()) == pytest.approx(1.0)
+        assert pid["weights"] == pytest.approx(rule.weights(inputs), rel=1e-9)
+        for site in SITES:
+            assert pid["inputs"][site] == pytest.approx(inputs[site], rel=1e-9), site
+        rule.remember(history, {site: values["loss"] for site, values in inputs.items()})
+    assert (pid["alpha"], pid["beta"], pid["gamma"], pid["window"]) == (0.45, 0.45, 0.1, 6)
+    assert len(run.rounds) == 2 and all(pid["inputs"][site]["loss"] is not None for site in SITES)
 
 
 def test_poisoned_updates_are_rejected_and_rounds_complete(two_sites, tmp_path):

@@ -154,6 +154,10 @@ ROUND_TRIP = {  # algorithm: (options, what its controller's arguments then hold
     "fedadam": (["--server-lr", "0.2"], {"optimizer_args": {"lr": 0.2, "betas": [0.9, 0.99], "eps": 0.001}}),
     "fedavgm": (["--server-lr", "0.5", "--server-momentum", "0.7"], {"optimizer_args": {"lr": 0.5, "momentum": 0.7}}),
     "scaffold": (["--byoc", "--profile", "fets2022"], {}),
+    "fedpidavg": (
+        shlex.split("--pid-alpha 0.5 --pid-beta 0.3 --pid-gamma 0.2 --pid-window 4"),
+        {"pid_alpha": 0.5, "pid_beta": 0.3, "pid_gamma": 0.2, "pid_window": 4},
+    ),
     "fedavg": (TRAINING_OPTIONS, {"participation_seed": 5}),
 }
 

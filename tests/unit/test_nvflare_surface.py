@@ -66,6 +66,7 @@ CONTROLLER_SOURCES = (
     "custom/fedseg/aggregation.py",
     "custom/fedseg/rounds.py",
     "custom/fedseg/fedref_run.py",
+    "custom/fedseg/pidavg.py",
 )
 # NVFlare methods our controllers override on purpose (all public): NVFlare's code calls them
 CONTROLLER_OVERRIDES = {
@@ -153,11 +154,11 @@ def test_the_controllers_use_no_private_nvflare_name_that_is_not_listed():
 
 def test_our_controller_methods_neither_shadow_nor_are_shadowed_by_nvflare_s():
     """A method of ours that an NVFlare class behind it also defines is an override: only the listed ones."""
-    from fedseg import aggregation, controller, rounds, workflow
+    from fedseg import aggregation, controller, pidavg, rounds, workflow
 
     ours = {
         name
-        for module in (controller, workflow, aggregation, rounds)
+        for module in (controller, workflow, aggregation, rounds, pidavg)
         for cls in vars(module).values()
         if isinstance(cls, type) and cls.__module__ == module.__name__
         for name, value in vars(cls).items()
@@ -240,7 +241,7 @@ def test_the_recipe_still_keeps_its_job_where_we_read_it():
     )
 
 
-RECIPE_ALGORITHMS = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold")
+RECIPE_ALGORITHMS = ("fedref", "fedavg", "fedprox", "fedadam", "fedavgm", "scaffold", "fedpidavg")
 
 
 @pytest.mark.parametrize("algorithm", RECIPE_ALGORITHMS)
