@@ -82,7 +82,10 @@ def main() -> None:
     args = parser.parse_args()
     per_round = round_seconds(args.demo_run)
     rows = []
-    for name, channels in (("demo U-Net", (16, 32, 64, 128)), ("22M U-Net", (48, 96, 192, 384, 768))):
+    from fedseg.network import DEFAULT_CHANNELS
+
+    # the demo profile's network, and a 22 M-parameter one (the benchmark's own size, not a profile's)
+    for name, channels in (("demo U-Net", DEFAULT_CHANNELS), ("22M U-Net", (48, 96, 192, 384, 768))):
         result = measure(state(channels))
         result["network"] = name
         result["fedref_vs_fedavg"] = result["fedref_step_seconds"] / result["fedavg_seconds"]
