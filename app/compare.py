@@ -25,6 +25,7 @@ import statistics
 import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
+from fedseg.app.challenge_score import convergence, convergence_text
 from fedseg.app.plots import Series, dice_curves_png
 from fedseg.app.report import (
     area_under_curve,
@@ -99,6 +100,7 @@ def summarise(run: RunArtifacts, target: float) -> dict:
         "mb_per_round": sum(mb) / len(mb) if mb else 0.0,
         "mb_total": sum(mb),
         "wall_seconds": run.run_info.get("wall_seconds"),
+        "challenge": convergence(run),
         "curve": curve,
     }
 
@@ -123,10 +125,18 @@ MEASURES = [
     ("forgetting", "forgetting (summed Dice drops)", "min", lambda s: s["forgetting"]["total"]),
     ("mb_total", "megabytes moved in total", "min", lambda s: s["mb_total"]),
     ("wall_seconds", "wall time (s)", "min", lambda s: s["wall_seconds"]),
+    ("convergence_score", "FeTS Challenge convergence score", "max", lambda s: _clock(s, "convergence_score")),
+    ("simulated_hours", "simulated hours on the challenge clock", "min", lambda s: _clock(s, "simulated_hours")),
 ]
+CLOCK_MEASURES = ("convergence_score", "simulated_hours")  # left out of a comparison of runs without the clock
 
 
-PAIRED_MEASURES = ("final_dice_mean", "auc", "last3_dice_mean", "forgetting")
+def _clock(summary: dict, key: str):
+    return (summary.get("challenge") or {}).get(key)
+
+
+PAIRED_MEASURES = ("final_dice_mean", "auc", "last3_dice_mean", "forgetting", "rounds_to_target", "convergence_score")
+PAIRED_BASELINES = ("fedavg", "fedpidavg")  # FedAvg, and the FeTS 2022 winner when it is in the comparison
 T_975 = {
     1: 12.706,
     2: 4.303,
@@ -194,6 +204,8 @@ def winners(summaries: list[dict]) -> list[dict]:
             for a, vs in per_algorithm.items()
         }
         present = {a: v for a, v in values.items() if v is not None}
+        if not present and key in CLOCK_MEASURES:
+            continue
         if not present:
             out.append({"measure": key, "label": label, "winners": [], "best": None, "values": values})
             continue
@@ -275,7 +287,8 @@ def render(
         for site in sites
     )
     paired_rows = "".join(
-        f"<tr><td>{html.escape(r['algorithm'])}</td><td>{html.escape(r['measure'])}</td><td>{r['n']}</td>"
+        f"<tr><td>{html.escape(r['algorithm'])}</td><td>{html.escape(r['baseline'])}</td>"
+        f"<td>{html.escape(r['measure'])}</td><td>{r['n']}</td>"
         f"<td>{html.escape(interval_text(r))}</td></tr>"
         for r in paired or []
     )
@@ -292,10 +305,11 @@ th:first-child, td:first-child {{ text-align: left; }} img {{ max-width: 100%; }
 <p>Same prepared data, seeds, network, local epochs and rounds for every algorithm; target mean Dice {target:.2f}.
 Participation: <b>{html.escape(participation_text(summaries))}</b>. Seeds: {html.escape(", ".join(map(str, seeds)))}
 (values are means over seeds). Bold: the best value of each measure.</p>
+{clock_note(summaries)}
 <h2>Who won what</h2><ul>{words}</ul>
 <table><tr><th>measure</th>{head}</tr>{rows}</table>
-<h2>Difference to FedAvg, paired by seed (95% t-interval)</h2>
-<table><tr><th>algorithm</th><th>measure</th><th>seeds</th><th>mean difference [95% interval]</th></tr>{paired_rows}</table>
+<h2>Difference to FedAvg (and FedPIDAvg), paired by seed (95% t-interval)</h2>
+<table><tr><th>algorithm</th><th>minus</th><th>measure</th><th>seeds</th><th>mean difference [95% interval]</th></tr>{paired_rows}</table>
 <h2>Final mean Dice per site</h2><table><tr><th>site</th>{head}</tr>{site_rows}</table>
 <h2>Learning curves</h2><img alt="Dice per region over rounds, one line per algorithm" src="data:image/png;base64,{image}">
 <p>Forgetting: per site, the drop of the global model's mean Dice below its best so far, summed over rounds,
@@ -304,11 +318,21 @@ then summed over sites. Megabytes: the global model to every answering site and 
 """
 
 
+def clock_note(summaries: list[dict]) -> str:
+    """The runs on the FeTS Challenge clock, one line each (nothing when none was)."""
+    lines = [
+        f"<li>{html.escape(s['algorithm'])}, seed {s.get('seed')}: {html.escape(convergence_text(s['challenge']))}</li>"
+        for s in summaries
+        if s.get("challenge")
+    ]
+    return f"<h2>Simulated time (FeTS Challenge clock)</h2><ul>{''.join(lines)}</ul>" if lines else ""
+
+
 def write_comparison(run_folders: list[str], out_dir: str, target: float = 0.8) -> str:
     """Compare finished runs; writes compare.html, compare.json and compare.csv atomically."""
     summaries = [summarise(load_run(folder), target) for folder in run_folders]
     results = winners(summaries)
-    paired = paired_differences(summaries)
+    paired = [row for baseline in PAIRED_BASELINES for row in paired_differences(summaries, baseline)]
     png = curves_png(summaries)
     with atomic_directory(out_dir) as tmp:
         write_json(

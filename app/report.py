@@ -220,6 +220,8 @@ def participation(run: RunArtifacts) -> str:
     settings = run.run_info.get("settings", {})
     total = len(settings.get("sites") or run.sites or [])
     k = settings.get("clients_per_round") or 0
+    if settings.get("selection_policy"):
+        return f"the collaborator policy {settings['selection_policy']} over {total} sites"
     return f"all {total} sites every round" if not k or k >= total else f"{k} of {total} sites per round"
 
 
@@ -270,10 +272,17 @@ def build_summary(run: RunArtifacts) -> dict:
         "wall_seconds": info.get("wall_seconds"),
         "data_source": info.get("data_source"),
         "cross_site": cross_site_matrix(run),
+        "challenge": _challenge(run),
         "global_model": run.global_model,
         "run_folder": run.folder,
         "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _challenge(run: RunArtifacts) -> dict | None:
+    from fedseg.app.challenge_score import convergence
+
+    return convergence(run)
 
 
 def learning_curve_png(rows: list[dict], sites: list[str]) -> bytes:

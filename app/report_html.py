@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from string import Template
 
 from fedseg.app.artifacts import SERVER_MODEL_KEY
+from fedseg.app.challenge_score import convergence_text
 from fedseg.metrics import DICE_KEYS, HD95_KEYS
 
 REGION_NAMES = {"tc": "tumour core", "wt": "whole tumour", "et": "enhancing tumour"}
@@ -56,6 +57,7 @@ overall is the mean over all validation cases.</p>
 $parts
 <p>Area under the overall mean-Dice curve (mean over rounds): $auc; mean of the last
 3 rounds: $last3.</p>
+$challenge
 <img alt="Dice per region over rounds" src="data:image/png;base64,$plot">
 $cross_site
 $communication
@@ -253,6 +255,9 @@ def render_html(summary: dict, plot_png: bytes, overlay: Overlay | None = None) 
         parts=f"<p>{html.escape(parts)}</p>" if parts else "",
         auc=_fmt(summary.get("auc")),
         last3=_fmt(summary.get("last3_dice_mean")),
+        challenge=f"<p>{html.escape(convergence_text(summary.get('challenge')))}</p>"
+        if summary.get("challenge")
+        else "",
         plot=_png(plot_png),
         cross_site=cross_site_section(summary),
         communication=communication_section(summary),

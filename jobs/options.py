@@ -50,16 +50,16 @@ class Command:
 
 DEMO_ROUNDS = 20  # the demo's and the comparison's: enough rounds for the curves to separate
 COMMANDS = {
-    "simulate": Command(local=("data_root", "cache_dir"), required=("data_root",)),
+    "simulate": Command(local=("data_root", "cache_dir", "challenge_clock"), required=("data_root",)),
     "compare": Command(
-        local=("data_root", "cache_dir"),
+        local=("data_root", "cache_dir", "challenge_clock"),
         plural=("algorithm",),
         leave_out=("name",),  # one run folder per algorithm (and seed): compare names them
         defaults={"num_rounds": DEMO_ROUNDS},
         notes={"data_root": "runs every algorithm; or give --runs"},
     ),
     "poc": Command(
-        local=("data_root", "cache_dir", "resume_from"),
+        local=("data_root", "cache_dir", "resume_from", "challenge_clock"),
         defaults={"num_rounds": 5},
         notes={
             "data_root": "default: the demo's sites, see --demo-dir",

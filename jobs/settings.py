@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
+from fedseg import fets_challenge
+from fedseg.challenge_rounds import check_plan
 from fedseg.fedref import (
     DEFAULT_ALPHA_MAX,
     DEFAULT_BUFFER_SIZE,
@@ -31,6 +33,7 @@ from fedseg.fedref import (
     REFERENCE_WEIGHTINGS,
     VARIANTS,
 )
+from fedseg.fets_challenge import WEEK_SECONDS
 from fedseg.pidavg import ALPHA, BETA, GAMMA, MAX_WINDOW, WINDOW
 from fedseg.server_config import ALGORITHMS as ALGORITHM_NAMES
 from fedseg.server_config import plain_name
@@ -177,6 +180,36 @@ class JobSettings(TrainingSettings):
         group="federation",
         server_arg="clients_per_round",
     )
+    selection_policy: str = _job(
+        "",
+        "who trains each round, by a FeTS Challenge policy: all, random:K, largest:K or drop_slow:N (largest and "
+        "drop_slow read --challenge-clock's sizes and times; empty: --clients-per-round)",
+        group="federation",
+        server_arg=True,
+    )
+    # the FeTS Challenge clock (fedseg.fets_challenge): the job carries clock_cases, read here from the CSV
+    challenge_clock: str | None = _job(
+        None,
+        "price every round on the FeTS Challenge's simulated clock with this partitioning CSV's case counts "
+        "(the challenge used partitioning_2.csv); the sites are named site-<partition>",
+        group="machine",
+        scope=LOCAL,
+        metavar="CSV",
+    )
+    clock_cases: dict | None = _job(
+        None,
+        "site -> [training, validation] cases the clock prices: set by the run commands from --challenge-clock",
+        group="federation",
+        scope=INTERNAL,
+        server_arg=True,
+    )
+    time_budget_seconds: int = _job(
+        WEEK_SECONDS,
+        "with --challenge-clock: the run ends after the round whose simulated time passes this (the challenge's "
+        "week); --rounds stays the most it runs",
+        group="federation",
+        server_arg=True,
+    )
     validate_absent_sites: bool = _job(
         True,
         "sites left out of a round still score its global model, so the curves cover every site",
@@ -302,11 +335,19 @@ class JobSettings(TrainingSettings):
             raise ValueError(
                 f"clients_per_round must be 0 (every site) to {len(self.sites)}, got {self.clients_per_round}"
             )
+        self._check_challenge()
         if self.fedref_variant not in VARIANTS:
             raise ValueError(f"unknown fedref_variant {self.fedref_variant!r}; choose one of {VARIANTS}")
         if self.quantization is not None:
             check_quantization(self.quantization)
         self._check_resume()
+
+    def _check_challenge(self) -> None:
+        """The clock's case counts from the CSV, per site; then the server's own checks of the plan."""
+        if self.challenge_clock:
+            self.challenge_clock = os.path.abspath(self.challenge_clock)
+            self.clock_cases = fets_challenge.clock_cases(self.challenge_clock, self.sites)
+        check_plan(self.selection_policy, self.clients_per_round, self.clock_cases, self.time_budget_seconds)
 
     def _check_resume(self) -> None:
         if self.resume_job is not None:

@@ -8,6 +8,7 @@ the data source and the wall time for the report.
 from __future__ import annotations
 
 import glob
+import json
 import os
 import shutil
 import time
@@ -88,8 +89,9 @@ def _check_runnable(settings: JobSettings, run_folder: str) -> None:
 
 def _judge(settings: JobSettings, run_folder: str, data_source: str | None, wall: float, failure) -> str:
     """Write ``run.json`` from what the run left; the run folder if every round completed, else SimulationError."""
-    completed = _completed_rounds(run_folder)
-    ok = failure is None and completed >= settings.num_rounds
+    records = _round_records(run_folder)
+    completed = len(records)
+    ok = failure is None and (completed >= settings.num_rounds or _budget_spent(settings, records))
     reason = None if ok else (f"{failure.__class__.__name__}: {failure}" if failure else "no error raised")
     write_json(
         os.path.join(run_folder, RUN_INFO_FILE),
@@ -130,9 +132,15 @@ def stage_resume(settings: JobSettings, store: str) -> JobSettings:
     return replace(settings, resume_job=RESUMED_RUN_NAME, checkpoint_store=store)
 
 
-def _completed_rounds(run_folder: str) -> int:
+def _round_records(run_folder: str) -> list[dict]:
     paths = glob.glob(os.path.join(run_folder, "**", ROUND_METRICS_FILE), recursive=True)
     if not paths:
-        return 0
+        return []
     with open(sorted(paths, key=len)[0], encoding="utf-8") as f:
-        return sum(1 for line in f if line.strip())
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _budget_spent(settings: JobSettings, records: list[dict]) -> bool:
+    """A run on the challenge clock ends early, and complete, once its simulated time passes the budget."""
+    total = records[-1].get("simulated_total_seconds") if records else None
+    return bool(settings.clock_cases) and total is not None and total > settings.time_budget_seconds

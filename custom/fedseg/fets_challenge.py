@@ -343,6 +343,19 @@ def source_split(subjects: int) -> tuple[int, int]:
     return n_train, subjects - n_train
 
 
+def clock_cases(csv_path: str, sites: Sequence[str]) -> dict[str, list[int]]:
+    """site-<partition> -> [training, validation] cases as the challenge splits that partition (``source_split``)."""
+    sizes = partition_sizes(csv_path)  # PartitionCsvError (a ValueError) in one line
+    by_name = {f"site-{partition}": list(source_split(n)) for partition, n in sizes.items()}
+    unknown = [site for site in sites if site not in by_name]
+    if unknown:
+        raise ValueError(
+            f"challenge clock {csv_path}: site(s) {', '.join(unknown)} are not site-<partition> of its "
+            f"{len(sizes)} partitions"
+        )
+    return {site: by_name[site] for site in sites}
+
+
 def scaled_sizes(sizes: Mapping, total: int) -> dict:
     """The sizes scaled to ``total`` (e.g. what a CPU can train), each at least 1, summing to exactly ``total``.
 

@@ -8,7 +8,9 @@ the same ``round_metrics.jsonl`` lines, or the report could not compare them. A 
 - the sites left out score the same global model through a validate task (``validate_absent``), so every
   round's curve covers every site (``validation_only`` in the record; never aggregated);
 - each site's metrics, the rejected updates with their reasons and the sites that did not answer;
-- ``enough_updates``: min(``min_clients``, participants) accepted updates, or the global model is kept.
+- ``enough_updates``: min(``min_clients``, participants) accepted updates, or the global model is kept;
+- with a collaborator policy or the FeTS Challenge clock (``fedseg.challenge_rounds.RoundPlan``, in ``plan``),
+  who trains and the round's simulated seconds (``simulated_seconds``, ``simulated_total_seconds``).
 The recorder reads the job's settings from its controller when it needs them (they are the controller's
 constructor arguments, which FLARE exports from its attributes) and logs through it.
 """
@@ -103,14 +105,26 @@ class RoundRecorder:
         self.sent_bytes: int | None = None
         self.wire_bytes_out: int | None = None
         self.round_started = time.time()
+        self.plan = None  # the controller's RoundPlan, set once its job has been checked
+        self.clock_fields: dict = {}
 
     # -- choosing and sending ---------------------------------------------------------------------------------
     def choose(self, everyone: list[str], round_number: int) -> list[str]:
-        """Every connected site, or ``clients_per_round`` of them drawn from (seed, round) (see ``participants``)."""
+        """Every connected site, ``clients_per_round`` of them drawn from (seed, round) (see ``participants``), or
+        the job's collaborator policy's; with the clock, the round is priced now (who trains sets its time). A
+        continued run first replays the rounds before it, so the clock's total and last times are as they were."""
         c = self.controller
         self.all_sites = sorted(everyone)
-        chosen = participants(everyone, c.clients_per_round, c.participation_seed, round_number)
-        c.info(f"round {round_number}: training on {', '.join(chosen)}")
+        if self.plan is None:
+            chosen = participants(everyone, c.clients_per_round, c.participation_seed, round_number)
+        else:
+            if self.plan.clock_on and not self.plan.rounds_priced and round_number > 0:
+                self.plan.replay(self.all_sites, round_number)
+            chosen = self.plan.choose(self.all_sites, round_number)
+            self.clock_fields = self.plan.price(self.all_sites, chosen, round_number)
+        clock = self.clock_fields.get("simulated_seconds")
+        priced = f" ({clock:.0f} simulated s)" if clock is not None else ""
+        c.info(f"round {round_number}: training on {', '.join(chosen)}{priced}")
         return chosen
 
     def start(self, targets: list, model: FLModel) -> None:
@@ -190,6 +204,7 @@ class RoundRecorder:
             "nr_aggregated": nr_aggregated,
             "global_updated": applied_update,
             "bytes_sent_per_site": self.wire_bytes_out or self.sent_bytes,
+            **self.clock_fields,
             **extra,
         }
         path = os.path.join(c.get_run_dir(), c.metrics_filename)

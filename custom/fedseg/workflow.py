@@ -23,7 +23,9 @@ from nvflare.fuel.utils.log_utils import center_message
 from nvflare.fuel.utils.memory_utils import cleanup_memory
 
 from fedseg.aggregation import SiteOrderedAggregator, site_name
+from fedseg.challenge_rounds import RoundPlan, check_plan
 from fedseg.checkpoint import ROUND_METRICS_FILE
+from fedseg.fets_challenge import WEEK_SECONDS
 from fedseg.persistor import SeededModelPersistor
 from fedseg.rounds import RoundRecorder
 from fedseg.server_config import (
@@ -53,6 +55,11 @@ class FedSegWorkflow:
         metrics_filename: the round records' file in the run folder (a plain name).
         clients_per_round: k > 0 sites train each round, drawn from (``participation_seed``, round); 0: all.
         participation_seed: the seed of that draw (the job's seed).
+        selection_policy: the FeTS Challenge's collaborator policy instead (``all``, ``random:K``, ``largest:K``,
+            ``drop_slow:N``; ``fedseg.challenge_rounds``); empty: ``clients_per_round``.
+        clock_cases: site -> [training, validation] cases the FeTS Challenge clock prices each round with; the
+            round records then carry simulated seconds. None: no clock.
+        time_budget_seconds: with the clock, the run stops once the simulated time exceeds this (a week).
     """
 
     algorithm = "?"
@@ -65,6 +72,9 @@ class FedSegWorkflow:
         metrics_filename: str = ROUND_METRICS_FILE,
         clients_per_round: int = 0,
         participation_seed: int = 0,
+        selection_policy: str = "",
+        clock_cases: dict | None = None,
+        time_budget_seconds: int = WEEK_SECONDS,
         **kwargs,
     ) -> None:
         if kwargs.get("model") is not None:
@@ -78,6 +88,9 @@ class FedSegWorkflow:
         self.metrics_filename = plain_name("metrics_filename", metrics_filename)
         self.clients_per_round = clients_per_round
         self.participation_seed = participation_seed
+        self.selection_policy = selection_policy
+        self.clock_cases = clock_cases
+        self.time_budget_seconds = time_budget_seconds
         # our own copies of two BaseModelController arguments it keeps private (the refusal names one, the
         # wait loop sleeps the other)
         self.persistor_id = kwargs.get("persistor_id", AppConstants.DEFAULT_PERSISTOR_ID)
@@ -111,6 +124,14 @@ class FedSegWorkflow:
         integer("clients_per_round", self.clients_per_round, 0, None)
         integer("wait_after_min_seconds", self.wait_after_min_seconds, 0, MAX_WAIT_SECONDS)
         integer("participation_seed", self.participation_seed, None, None)
+        check_plan(self.selection_policy, self.clients_per_round, self.clock_cases, self.time_budget_seconds)
+        self.rounds.plan = RoundPlan(
+            self.selection_policy,
+            self.clients_per_round,
+            self.participation_seed,
+            self.clock_cases,
+            self.time_budget_seconds,
+        )
         boolean("validate_absent", self.validate_absent)
         integer("memory_gc_rounds", self.memory_gc_rounds, 0, None)
         if boolean("enable_tensor_disk_offload", self.enable_tensor_disk_offload):
@@ -215,6 +236,12 @@ class FedAvgRounds(FedSegWorkflow):
             model = self.finish_round(model, result)
             if self.stop_condition and self.keep_best_or_stop(model):
                 break
+            if self.rounds.plan is not None and self.rounds.plan.spent:
+                self.info(
+                    f"round {self.current_round}: the simulated clock is past the time budget "
+                    f"({self.rounds.plan.total_seconds:.0f} s > {self.time_budget_seconds} s); the run ends here"
+                )
+                break
             self.clean_memory()
         self.info(center_message("Finished FedAvg."))
 
@@ -307,7 +334,8 @@ class FedAvgRounds(FedSegWorkflow):
 # Every keyword NVFlare 2.9's FedAvg takes (its own and its bases'), and what our round loop does with it, or
 # why a job may not set it: tests/unit/test_nvflare_surface.py fails when FLARE adds one that is in neither.
 FEDAVG_KEYWORDS = {
-    "num_clients": "checked (1 to 100000); each round takes every connected site, or clients_per_round of them",
+    "num_clients": "checked (1 to 100000); each round takes every connected site, or clients_per_round of them, "
+    "or those of the selection_policy",
     "num_rounds": "the rounds of the loop; checked against the server's max_rounds",
     "start_round": "the first round: 0, or the round a FedRef continuation (resume_job) takes from its run",
     "memory_gc_rounds": "cleanup_memory after every memory_gc_rounds-th round",

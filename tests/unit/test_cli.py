@@ -41,7 +41,10 @@ def test_every_job_setting_is_an_option_of_a_run_command_or_of_the_exporter():
     missing = [f.name for f in fields(JobSettings) if f.name not in offered and f.metadata.get("scope") != INTERNAL]
     assert missing == []
     # what no command offers is set by the commands themselves, and says so
-    assert [(f.name, "set by" in f.metadata["help"]) for f in job_fields(INTERNAL)] == [("checkpoint_store", True)]
+    assert [(f.name, "set by" in f.metadata["help"]) for f in job_fields(INTERNAL)] == [
+        ("clock_cases", True),
+        ("checkpoint_store", True),
+    ]
     assert all(f.metadata["help"] and f.metadata["group"] for f in job_fields())
 
 

@@ -150,7 +150,10 @@ FEDREF_CONTROLLER |= {"lambda2_max": 0.9, "variant": "diagonal", "momentum": 0.5
 FEDREF_CONTROLLER |= {"resume_job": "stopped-1", "planned_rounds": 9}
 ROUND_TRIP = {  # algorithm: (options, what its controller's arguments then hold)
     "fedref": (FEDREF_OPTIONS, FEDREF_CONTROLLER),
-    "fedprox": (["--fedprox-mu", "0.05"], {"fedprox_mu": 0.05}),
+    "fedprox": (
+        shlex.split("--fedprox-mu 0.05 --selection-policy random:2 --time-budget-seconds 3600"),
+        {"fedprox_mu": 0.05, "selection_policy": "random:2", "time_budget_seconds": 3600},
+    ),
     "fedadam": (["--server-lr", "0.2"], {"optimizer_args": {"lr": 0.2, "betas": [0.9, 0.99], "eps": 0.001}}),
     "fedavgm": (["--server-lr", "0.5", "--server-momentum", "0.7"], {"optimizer_args": {"lr": 0.5, "momentum": 0.7}}),
     "scaffold": (["--byoc", "--profile", "fets2022"], {}),
