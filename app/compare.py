@@ -26,7 +26,7 @@ import time
 
 from fedseg.app.artifacts import RunArtifacts, load_run
 from fedseg.app.challenge_score import convergence, convergence_text
-from fedseg.app.plots import Series, dice_curves_png
+from fedseg.app.plots import Series, best_so_far_png, dice_curves_png
 from fedseg.app.report import (
     area_under_curve,
     communication_mb,
@@ -319,13 +319,23 @@ then summed over sites. Megabytes: the global model to every answering site and 
 
 
 def clock_note(summaries: list[dict]) -> str:
-    """The runs on the FeTS Challenge clock, one line each (nothing when none was)."""
-    lines = [
+    """The runs on the FeTS Challenge clock, one line each, and their best-so-far Dice over simulated time."""
+    clocked = [s for s in summaries if s.get("challenge")]
+    if not clocked:
+        return ""
+    lines = "".join(
         f"<li>{html.escape(s['algorithm'])}, seed {s.get('seed')}: {html.escape(convergence_text(s['challenge']))}</li>"
-        for s in summaries
-        if s.get("challenge")
-    ]
-    return f"<h2>Simulated time (FeTS Challenge clock)</h2><ul>{''.join(lines)}</ul>" if lines else ""
+        for s in clocked
+    )
+    png = best_so_far_png(
+        [(f"{s['algorithm']} (seed {s.get('seed')})", s["challenge"]["per_round"]) for s in clocked],
+        max(s["challenge"]["budget_hours"] for s in clocked),
+    )
+    image = base64.b64encode(png).decode("ascii")
+    return (
+        f'<h2>Simulated time (FeTS Challenge clock)</h2><ul>{lines}</ul><img alt="best-so-far mean Dice over '
+        f'simulated hours, one line per run" src="data:image/png;base64,{image}">'
+    )
 
 
 def write_comparison(run_folders: list[str], out_dir: str, target: float = 0.8) -> str:

@@ -47,3 +47,35 @@ def dice_curves_png(series: list[Series], title_suffix: str = "") -> bytes:
     fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def best_so_far_png(runs: list[tuple[str, list[dict]]], budget_hours: float) -> bytes:
+    """A PNG of the best-so-far mean Dice over simulated hours, one step line per run: the FeTS Challenge's
+    convergence score is the area under such a line up to the budget, over the budget. ``runs``: (label, the
+    per-round rows of ``fedseg.app.challenge_score.clock_rounds``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, rows in runs:
+        hours, best, x, y = 0.0, None, [0.0], [0.0]
+        for row in rows:
+            dice = row["dice_mean"]
+            best = dice if best is None or (dice is not None and dice > best) else best
+            hours += row["simulated_seconds"] / 3600
+            x.append(hours)
+            y.append(best or 0.0)
+        ax.step(x, y, where="pre", label=label, linewidth=2.0 if label.startswith("fedref") else 1.2)
+    ax.axvline(budget_hours, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlabel("simulated hours (FeTS Challenge clock)")
+    ax.set_ylabel("best mean Dice so far")
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
