@@ -81,7 +81,8 @@ PROFILE = {  # bench.long_horizon's cheap network; one epoch a round, as the cha
 }
 TARGET = 0.6  # mean Dice
 WAIT_FOR_LATE_SITE = 240  # seconds a round waits for the last site after the first answered (then: missing)
-FIRST_ROUND_LIMIT = 900  # seconds without a first round record: the attempt is stopped and retried
+FIRST_ROUND_LIMIT = 420  # seconds without a first round record: the attempt is stopped and retried
+LOST_SITE_LOG = "Communication error with client"  # FLARE's simulator, when a site's worker process is gone
 
 
 def sweep_arms() -> dict[str, dict]:
@@ -156,22 +157,35 @@ def _simulate(job_json: dict, workspace: str) -> None:
     run_simulation(JobSettings(**job_json), workspace)
 
 
+def lost_sites(run_folder: str) -> list[str]:
+    """Sites FLARE's simulator reported lost in the server's log, or that a round record names as missing."""
+    lost = []
+    for path in glob.glob(os.path.join(run_folder, "server", "log.txt")):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lost += [line.split(LOST_SITE_LOG, 1)[1].split(":")[0].strip() for line in f if LOST_SITE_LOG in line]
+    for path in glob.glob(os.path.join(run_folder, "server", "*", "round_metrics.jsonl")):
+        with open(path, encoding="utf-8") as f:
+            lost += [site for line in f if line.strip() for site in json.loads(line).get("missing", [])]
+    return sorted(set(lost))
+
+
+def recorded_rounds(run_folder: str) -> int:
+    paths = glob.glob(os.path.join(run_folder, "server", "*", "round_metrics.jsonl"))
+    return sum(1 for path in paths for line in open(path, encoding="utf-8") if line.strip())
+
+
 def watched_simulation(job, workspace: str) -> str:
-    """One attempt in a child process, stopped as soon as a round record names a missing site (or no round is
-    recorded in FIRST_ROUND_LIMIT s): with 33 site processes starting at once, FLARE's simulator now and then
-    loses one ("Connection reset by peer"), and the rest of such a run measures nothing. Returns the run folder."""
+    """One attempt in a child process, stopped as soon as a site is lost (or no round is recorded in
+    FIRST_ROUND_LIMIT s): with 33 site processes starting at once, FLARE's simulator now and then loses one
+    ("Connection reset by peer"), and its validate task then waits for it for good. Returns the run folder."""
     run_folder = os.path.join(workspace, job.job_name)
     child = multiprocessing.get_context("spawn").Process(target=_simulate, args=(job.to_json(), workspace))
     child.start()
     started = time.time()
     while child.is_alive():
         child.join(5)
-        records = []
-        for path in glob.glob(os.path.join(run_folder, "server", "*", "round_metrics.jsonl")):
-            with open(path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in f if line.strip()]
-        lost = [site for record in records for site in record.get("missing", [])]
-        if lost or (not records and time.time() - started > FIRST_ROUND_LIMIT):
+        lost = lost_sites(run_folder)
+        if lost or (not recorded_rounds(run_folder) and time.time() - started > FIRST_ROUND_LIMIT):
             print(f"  {job.job_name}: stopping this attempt ({'lost ' + ', '.join(lost) if lost else 'no round'})")
             stop_tree(child.pid)
             child.join()
