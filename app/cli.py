@@ -104,6 +104,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_bundle(args: argparse.Namespace) -> int:
+    """Write a run's global model as a MONAI bundle, with its model card."""
+    from fedseg.app.bundle import describe, export_bundle
+
+    print(describe(export_bundle(args.run, args.out, model=args.model, force=args.force, data=args.data)))
+    return 0
+
+
 def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a stopped FedRef job: the same job, resumed by the server from its own checkpoints."""
     from fedseg.app.resume import run
@@ -194,6 +202,18 @@ def _report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="report folder (default: <run>/report)")
 
 
+def _export_bundle_arguments(p: argparse.ArgumentParser) -> None:
+    from fedseg.app.bundle import CHECKPOINTS, DATA_KINDS
+
+    p.add_argument("run", help="the run folder (simulator: <workspace>/<job name>)")
+    p.add_argument("--out", required=True, help="the bundle's folder (refused when not empty, unless --force)")
+    p.add_argument(
+        "--model", choices=list(CHECKPOINTS), default="final", help="the final global model, or the best one FLARE kept"
+    )
+    p.add_argument("--force", action="store_true", help="replace a folder that is not empty")
+    p.add_argument("--data", choices=DATA_KINDS, help="what the sites trained on, when the run does not record it")
+
+
 def _resume_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("job_id", help="the stopped job's id (list_jobs)")
     p.add_argument(
@@ -242,6 +262,12 @@ COMMANDS = (
     ("poc", "run the job in a POC federation: server and sites as separate processes", _poc_arguments, cmd_poc),
     ("infer", "segment a case (FeTS subject folder or t1 t1ce t2 flair files)", _infer_arguments, cmd_infer),
     ("report", "write the report of a finished run", _report_arguments, cmd_report),
+    (
+        "export-bundle",
+        "write a run's global model as a MONAI bundle with its model card",
+        _export_bundle_arguments,
+        cmd_export_bundle,
+    ),
     ("resume", "continue a stopped FedRef job of a provisioned federation (Flare API)", _resume_arguments, cmd_resume),
     (
         "testbed",

@@ -1,5 +1,6 @@
-"""``fedseg demo``: synthetic data -> three prepared sites -> FedRef in FLARE's simulator -> report, and one
-validation case segmented by the final model; also the demo's sites for ``fedseg poc`` without ``--data-root``.
+"""``fedseg demo``: synthetic data -> three prepared sites -> FedRef in FLARE's simulator -> report, one validation
+case segmented by the final model and the model as a MONAI bundle (``<out>/bundle``, linked from the report); also
+the demo's sites for ``fedseg poc`` without ``--data-root``.
 
 The demo's settings are ``fedseg demo``'s options (``fedseg.jobs.settings``: the demo profile, 20 rounds, the
 default sites); its data is made with the run's seed.
@@ -77,6 +78,7 @@ def segment_one_validation_case(run: str, site_folder: str, out: str) -> str:
 def run_demo(settings, out: str) -> int:
     """The demo with these settings (their ``data_root`` is ``<out>/sites``, made here first) into ``out``."""
     from fedseg.app.artifacts import load_run
+    from fedseg.app.bundle import export_bundle
     from fedseg.app.report import build_summary, write_report
     from fedseg.jobs.simulate import run_simulation
 
@@ -90,11 +92,13 @@ def run_demo(settings, out: str) -> int:
         f"(logs: {out}/workspace/{settings.job_name})"
     )
     run = run_simulation(settings, os.path.join(out, "workspace"), data_source=f"synthetic ({source})")
-    print("[4/4] report, and one validation case segmented by the final model")
+    print("[4/4] report, one validation case segmented by the final model, the model as a MONAI bundle")
     artifacts = load_run(run)
     first = os.path.join(sites, settings.sites[0])
     overlay = segment_one_validation_case(run, first, os.path.join(out, "segmentation"))
-    index = write_report(artifacts, os.path.join(out, "report"), overlay=overlay)
+    bundle = export_bundle(run, os.path.join(out, "bundle"), force=True)  # replaced, as the report is
+    print(f"  MONAI bundle of the final model: {bundle}")
+    index = write_report(artifacts, os.path.join(out, "report"), overlay=overlay, bundle=bundle)
     overall = build_summary(artifacts)["final"]["overall"]
     print(
         f"final global model, all validation cases: Dice TC {overall['dice_tc']:.3f}  WT {overall['dice_wt']:.3f}  "

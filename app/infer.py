@@ -1,10 +1,12 @@
 """Segment a new case with a trained global model: FeTS labels {0, 1, 2, 4} in the input's exact grid.
 
 The four modalities are read and normalised as in validation, the network runs through MONAI's
-sliding-window inferer, each region channel is thresholded at 0.5 and the overlapping regions become
-FeTS labels (``fedseg.regions.regions_to_labels``). The output NIfTI keeps the input's shape, affine and
-orientation. Optionally: an overlay PNG (axial, coronal and sagittal slices through the tumour) and the
-volume of each region in millilitres.
+sliding-window inferer, each region channel is thresholded at 0.5 (MONAI's ``Activations`` and ``AsDiscrete``)
+and the overlapping regions become FeTS labels (``fedseg.regions.regions_to_labels``). The exported MONAI
+bundle (``fedseg.app.bundle``) runs the same MONAI components with the same constants (``SW_BATCH_SIZE``,
+``SW_OVERLAP``, ``THRESHOLD``), so its segmentation is this one, voxel for voxel. The output NIfTI keeps the
+input's shape, affine and orientation. Optionally: an overlay PNG (axial, coronal and sagittal slices through
+the tumour) and the volume of each region in millilitres.
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from fedseg.settings import SettingError, TrainingSettings, checked_settings
 
 LABEL_COLOURS = {NECROTIC_CORE: (0.9, 0.1, 0.1), OEDEMA: (0.1, 0.8, 0.2), ENHANCING: (1.0, 0.85, 0.0)}
 LABEL_NAMES = {NECROTIC_CORE: "necrotic core", OEDEMA: "oedema", ENHANCING: "enhancing tumour"}
+# the sliding window and the threshold; the exported bundle's inference.json is written from the same values
+SW_BATCH_SIZE = 4
+SW_OVERLAP = 0.25
+THRESHOLD = 0.5
 
 
 class InferenceError(ValueError):
@@ -93,14 +99,16 @@ def region_volumes(labels: np.ndarray, affine: np.ndarray) -> dict[str, float]:
 
 @torch.no_grad()
 def predict_labels(network: torch.nn.Module, files: list[str], roi: Sequence[int], device: torch.device) -> np.ndarray:
-    from monai.inferers import sliding_window_inference
+    """The case's FeTS labels: the pipeline the bundle's inference.json spells out (``fedseg.app.bundle``)."""
+    from monai.inferers import SlidingWindowInferer
+    from monai.transforms import Activations, AsDiscrete
 
     data = validation_transforms(with_label=False)({"image": files})
     image = data["image"].unsqueeze(0).to(device)
-    with torch.autocast(device.type, enabled=device.type == "cuda"):
-        logits = sliding_window_inference(image, list(roi), sw_batch_size=4, predictor=network, overlap=0.25)
-    regions = (torch.sigmoid(logits.float())[0] > 0.5).cpu().numpy()
-    return regions_to_labels(regions)
+    predictor = torch.autocast(device.type, enabled=device.type == "cuda")(network)  # AMP on CUDA only
+    logits = SlidingWindowInferer(list(roi), sw_batch_size=SW_BATCH_SIZE, overlap=SW_OVERLAP)(image, predictor)
+    regions = AsDiscrete(threshold=THRESHOLD)(Activations(sigmoid=True)(logits[0]))
+    return regions_to_labels(regions.cpu().numpy() > 0)
 
 
 def overlay_png(flair: np.ndarray, labels: np.ndarray, path: str, title: str = "") -> None:

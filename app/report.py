@@ -306,12 +306,15 @@ def write_metrics_csv(path: str, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None) -> str:
+def write_report(run: RunArtifacts, out_dir: str, overlay: str | None = None, bundle: str | None = None) -> str:
     """Write the report folder atomically; returns the path of ``index.html``.
 
     ``overlay``: a PNG of a case segmented by the final model, copied beside the page and shown in it.
+    ``bundle``: the folder of the run's MONAI bundle (``fedseg export-bundle``), linked from the page.
     """
     summary = build_summary(run)
+    if bundle:
+        summary["bundle"] = os.path.relpath(os.path.abspath(bundle), os.path.abspath(out_dir))
     rows = curves(run, summary["final"]["source"], summary["final"]["sites"])
     summary["curves"] = [r for r in rows if r["site"] == "overall"]
     plot = learning_curve_png(rows, summary["sites"])

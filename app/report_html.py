@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import base64
 import html
+import pathlib
+import urllib.parse
 from dataclasses import dataclass
 from string import Template
 
@@ -62,7 +64,7 @@ $challenge
 $cross_site
 $communication
 $events
-$overlay<h2>Settings</h2><table>$settings</table>
+$overlay$bundle<h2>Settings</h2><table>$settings</table>
 <p>Generated $generated from $run_folder.</p>
 </body></html>
 """)
@@ -220,6 +222,21 @@ def overlay_section(overlay: Overlay | None) -> str:
     )
 
 
+def bundle_section(summary: dict) -> str:
+    """A link to the run's model as a MONAI bundle and to its model card (empty when none was exported)."""
+    folder = summary.get("bundle")
+    if not folder:
+        return ""
+    href = urllib.parse.quote(pathlib.PurePath(folder).as_posix())
+    return (
+        f'<h2>The model as a MONAI bundle</h2><p><a href="{href}/">{html.escape(folder)}</a>: the global model, '
+        f'its inference pipeline and its <a href="{href}/docs/README.md">model card</a> (sites, rounds, '
+        "scores, data, versions). MONAI runs it without FedRef-Seg: <code>python -m monai.bundle run "
+        "--config_file configs/inference.json --dataset_dir &lt;case&gt; --output_dir &lt;out&gt;</code> in its "
+        "folder.</p>"
+    )
+
+
 def _cases_text(summary: dict) -> str:
     """`` Cases: site-1 12 training / 3 validation, ...`` (empty when no training counts were recorded)."""
     counts = summary.get("training_cases") or {}
@@ -263,6 +280,7 @@ def render_html(summary: dict, plot_png: bytes, overlay: Overlay | None = None) 
         communication=communication_section(summary),
         events=events_section(summary),
         overlay=overlay_section(overlay),
+        bundle=bundle_section(summary),
         settings="".join(
             f"<tr><td>{html.escape(str(k))}</td><td>{html.escape(str(v))}</td></tr>"
             for k, v in (summary.get("settings") or {}).items()
