@@ -284,6 +284,16 @@ def best_sweep_point(runs: dict[str, dict]) -> tuple[str, dict] | None:
     return arm, sweep_arms()[arm]
 
 
+def same_arm(overrides: dict) -> str | None:
+    """The arm of ARMS that runs these settings (FedRef's p filled in with its default), if any."""
+    from fedseg.fedref import DEFAULT_BUFFER_SIZE
+
+    def filled(o: dict) -> dict:
+        return {**o, "buffer_size": o.get("buffer_size", DEFAULT_BUFFER_SIZE)} if o["algorithm"] == "fedref" else o
+
+    return next((arm for arm, o in ARMS.items() if filled(o) == filled(overrides)), None)
+
+
 def run_key(arm: str, seed: int, policy: str, rounds: int) -> str:
     return f"{arm}|{policy}|s{seed}|r{rounds}"
 
@@ -309,7 +319,9 @@ def planned_runs(args: argparse.Namespace, runs: dict[str, dict]) -> list[tuple[
     """(arm, overrides, seed, policy) in the order they run; ``fedref_best`` once the sweep has a best point."""
     plan = [] if args.no_sweep else [(a, o, args.sweep_seed, SWEEP_POLICY) for a, o in sweep_arms().items()]
     best = best_sweep_point(runs)
-    arms = [(a, ARMS[a]) for a in args.arms] + ([("fedref_best", best[1])] if best else [])
+    arms = [(a, ARMS[a]) for a in args.arms]
+    if best and not same_arm(best[1]):  # the best point is an arm of its own unless an arm already runs it
+        arms.append(("fedref_best", best[1]))
     for seed in args.seeds:
         plan += [] if args.no_centralised else [(CENTRALISED, {}, seed, "all")]
         plan += [(arm, overrides, seed, policy) for policy in args.policies for arm, overrides in arms]
@@ -330,7 +342,13 @@ def save(args: argparse.Namespace, runs: dict[str, dict], plan: list) -> str:
             "rounds": args.rounds,
             "profile": json_ready(PROFILE),
             "arms": ARMS,
-            "sweep": {"p": SWEEP_P, "lambda2": SWEEP_LAMBDA2, "policy": SWEEP_POLICY, "best": best},
+            "sweep": {
+                "p": SWEEP_P,
+                "lambda2": SWEEP_LAMBDA2,
+                "policy": SWEEP_POLICY,
+                "best": best,
+                "best_is_arm": same_arm(best[1]) if best else None,
+            },
             "target": TARGET,
             "clock": "fedseg.fets_challenge (FeTS-AI/Challenge Task_1 experiment.py, 1c12265): partitioning_2's "
             "real case counts, one epoch a round, the week budget",
