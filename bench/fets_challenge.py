@@ -28,9 +28,6 @@ per-round records with simulated_seconds and dice_mean, from which anyone can re
 from __future__ import annotations
 
 import argparse
-import glob
-import json
-import multiprocessing
 import os
 import random
 import statistics
@@ -38,9 +35,8 @@ import tempfile
 import time
 
 from bench.common import institutions, json_ready, load_result, table, write_result
-from bench.convergence import incomplete_rounds
 from bench.long_horizon import pooled_site
-from bench.measure import stop_tree
+from bench.watched_run import complete_run
 from fedseg import fets_challenge
 from fedseg.app.compare import paired_interval
 
@@ -81,8 +77,6 @@ PROFILE = {  # bench.long_horizon's cheap network; one epoch a round, as the cha
 }
 TARGET = 0.6  # mean Dice
 WAIT_FOR_LATE_SITE = 240  # seconds a round waits for the last site after the first answered (then: missing)
-FIRST_ROUND_LIMIT = 420  # seconds without a first round record: the attempt is stopped and retried
-LOST_SITE_LOG = "Communication error with client"  # FLARE's simulator, when a site's worker process is gone
 
 
 def sweep_arms() -> dict[str, dict]:
@@ -149,65 +143,6 @@ def job_for(data_root: str, arm: str, overrides: dict, seed: int, policy: str, r
         **common,
         **{**PROFILE, **overrides},
     )
-
-
-def _simulate(job_json: dict, workspace: str) -> None:
-    from fedseg.jobs.recipes import JobSettings, run_simulation
-
-    run_simulation(JobSettings(**job_json), workspace)
-
-
-def lost_sites(run_folder: str) -> list[str]:
-    """Sites FLARE's simulator reported lost in the server's log, or that a round record names as missing."""
-    lost = []
-    for path in glob.glob(os.path.join(run_folder, "server", "log.txt")):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lost += [line.split(LOST_SITE_LOG, 1)[1].split(":")[0].strip() for line in f if LOST_SITE_LOG in line]
-    for path in glob.glob(os.path.join(run_folder, "server", "*", "round_metrics.jsonl")):
-        with open(path, encoding="utf-8") as f:
-            lost += [site for line in f if line.strip() for site in json.loads(line).get("missing", [])]
-    return sorted(set(lost))
-
-
-def recorded_rounds(run_folder: str) -> int:
-    paths = glob.glob(os.path.join(run_folder, "server", "*", "round_metrics.jsonl"))
-    return sum(1 for path in paths for line in open(path, encoding="utf-8") if line.strip())
-
-
-def watched_simulation(job, workspace: str) -> str:
-    """One attempt in a child process, stopped as soon as a site is lost (or no round is recorded in
-    FIRST_ROUND_LIMIT s): with 33 site processes starting at once, FLARE's simulator now and then loses one
-    ("Connection reset by peer"), and its validate task then waits for it for good. Returns the run folder."""
-    run_folder = os.path.join(workspace, job.job_name)
-    child = multiprocessing.get_context("spawn").Process(target=_simulate, args=(job.to_json(), workspace))
-    child.start()
-    started = time.time()
-    while child.is_alive():
-        child.join(5)
-        lost = lost_sites(run_folder)
-        if lost or (not recorded_rounds(run_folder) and time.time() - started > FIRST_ROUND_LIMIT):
-            print(f"  {job.job_name}: stopping this attempt ({'lost ' + ', '.join(lost) if lost else 'no round'})")
-            stop_tree(child.pid)
-            child.join()
-            break
-    return run_folder
-
-
-def complete_run(job, workspace: str, attempts: int = 4):
-    """The first attempt with every site in every round and a completed job; says why each other one failed."""
-    from fedseg.app.artifacts import RunArtifactsError, load_run
-
-    for attempt in range(1, attempts + 1):
-        try:
-            run = load_run(watched_simulation(job, workspace))
-        except RunArtifactsError as error:
-            print(f"  {job.job_name}: attempt {attempt} of {attempts} left no run ({error})", flush=True)
-            continue
-        problems = incomplete_rounds(run) or ([] if run.run_info.get("completed") else [run.run_info.get("reason")])
-        if not problems:
-            return run
-        print(f"  {job.job_name}: attempt {attempt} of {attempts}: {'; '.join(map(str, problems[:3]))}", flush=True)
-    raise RuntimeError(f"{job.job_name}: no complete run in {attempts} attempts")
 
 
 def run_arm(data_root: str, work: str, arm: str, overrides: dict, seed: int, policy: str, rounds: int) -> dict:
