@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -84,6 +85,21 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     ).stdout
     result = last_json_line(out)
     return result["wall_seconds"], result["peak_rss_mib"]
+
+
+def add_training_options(parser: argparse.ArgumentParser) -> None:
+    """The site trainer's training options, as ``fedseg.settings`` defines them (each ``None`` unless given)."""
+    from fedseg.settings import add_training_arguments
+
+    add_training_arguments(parser.add_argument_group("training settings over the profile's"), None, dashes=True)
+
+
+def given_training_options(args: argparse.Namespace) -> dict:
+    """{setting: value} of the training options given on the command line (lists as tuples)."""
+    from fedseg.settings import PROFILES, settings_from_arguments
+
+    values = settings_from_arguments(args, PROFILES["demo"])
+    return {name: value for name, value in values.items() if getattr(args, name, None) is not None}
 
 
 def json_ready(settings: dict) -> dict:
