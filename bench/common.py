@@ -87,6 +87,19 @@ def run_measured(command: list[str]) -> tuple[float, float]:
     return result["wall_seconds"], result["peak_rss_mib"]
 
 
+def save_entry(name: str, key: str, entry: dict, definitions: dict, smoke_dir: str | None = None) -> str:
+    """``entry`` as ``key`` in result file ``name`` beside the entries already there; the path written.
+
+    ``smoke_dir``: a smoke run's file goes there instead (it checks a script, it measures nothing)."""
+    if smoke_dir is None:
+        entries = load_result(name).get("entries", {})
+        return write_result(name, {"entries": {**entries, key: entry}, "definitions": definitions})
+    path = os.path.join(smoke_dir, f"{name}_smoke.json")
+    entries = json.load(open(path, encoding="utf-8")).get("entries", {}) if os.path.exists(path) else {}
+    write_json(path, {"entries": {**entries, key: entry}, "definitions": definitions})
+    return path
+
+
 def add_training_options(parser: argparse.ArgumentParser) -> None:
     """The site trainer's training options, as ``fedseg.settings`` defines them (each ``None`` unless given)."""
     from fedseg.settings import add_training_arguments

@@ -33,11 +33,16 @@ import subprocess
 import sys
 import time
 
-from bench.common import add_training_options, given_training_options, load_result, machine, table, write_result
+from bench.common import (
+    add_training_options,
+    given_training_options,
+    machine,
+    save_entry,
+    table,
+)
 from bench.federation_scale import PARTITIONING_1, lost_sites
 from bench.measure import raise_peak, stop_tree
 from bench.site_scale import VALIDATION_FRACTION, institution_sizes, make_pool, make_site
-from fedseg.atomic import write_json
 
 RESULT_NAME = "fets_scale"
 SMOKE_SHAPE = (32, 32, 24)
@@ -313,20 +318,11 @@ def main(argv=None) -> None:
         spans = [(r["time"] - r["seconds"], r["time"]) for r in records if r.get("round", 0) != 0]
         busy = [s["cpu_percent"] for s in watched["samples"] if any(a <= s["t"] <= b for a, b in spans)]
         entry.update(gpu_util_percent=gpu_share(watched["samples"], records), cpu_percent=statistics.mean(busy or [0]))
-    path = save(args, work, f"{args.device}/{args.sites}_sites", entry)
+    path = save_entry(
+        RESULT_NAME, f"{args.device}/{args.sites}_sites", entry, DEFINITIONS, work if args.smoke else None
+    )
     print(markdown(entry))
     print(f"written {path}")
-
-
-def save(args: argparse.Namespace, work: str, key: str, entry: dict) -> str:
-    """The entry into the result file beside the others (a smoke run's into ``work``: it checks, it measures not)."""
-    if not args.smoke:
-        entries = load_result(RESULT_NAME).get("entries", {})
-        return write_result(RESULT_NAME, {"entries": {**entries, key: entry}, "definitions": DEFINITIONS})
-    path = os.path.join(work, f"{RESULT_NAME}_smoke.json")
-    entries = json.load(open(path, encoding="utf-8")).get("entries", {}) if os.path.exists(path) else {}
-    write_json(path, {"entries": {**entries, key: entry}, "definitions": DEFINITIONS})
-    return path
 
 
 DEFINITIONS = {

@@ -38,7 +38,13 @@ import sys
 import time
 from dataclasses import replace
 
-from bench.common import add_training_options, given_training_options, load_result, machine, table, write_result
+from bench.common import (
+    add_training_options,
+    given_training_options,
+    machine,
+    save_entry,
+    table,
+)
 from fedseg.atomic import write_json
 
 RESULT_NAME = "step_split"
@@ -326,20 +332,9 @@ def main(argv=None) -> None:
     summary.update(machine=machine(), wall_seconds=time.time() - started, spec=recorded, load_average=os.getloadavg())
     if done.returncode:  # cut short (killed): what it had measured, said so
         summary["incomplete"] = f"the measuring process ended with {done.returncode}"
-    path = save(args, work, entry_name(args), summary)
+    path = save_entry(RESULT_NAME, entry_name(args), summary, DEFINITIONS, work if args.smoke else None)
     print(markdown(summary))
     print(f"written {path}")
-
-
-def save(args: argparse.Namespace, work: str, key: str, entry: dict) -> str:
-    """The entry into the result file beside the others (a smoke run's into ``work``: it checks, it measures not)."""
-    if not args.smoke:
-        entries = load_result(RESULT_NAME).get("entries", {})
-        return write_result(RESULT_NAME, {"entries": {**entries, key: entry}, "definitions": DEFINITIONS})
-    path = os.path.join(work, f"{RESULT_NAME}_smoke.json")
-    entries = json.load(open(path, encoding="utf-8")).get("entries", {}) if os.path.exists(path) else {}
-    write_json(path, {"entries": {**entries, key: entry}, "definitions": DEFINITIONS})
-    return path
 
 
 VAL_MAX_CASES = 2  # validation cases a round, unless --val-max-cases says otherwise
