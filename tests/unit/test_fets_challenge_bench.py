@@ -61,3 +61,56 @@ def test_the_watch_finds_a_site_the_simulator_lost_or_a_round_missed(tmp_path):
     )
     (server / "round_metrics.jsonl").write_text(json.dumps({"round": 0, "missing": ["site-9"]}) + "\n")
     assert lost_sites(str(tmp_path)) == ["site-4", "site-9"] and recorded_rounds(str(tmp_path)) == 1
+
+
+def _clocked(arm: str, seed: int, policy: str, dice: list, hours: list) -> dict:
+    rows = [{"round": i, "dice_mean": d, "simulated_seconds": h * 3600} for i, (d, h) in enumerate(zip(dice, hours))]
+    return {"arm": arm, "seed": seed, "policy": policy, "per_round": rows, "final_dice_mean": dice[-1]}
+
+
+def test_the_figure_draws_the_mean_best_so_far_over_the_seeds_every_arm_ran(tmp_path):
+    from bench import fets_challenge_figure as figure
+
+    assert figure.best_so_far([{"dice_mean": 0.3}, {"dice_mean": None}, {"dice_mean": 0.2}, {"dice_mean": 0.5}]) == [
+        0.3,
+        0.3,
+        0.3,
+        0.5,
+    ]
+    runs = [
+        _clocked("fedavg", 0, "all", [0.2, 0.6], [1, 2]),
+        _clocked("fedavg", 1, "all", [0.4, 0.2], [3, 2]),
+        _clocked("fedref_trend", 0, "all", [0.4, 0.8], [1, 2]),
+        _clocked("fedavg", 2, "all", [0.9, 0.9], [1, 1]),  # a seed the other arm has not run: left out
+        _clocked("centralised", 0, "all", [0.9, 0.95], [1, 1]),
+        _clocked("centralised", 2, "all", [0.0, 0.05], [1, 1]),
+    ]
+    assert figure.paired_seeds(runs, "all") == [0] and figure.paired_seeds(runs, "random:6") == []
+    runs.append(_clocked("fedref_trend", 1, "all", [0.0, 0.1], [3, 2]))
+    curves = figure.mean_curves(runs, "all")
+    assert set(curves) == {"fedavg", "fedref_trend"}
+    hours, best = curves["fedavg"]
+    assert hours == pytest.approx([0.0, 2.0, 4.0]) and best == pytest.approx([0.0, 0.3, 0.5])
+    assert curves["fedref_trend"][1] == pytest.approx([0.0, 0.2, 0.45])
+    assert figure.centralised_final(runs) == pytest.approx(0.95)  # seed 2 is not drawn
+    png = figure.figure_png(runs)
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_the_figure_command_draws_the_committed_results(tmp_path):
+    """The docs' command, on the result file in the repository (as docs/benchmarks.md shows it)."""
+    import subprocess
+    import sys
+
+    from helpers.commands import REPO_ROOT
+
+    out = tmp_path / "curves.png"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.fets_challenge_figure", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_bytes().startswith(b"\x89PNG") and "written" in result.stdout
