@@ -50,6 +50,7 @@ ARMS = {  # arm: JobSettings overrides (FedRef's lambdas as bench.long_horizon f
     "fedavg": {"algorithm": "fedavg"},
     "fedprox": {"algorithm": "fedprox"},
     "fedpidavg": {"algorithm": "fedpidavg"},
+    "fedavgm": {"algorithm": "fedavgm", "server_momentum": 0.5},  # fedref_momentum's momentum, no prior
     "fedref_trend": {"algorithm": "fedref", "fedref_variant": "trend", "lambda1": 0.0, "lambda2": 0.3},
     "fedref_mean": {"algorithm": "fedref", "fedref_variant": "mean", "lambda1": 0.1, "lambda2": 0.1},
     "fedref_momentum": {
@@ -63,7 +64,7 @@ ARMS = {  # arm: JobSettings overrides (FedRef's lambdas as bench.long_horizon f
 SWEEP_P = (2, 3, 5)
 SWEEP_LAMBDA2 = (0.1, 0.3, 1.0)
 SWEEP_POLICY = "random:6"
-BASELINES = ("fedavg", "fedpidavg")
+BASELINES = ("fedavg", "fedpidavg", "fedavgm")  # fedavgm: fedref_momentum's server momentum without the prior
 PROFILE = {  # bench.long_horizon's cheap network; one epoch a round, as the challenge's default
     "channels": (8, 16, 32),
     "crop": (32, 32, 32),
