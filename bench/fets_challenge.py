@@ -46,17 +46,18 @@ PARTITIONING_2 = os.path.join(REPO_ROOT, "tests", "data", "fets2022", "partition
 TRAINING_CASES = 100  # partitioning_2's 1,251 subjects scaled to this many training cases (at least 1 a site)
 SHAPE = (48, 48, 40)  # synthetic volumes: room for 32^3 crops, cheap sliding-window validation
 CENTRALISED = "centralised"
+SERVER_MOMENTUM = 0.5  # fedref_momentum's and fedavgm's: the two arms differ by FedRef's prior alone
 ARMS = {  # arm: JobSettings overrides (FedRef's lambdas as bench.long_horizon found them)
     "fedavg": {"algorithm": "fedavg"},
     "fedprox": {"algorithm": "fedprox"},
     "fedpidavg": {"algorithm": "fedpidavg"},
-    "fedavgm": {"algorithm": "fedavgm", "server_momentum": 0.5},  # fedref_momentum's momentum, no prior
+    "fedavgm": {"algorithm": "fedavgm", "server_momentum": SERVER_MOMENTUM},
     "fedref_trend": {"algorithm": "fedref", "fedref_variant": "trend", "lambda1": 0.0, "lambda2": 0.3},
     "fedref_mean": {"algorithm": "fedref", "fedref_variant": "mean", "lambda1": 0.1, "lambda2": 0.1},
     "fedref_momentum": {
         "algorithm": "fedref",
         "fedref_variant": "trend",
-        "fedref_momentum": 0.5,
+        "fedref_momentum": SERVER_MOMENTUM,
         "lambda1": 0.0,
         "lambda2": 0.3,
     },

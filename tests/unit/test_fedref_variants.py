@@ -176,24 +176,6 @@ def test_momentum_zero_is_today_and_momentum_accelerates_a_drift():
     assert updater.last_step_ratio == pytest.approx(2.0, rel=1e-2)  # 1 / (1 - beta)
 
 
-def test_momentum_with_zero_lambdas_is_fedavgms_sgd_step():
-    """FedRef's momentum without the prior is FedOpt's SGD (lr 1, momentum beta, grad = -(mean - global)):
-    bench.fets_challenge's fedavgm arm is then fedref_momentum without the prior, and nothing else."""
-    rng = np.random.default_rng(5)
-    start = {"w": torch.tensor(rng.normal(size=6), dtype=torch.float32)}
-    updater = FedRefUpdater(3, 0.0, 0.0, momentum=0.5)
-    updater.start(start)
-    ours = {"w": start["w"].clone()}
-    reference = torch.nn.Parameter(start["w"].clone())
-    sgd = torch.optim.SGD([reference], lr=1.0, momentum=0.5)
-    for _ in range(6):
-        step = torch.tensor(rng.normal(size=6), dtype=torch.float32)
-        ours, _ = updater.update({"w": ours["w"] + step}, ours)
-        reference.grad = -step
-        sgd.step()
-        torch.testing.assert_close(ours["w"], reference.detach(), rtol=0, atol=1e-6)
-
-
 def test_step_ratio_reads_the_damping():
     prev = {"w": torch.zeros(4), "n": torch.tensor(2)}
     averaged = {"w": torch.full((4,), 2.0), "n": torch.tensor(3)}

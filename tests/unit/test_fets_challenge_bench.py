@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 from bench import fets_challenge as bench
 from bench.watched_run import lost_sites, recorded_rounds
@@ -114,3 +117,33 @@ def test_the_figure_command_draws_the_committed_results(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert out.read_bytes().startswith(b"\x89PNG") and "written" in result.stdout
+
+
+def test_the_fedavgm_arm_is_fedref_momentum_without_the_prior():
+    """NVFlare's FedOpt step, built from the fedavgm arm's job settings as the exported job builds it, moves the
+    global model exactly as FedRef's momentum with its prior switched off: the two arms differ by the prior alone."""
+    from nvflare.app_opt.pt.fedopt_ctl import FedOpt
+
+    from fedseg.fedref import FedRefUpdater
+    from fedseg.jobs.recipes import _server_optimizer
+    from fedseg.jobs.settings import JobSettings
+
+    momentum_arm = bench.ARMS["fedref_momentum"]
+    spec = _server_optimizer(JobSettings(**bench.ARMS["fedavgm"]))
+    assert spec["optimizer_args"]["path"] == "torch.optim.SGD"
+    rng = np.random.default_rng(5)
+    start = torch.tensor(rng.normal(size=6), dtype=torch.float32)
+    network = torch.nn.Linear(6, 1, bias=False)
+    with torch.no_grad():
+        network.weight.copy_(start)
+    optimizer = torch.optim.SGD(network.parameters(), **spec["optimizer_args"]["args"])
+    schedule = torch.optim.lr_scheduler.ConstantLR(optimizer, **spec["lr_scheduler_args"]["args"])
+    fedopt = SimpleNamespace(torch_model=network, optimizer=optimizer, lr_scheduler=schedule, device="cpu")
+    updater = FedRefUpdater(3, 0.0, 0.0, momentum=momentum_arm["fedref_momentum"])
+    ours = {"weight": start.reshape(1, 6).clone()}
+    updater.start(ours)
+    for _ in range(6):
+        step = torch.tensor(rng.normal(size=(1, 6)), dtype=torch.float32)
+        ours, _ = updater.update({"weight": ours["weight"] + step}, ours)
+        theirs, _ = FedOpt.optimizer_update(fedopt, {"weight": step.numpy()})
+        torch.testing.assert_close(ours["weight"], theirs["weight"], rtol=0, atol=1e-6)
